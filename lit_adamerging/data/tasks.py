@@ -1,0 +1,66 @@
+"""Task datasets: what each task's labeled test split is."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, TensorDataset
+
+
+class TaskData(ABC):
+    """One task's labeled test split: a dataset of ``(image tensor, label)`` and its class count."""
+
+    @property
+    @abstractmethod
+    def num_classes(self) -> int:
+        """Number of classes of the task (the width of its head)."""
+
+    @abstractmethod
+    def test_set(self) -> Dataset:
+        """The test split, yielding ``(image [C, H, W] float tensor, label int)``."""
+
+
+class SyntheticTask(TaskData):
+    """Random images with random labels, for tests and smoke runs (deterministic for a seed).
+
+    Example:
+        >>> images, label = SyntheticTask(num_classes=3, num_images=4, image_size=8).test_set()[0]
+        >>> images.shape
+        torch.Size([3, 8, 8])
+    """
+
+    def __init__(self, num_classes: int = 10, num_images: int = 64, image_size: int = 32, seed: int = 0) -> None:
+        if num_classes < 1 or num_images < 1 or image_size < 1:
+            raise ValueError(
+                f"SyntheticTask needs positive sizes, got num_classes={num_classes}, "
+                f"num_images={num_images}, image_size={image_size}."
+            )
+        self._num_classes = num_classes
+        self.num_images = num_images
+        self.image_size = image_size
+        self.seed = seed
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def test_set(self) -> Dataset:
+        generator = torch.Generator().manual_seed(self.seed)
+        images = torch.randn(self.num_images, 3, self.image_size, self.image_size, generator=generator)
+        labels = torch.randint(self.num_classes, (self.num_images,), generator=generator)
+        return TensorDataset(images, labels)
+
+
+class ImagesOnly(Dataset):
+    """The images of a labeled dataset without their labels: what AdaMerging may train on."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.dataset[index][0]

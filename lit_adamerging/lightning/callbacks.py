@@ -1,0 +1,152 @@
+"""Callbacks: per-task evaluation of each head, coefficient logging, export of the merged encoder."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_adamerging.io import save_state_dict
+
+if TYPE_CHECKING:
+    from lit_adamerging.lightning.module import AdaMergingModule
+
+
+class PerTaskAccuracy(pl.Callback):
+    """Top-k accuracy of every task's head on that task's labeled split.
+
+    Logs ``<stage>/acc/<task>`` and their mean ``<stage>/acc/avg`` (stage ``val`` or ``test``).
+    One torchmetrics metric per task (class counts differ); under DDP ``compute()`` gathers the
+    counts of every process. :class:`AdaMergingModule` adds this callback when none is configured.
+    """
+
+    def __init__(self, top_k: int = 1) -> None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}.")
+        self.top_k = top_k
+        self._metrics: dict[str, MulticlassAccuracy] = {}
+
+    def _metric(self, pl_module: AdaMergingModule, task: str, device: torch.device) -> MulticlassAccuracy:
+        if task not in self._metrics:
+            num_classes = pl_module.num_classes[task]
+            self._metrics[task] = MulticlassAccuracy(
+                num_classes=num_classes, top_k=min(self.top_k, num_classes), average="micro", validate_args=False
+            )
+        return self._metrics[task].to(device)
+
+    def _update(self, pl_module: AdaMergingModule, outputs: dict[str, Any]) -> None:
+        task, logits, labels = outputs["task"], outputs["logits"], outputs["labels"]
+        num_classes = logits.shape[-1]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
+            raise ValueError(
+                f"task {task!r}: label {bad} is outside the head's {num_classes} classes; "
+                "the dataset's classes and the head do not match."
+            )
+        self._metric(pl_module, task, logits.device).update(logits.detach(), labels)
+
+    def _log(self, pl_module: AdaMergingModule, stage: str) -> None:
+        accuracies = {}
+        for task in pl_module.task_names:
+            if task in self._metrics and self._metrics[task].update_called:
+                accuracies[task] = self._metrics[task].compute()
+                self._metrics[task].reset()
+        if not accuracies:
+            return
+        for task, value in accuracies.items():
+            pl_module.log(f"{stage}/acc/{task}", value, add_dataloader_idx=False)
+        pl_module.log(f"{stage}/acc/avg", torch.stack(list(accuracies.values())).mean(), add_dataloader_idx=False)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(pl_module, outputs)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(pl_module, outputs)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._log(pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._log(pl_module, "test")
+
+
+class CoefficientLogger(pl.Callback):
+    """Logs the merging coefficients while fitting.
+
+    Every ``every_n_steps`` optimizer steps: one scalar per task, ``coefficients/<task>`` (the mean
+    over the merged tensors for layer-wise). At the end of each training epoch: a tasks x tensors
+    heatmap figure, ``coefficients/heatmap``, to every TensorBoard logger.
+    """
+
+    def __init__(self, every_n_steps: int = 10, heatmap: bool = True) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}.")
+        self.every_n_steps = every_n_steps
+        self.heatmap = heatmap
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            means = pl_module.coefficients().mean(dim=1)
+            pl_module.log_dict(
+                {f"coefficients/{task}": value for task, value in zip(pl_module.task_names, means)},
+                on_step=True,
+                on_epoch=False,
+            )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if not self.heatmap or not trainer.is_global_zero:
+            return
+        writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        if writers:
+            figure = coefficient_heatmap(pl_module.coefficients().cpu(), pl_module.task_names)
+            for writer in writers:
+                writer.add_figure("coefficients/heatmap", figure, global_step=trainer.global_step)
+
+
+def coefficient_heatmap(coefficients: torch.Tensor, task_names: list[str]) -> Any:
+    """A matplotlib figure of the ``[tasks, tensors]`` coefficient matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(max(6.0, coefficients.shape[1] * 0.06), 1.0 + 0.4 * len(task_names)))
+    image = axes.imshow(coefficients.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    axes.set_yticks(range(len(task_names)), task_names)
+    axes.set_xlabel("merged tensor (encoder order)")
+    figure.colorbar(image, ax=axes, label="coefficient")
+    figure.tight_layout()
+    plt.close(figure)
+    return figure
+
+
+class ExportMergedEncoder(pl.Callback):
+    """Writes the merged encoder as a plain state dict at the end of fit and of test.
+
+    The file has the original encoder's keys (open_clip: ``model.visual``'s; timm: the backbone's),
+    so ``encoder.load_state_dict(safetensors.torch.load_file(path))`` works without this library.
+
+    Args:
+        path: ``.safetensors`` (default choice) or ``.pt``/``.pth``; written atomically.
+    """
+
+    def __init__(self, path: str = "merged_encoder.safetensors") -> None:
+        if not path.endswith((".safetensors", ".pt", ".pth")):
+            raise ValueError(f"export path {path!r} must end in .safetensors, .pt or .pth.")
+        self.path = path
+
+    def _export(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if trainer.is_global_zero:
+            save_state_dict(pl_module.merger.merged_state_dict(), self.path)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._export(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._export(trainer, pl_module)

@@ -1,0 +1,140 @@
+"""Task vectors: what each fine-tuned model adds to the pretrained one, stacked over tasks.
+
+For every floating-point tensor ``p`` of the encoder, ``stack_task_vectors`` returns one tensor of
+shape ``[T, *p.shape]`` whose row ``k`` is ``theta_k[p] - theta_0[p]``. Every fine-tuned state
+dict is checked against the pretrained one first (keys, shapes, dtypes, finite values); any
+problem raises :class:`TaskVectorError` naming the task and the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+BufferPolicy = Literal["pretrained", "merge", "require_equal"]
+"""What happens to floating-point buffers (e.g. batch-norm running statistics).
+
+- ``"pretrained"`` (default): the merged model keeps the pretrained buffers unchanged.
+- ``"merge"``: buffers are merged like parameters, with the same coefficients.
+- ``"require_equal"``: every fine-tuned buffer must equal the pretrained one, else an error.
+
+Integer buffers (``num_batches_tracked``, index tables) are never merged nor compared.
+"""
+
+BUFFER_POLICIES: tuple[str, ...] = ("pretrained", "merge", "require_equal")
+
+
+class TaskVectorError(ValueError):
+    """A fine-tuned state dict does not fit the pretrained one."""
+
+
+def _preview(keys: Collection[str], limit: int = 5) -> str:
+    ordered = sorted(keys)
+    shown = ", ".join(repr(k) for k in ordered[:limit])
+    return shown + (f", ... ({len(ordered)} in all)" if len(ordered) > limit else "")
+
+
+def _check_finite(tensor: Tensor, where: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise TaskVectorError(f"{where} contains NaN or Inf values; the checkpoint is corrupt or diverged.")
+
+
+def check_compatible(pretrained: Mapping[str, Tensor], finetuned: Mapping[str, Tensor], task: str) -> None:
+    """Raise :class:`TaskVectorError` unless ``finetuned`` has the keys, shapes and dtypes of ``pretrained``."""
+    missing = pretrained.keys() - finetuned.keys()
+    if missing:
+        raise TaskVectorError(
+            f"task {task!r}: the fine-tuned state dict lacks keys of the pretrained encoder: {_preview(missing)}. "
+            "Both must come from the same architecture (check the model name and any key prefix)."
+        )
+    extra = finetuned.keys() - pretrained.keys()
+    if extra:
+        raise TaskVectorError(
+            f"task {task!r}: the fine-tuned state dict has keys the pretrained encoder lacks: {_preview(extra)}. "
+            "Both must come from the same architecture (check the model name and any key prefix)."
+        )
+    for key, base in pretrained.items():
+        tuned = finetuned[key]
+        if tuned.shape != base.shape:
+            raise TaskVectorError(
+                f"task {task!r}, key {key!r}: shape {tuple(tuned.shape)} differs from the pretrained "
+                f"{tuple(base.shape)}; the fine-tuned model has another architecture."
+            )
+        if tuned.dtype != base.dtype:
+            raise TaskVectorError(
+                f"task {task!r}, key {key!r}: dtype {tuned.dtype} differs from the pretrained {base.dtype}; "
+                "convert both checkpoints to one dtype before merging."
+            )
+
+
+def stack_task_vectors(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Mapping[str, Mapping[str, Tensor]],
+    *,
+    buffers: Collection[str] = (),
+    buffer_policy: BufferPolicy = "pretrained",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """Stack ``theta_k - theta_0`` over tasks for every tensor that gets merged.
+
+    Args:
+        pretrained: the pretrained encoder's state dict.
+        finetuned: ``{task: state dict}`` of the fine-tuned encoders, same keys as ``pretrained``.
+        buffers: the keys of ``pretrained`` that are buffers, not parameters (see :data:`BufferPolicy`).
+        buffer_policy: what to do with floating-point buffers.
+        dtype: storage dtype of the stacked vectors (``torch.bfloat16`` halves their memory).
+
+    Returns:
+        ``{key: Tensor[T, *shape]}`` in the key order of ``pretrained``, tasks in the order of ``finetuned``.
+
+    Example:
+        >>> base = {"w": torch.zeros(2), "b": torch.ones(1)}
+        >>> tuned = {"a": {"w": torch.tensor([1.0, 2.0]), "b": torch.ones(1)},
+        ...          "b": {"w": torch.tensor([3.0, 4.0]), "b": torch.full((1,), 2.0)}}
+        >>> stack_task_vectors(base, tuned)["w"]
+        tensor([[1., 2.],
+                [3., 4.]])
+    """
+    if not finetuned:
+        raise TaskVectorError("no fine-tuned state dicts were given; merging needs at least one task.")
+    if buffer_policy not in BUFFER_POLICIES:
+        raise TaskVectorError(f"buffer_policy must be one of {BUFFER_POLICIES}, got {buffer_policy!r}.")
+    if not dtype.is_floating_point:
+        raise TaskVectorError(f"task vectors need a floating-point storage dtype, got {dtype}.")
+    unknown = set(buffers) - pretrained.keys()
+    if unknown:
+        raise TaskVectorError(f"buffers names keys the pretrained state dict lacks: {_preview(unknown)}.")
+    for key, base in pretrained.items():
+        _check_finite(base, f"pretrained key {key!r}")
+    for task, state in finetuned.items():
+        check_compatible(pretrained, state, task)
+
+    merged_keys = [
+        key
+        for key, base in pretrained.items()
+        if base.is_floating_point() and (key not in buffers or buffer_policy == "merge")
+    ]
+    if buffer_policy == "require_equal":
+        for key in buffers:
+            if not pretrained[key].is_floating_point():
+                continue
+            for task, state in finetuned.items():
+                if not torch.equal(state[key], pretrained[key]):
+                    raise TaskVectorError(
+                        f"task {task!r}, buffer {key!r} differs from the pretrained one, but buffer_policy is "
+                        "'require_equal'. Use 'pretrained' to keep the pretrained buffers or 'merge' to merge them."
+                    )
+
+    stacked: dict[str, Tensor] = {}
+    for key in merged_keys:
+        base = pretrained[key]
+        rows = []
+        for task, state in finetuned.items():
+            tuned = state[key]
+            _check_finite(tuned, f"task {task!r}, key {key!r}")
+            rows.append((tuned.to(base.device, torch.float32) - base.float()).to(dtype))
+        stacked[key] = torch.stack(rows)
+    return stacked

@@ -1,0 +1,74 @@
+"""TIES-merging (Yadav et al., 2023) applied to stacked task vectors: trim, elect sign, disjoint.
+
+- trim: in each task vector (all its tensors together) keep the ``k`` fraction of entries with the
+  largest magnitude, zero the rest;
+- elect: per entry, the sign of the sum over tasks of the trimmed values (the sign with the larger
+  total mass); entries where that sum is zero take the sign that wins over the whole vector;
+- disjoint: each task keeps only its trimmed entries whose sign agrees with the elected one.
+
+AdaMerging++ learns coefficients over the per-task disjoint vectors; TIES-merging itself sums
+them divided by the number of tasks that keep each entry (``normalize=True``) and scales by 0.3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+
+def _magnitude_thresholds(stacked: Mapping[str, Tensor], k: float) -> Tensor:
+    """Per task, the smallest magnitude that is still among the top ``k`` fraction of its entries."""
+    num_tasks = next(iter(stacked.values())).shape[0]
+    thresholds = torch.empty(num_tasks)
+    for task in range(num_tasks):
+        magnitudes = torch.cat([tv[task].reshape(-1).abs().float().cpu() for tv in stacked.values()])
+        keep = int(magnitudes.numel() * k)
+        if keep >= magnitudes.numel():
+            thresholds[task] = 0.0
+        elif keep == 0:
+            thresholds[task] = float("inf")
+        else:
+            thresholds[task] = magnitudes.kthvalue(magnitudes.numel() - keep + 1).values
+    return thresholds
+
+
+def ties_task_vectors(stacked: Mapping[str, Tensor], k: float = 0.2, normalize: bool = False) -> dict[str, Tensor]:
+    """Trim, elect and disjoint the stacked task vectors; returns tensors of the same shapes.
+
+    Args:
+        stacked: ``{name: Tensor[T, *shape]}`` from :func:`stack_task_vectors`.
+        k: fraction of each task vector's entries to keep (TIES' top-k%, default 20%).
+        normalize: divide every entry by the number of tasks that keep it, so the sum over tasks of
+            the result is TIES-merging's disjoint mean.
+
+    Example:
+        >>> tv = {"w": torch.tensor([[3.0, -1.0, 0.5, 2.0], [-2.0, 4.0, 0.1, 1.0]])}
+        >>> ties_task_vectors(tv, k=0.5)["w"]
+        tensor([[3., 0., 0., 2.],
+                [0., 4., 0., 0.]])
+    """
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"the TIES keep fraction k must be in (0, 1], got {k}.")
+    if not stacked:
+        raise ValueError("no task vectors to merge.")
+    thresholds = _magnitude_thresholds(stacked, k)
+    trimmed: dict[str, Tensor] = {}
+    for name, tv in stacked.items():
+        shape = (-1,) + (1,) * (tv.dim() - 1)
+        keep = tv.abs().float() >= thresholds.to(tv.device).view(shape)
+        trimmed[name] = torch.where(keep, tv.float(), torch.zeros((), device=tv.device))
+
+    sums = {name: tv.sum(0) for name, tv in trimmed.items()}
+    majority = torch.sign(sum(torch.sign(s).sum() for s in sums.values()))
+    result: dict[str, Tensor] = {}
+    for name, tv in trimmed.items():
+        elected = torch.sign(sums[name])
+        elected = torch.where(elected == 0, majority, elected)
+        agrees = torch.where(elected > 0, tv > 0, tv < 0)
+        selected = torch.where(agrees, tv, torch.zeros((), device=tv.device))
+        if normalize:
+            selected = selected / agrees.sum(0).clamp(min=1)
+        result[name] = selected.to(stacked[name].dtype)
+    return result
