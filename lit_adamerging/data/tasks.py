@@ -48,8 +48,8 @@ class SyntheticTask(TaskData):
 
     def test_set(self) -> Dataset:
         generator = torch.Generator().manual_seed(self.seed)
-        images = torch.randn(self.num_images, 3, self.image_size, self.image_size, generator=generator)
-        labels = torch.randint(self.num_classes, (self.num_images,), generator=generator)
+        images = torch.randn(self.num_images, 3, self.image_size, self.image_size, generator=generator, device="cpu")
+        labels = torch.randint(self.num_classes, (self.num_images,), generator=generator, device="cpu")
         return TensorDataset(images, labels)
 
 

@@ -88,16 +88,19 @@ class CoefficientLogger(pl.Callback):
             raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}.")
         self.every_n_steps = every_n_steps
         self.heatmap = heatmap
+        self._last_step = -1
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step != self._last_step:
+            # Written to the loggers directly: a value given to self.log in a hook stays in
+            # Lightning's results and is logged again, stale, at every later step.
+            self._last_step = step
             means = pl_module.coefficients().mean(dim=1)
-            pl_module.log_dict(
-                {f"coefficients/{task}": value for task, value in zip(pl_module.task_names, means)},
-                on_step=True,
-                on_epoch=False,
-            )
+            metrics = {f"coefficients/{task}": float(value) for task, value in zip(pl_module.task_names, means)}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if not self.heatmap or not trainer.is_global_zero:

@@ -149,6 +149,8 @@ class MergedEncoder(nn.Module):
         num_tasks = next(iter(task_vectors.values())).shape[0]
         self.encoder = encoder.requires_grad_(False)
         self.tensor_names: list[str] = list(task_vectors)
+        buffers = {name for name, _ in encoder.named_buffers()}
+        self.merged_buffer_names: frozenset[str] = frozenset(n for n in self.tensor_names if n in buffers)
         self.task_vectors = nn.Module()
         for index, stacked in enumerate(task_vectors.values()):
             self.task_vectors.register_buffer(str(index), stacked, persistent=False)
@@ -168,9 +170,15 @@ class MergedEncoder(nn.Module):
         return merge(base, self.stacked_task_vectors(), self.coefficients())
 
     def forward(self, images: Tensor, merged: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Encode ``images`` with the merged weights (``merged`` reuses tensors merged earlier)."""
-        tensors = self.merged_tensors() if merged is None else merged
-        return torch.func.functional_call(self.encoder, dict(tensors), (images,))
+        """Encode ``images`` with the merged weights (``merged`` reuses tensors merged earlier).
+
+        Merged buffers (``buffer_policy="merge"``) are detached: batch norm takes no gradient
+        through its running statistics, so they follow the coefficients without training them.
+        """
+        tensors = dict(self.merged_tensors() if merged is None else merged)
+        for name in self.merged_buffer_names.intersection(tensors):
+            tensors[name] = tensors[name].detach()
+        return torch.func.functional_call(self.encoder, tensors, (images,))
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, Tensor]:

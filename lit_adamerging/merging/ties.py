@@ -21,9 +21,9 @@ from torch import Tensor
 def _magnitude_thresholds(stacked: Mapping[str, Tensor], k: float) -> Tensor:
     """Per task, the smallest magnitude that is still among the top ``k`` fraction of its entries."""
     num_tasks = next(iter(stacked.values())).shape[0]
-    thresholds = torch.empty(num_tasks)
+    thresholds = torch.empty(num_tasks, device=next(iter(stacked.values())).device)
     for task in range(num_tasks):
-        magnitudes = torch.cat([tv[task].reshape(-1).abs().float().cpu() for tv in stacked.values()])
+        magnitudes = torch.cat([tv[task].reshape(-1).abs().float() for tv in stacked.values()])
         keep = int(magnitudes.numel() * k)
         if keep >= magnitudes.numel():
             thresholds[task] = 0.0
@@ -57,7 +57,7 @@ def ties_task_vectors(stacked: Mapping[str, Tensor], k: float = 0.2, normalize: 
     trimmed: dict[str, Tensor] = {}
     for name, tv in stacked.items():
         shape = (-1,) + (1,) * (tv.dim() - 1)
-        keep = tv.abs().float() >= thresholds.to(tv.device).view(shape)
+        keep = tv.abs().float() >= thresholds.view(shape)
         trimmed[name] = torch.where(keep, tv.float(), torch.zeros((), device=tv.device))
 
     sums = {name: tv.sum(0) for name, tv in trimmed.items()}

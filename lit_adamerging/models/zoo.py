@@ -97,14 +97,14 @@ class SyntheticZoo(ModelZoo):
                 key: self._perturb(value, generator) if key in parameters else value.clone()
                 for key, value in pretrained.items()
             }
-            weight = torch.randn(classes, width, generator=generator) / width**0.5
-            heads[task] = ClassificationHead(weight, torch.zeros(classes))
+            weight = torch.randn(classes, width, generator=generator, device="cpu") / width**0.5
+            heads[task] = ClassificationHead(weight, torch.zeros(classes, device="cpu"))
         return LoadedZoo(encoder, finetuned, heads)
 
     def _perturb(self, value: Tensor, generator: torch.Generator) -> Tensor:
         scale = value.float().std() if value.numel() > 1 else value.float().abs()
-        noise = torch.randn(value.shape, generator=generator)
-        return (value.float() + self.perturbation * scale.clamp(min=1e-3) * noise).to(value.dtype)
+        noise = torch.randn(value.shape, generator=generator, device="cpu")
+        return (value.float() + self.perturbation * scale.clamp(min=1e-3) * noise.to(value.device)).to(value.dtype)
 
 
 class StateDictZoo(ModelZoo):

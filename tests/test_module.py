@@ -1,0 +1,671 @@
+"""The Lightning glue: AdaMergingModule, MultiTaskDataModule and the callbacks.
+
+Every numeric check compares against a naive reference written out here: the merge as a plain
+loop over tasks and tensors, the merged encoder as a deep copy loaded with those weights, the
+entropy and the accuracy computed by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
+
+from lit_adamerging import (
+    AdaMergingModule,
+    CoefficientLogger,
+    ExportMergedEncoder,
+    ModelZoo,
+    MultiTaskDataModule,
+    PerTaskAccuracy,
+    StateDictZoo,
+    SyntheticTask,
+    SyntheticZoo,
+    TaskData,
+)
+from lit_adamerging.merging import task_arithmetic, ties_merging, weight_averaging
+from lit_adamerging.models import ClassificationHead, LoadedZoo, create_encoder
+from lit_adamerging.lightning.module import COEFFICIENTS_KEY
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*self.log.*"),
+    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
+    pytest.mark.filterwarnings("ignore:.*litlogger.*"),
+    pytest.mark.filterwarnings("ignore:The dirpath has changed.*"),
+    pytest.mark.filterwarnings("ignore:Found \\d+ module\\(s\\) in eval mode.*"),
+    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
+    pytest.mark.filterwarnings("ignore:.*Checkpoint directory.*exists and is not empty.*"),
+]
+
+CLIP = "open_clip:test-vit-tiny"
+NUM_CLASSES = {"alpha": 5, "beta": 3}
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_tasks(sizes: Mapping[str, int] | None = None) -> dict[str, SyntheticTask]:
+    sizes = sizes or {"alpha": 12, "beta": 8}
+    return {
+        task: SyntheticTask(num_classes=NUM_CLASSES[task], num_images=n, image_size=32, seed=index + 1)
+        for index, (task, n) in enumerate(sizes.items())
+    }
+
+
+def make_module(zoo: ModelZoo | None = None, num_classes: Mapping[str, int] | None = None, **kwargs) -> AdaMergingModule:
+    return AdaMergingModule(zoo or SyntheticZoo(CLIP, seed=0), num_classes=dict(num_classes or NUM_CLASSES), **kwargs)
+
+
+def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def set_coefficients(module: AdaMergingModule, seed: int = 0) -> Tensor:
+    """Random raw coefficients in (0.05, 0.95), a few pushed outside [0, 1] to exercise the clamp."""
+    module.configure_model()
+    raw = module.merger.coefficients.raw
+    generator = torch.Generator().manual_seed(seed)
+    values = 0.05 + 0.9 * torch.rand(raw.shape, generator=generator)
+    if values.shape[1] > 3:
+        values[0, 1] = 1.4
+        values[-1, 2] = -0.3
+    with torch.no_grad():
+        raw.copy_(values)
+    return values.clone()
+
+
+class Reference:
+    """The zoo loaded on its own, and merges computed with a plain Python loop."""
+
+    def __init__(self, zoo: ModelZoo, num_classes: Mapping[str, int]) -> None:
+        loaded = zoo.load(dict(num_classes))
+        self.tasks = list(num_classes)
+        self.encoder = loaded.encoder.eval()
+        self.theta0 = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+        self.finetuned = loaded.finetuned
+        self.heads = loaded.heads
+        parameters = {name for name, _ in self.encoder.named_parameters()}
+        # Merged tensors, in encoder order: the floating-point parameters (buffers stay pretrained).
+        self.names = [k for k, v in self.theta0.items() if k in parameters and v.is_floating_point()]
+
+    def merge(self, coefficients: Tensor) -> dict[str, Tensor]:
+        """theta0 + sum_k lam[k, p] * (theta_k - theta0), ``coefficients`` is [tasks, 1 or P]."""
+        merged = dict(self.theta0)
+        for p, name in enumerate(self.names):
+            total = self.theta0[name]
+            for k, task in enumerate(self.tasks):
+                lam = coefficients[k, p if coefficients.shape[1] > 1 else 0]
+                total = total + lam * (self.finetuned[task][name] - self.theta0[name])
+            merged[name] = total
+        return merged
+
+    def merged_encoder(self, coefficients: Tensor) -> nn.Module:
+        encoder = copy.deepcopy(self.encoder)
+        encoder.load_state_dict({k: v.detach() for k, v in self.merge(coefficients).items()})
+        return encoder.eval()
+
+    def logits(self, coefficients: Tensor, images: Tensor, task: str) -> Tensor:
+        with torch.no_grad():
+            return self.heads[task](self.merged_encoder(coefficients)(images))
+
+
+def naive_entropy(logits: Tensor) -> Tensor:
+    p = torch.softmax(logits, dim=-1)
+    return -(p * torch.log(p)).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------- 1. training_step
+def test_training_step_loss_and_gradient_match_naive_reference():
+    zoo = SyntheticZoo(CLIP, seed=0)
+    module = make_module(zoo, granularity="layer", clamp=True)
+    raw = set_coefficients(module, seed=3)
+    reference = Reference(zoo, NUM_CLASSES)
+    assert module.merger.tensor_names == reference.names
+    assert module.merger.coefficients.raw.shape == (2, len(reference.names))
+
+    generator = torch.Generator().manual_seed(7)
+    batch = {"alpha": torch.randn(5, 3, 32, 32, generator=generator),
+             "beta": torch.randn(3, 3, 32, 32, generator=generator)}
+
+    calls = []
+    hook = module.merger.encoder.register_forward_hook(lambda mod, args, out: calls.append(args[0]))
+    try:
+        loss = module.training_step(batch, 0)
+    finally:
+        hook.remove()
+    # One encoder forward, on all tasks' images concatenated in task order.
+    assert len(calls) == 1
+    assert torch.equal(calls[0], torch.cat([batch["alpha"], batch["beta"]]))
+
+    # Naive loss: load the plainly merged weights into a copy, sum over tasks of the mean entropy.
+    clamped = raw.clamp(0.0, 1.0)
+    encoder = reference.merged_encoder(clamped)
+    with torch.no_grad():
+        expected = sum(naive_entropy(reference.heads[t](encoder(batch[t]))).mean() for t in reference.tasks)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+    # Naive gradient: autograd through the plain loop merge.
+    loss.backward()
+    leaf = raw.clone().requires_grad_(True)
+    merged = reference.merge(leaf.clamp(0.0, 1.0))
+    naive_loss = 0.0
+    for task in reference.tasks:
+        features = torch.func.functional_call(reference.encoder, merged, (batch[task],))
+        naive_loss = naive_loss + naive_entropy(reference.heads[task](features)).mean()
+    naive_loss.backward()
+    grad = module.merger.coefficients.raw.grad
+    assert grad is not None and grad.shape == leaf.grad.shape
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-4, atol=1e-6)  # |grad| ~ 1e-3
+    # Coefficients clamped away get no gradient; those inside do.
+    assert grad[0, 1] == 0 and grad[-1, 2] == 0
+    assert grad.abs().sum() > 0
+    # Nothing but the coefficients learns.
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    assert trainable == [COEFFICIENTS_KEY]
+
+
+def test_training_step_task_granularity_gradient():
+    zoo = SyntheticZoo(CLIP, seed=0)
+    module = make_module(zoo, granularity="task", clamp=False, init=0.2)
+    module.configure_model()
+    assert module.merger.coefficients.raw.shape == (2, 1)
+    reference = Reference(zoo, NUM_CLASSES)
+    generator = torch.Generator().manual_seed(1)
+    batch = {t: torch.randn(4, 3, 32, 32, generator=generator) for t in NUM_CLASSES}
+    module.training_step(batch, 0).backward()
+    leaf = torch.full((2, 1), 0.2, requires_grad=True)
+    merged = reference.merge(leaf)
+    naive = sum(
+        naive_entropy(reference.heads[t](torch.func.functional_call(reference.encoder, merged, (batch[t],)))).mean()
+        for t in reference.tasks
+    )
+    naive.backward()
+    torch.testing.assert_close(module.merger.coefficients.raw.grad, leaf.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_training_step_missing_task_in_batch():
+    module = make_module()
+    module.configure_model()
+    with pytest.raises(KeyError, match="beta"):
+        module.training_step({"alpha": torch.randn(2, 3, 32, 32)}, 0)
+
+
+class RecordingModule(AdaMergingModule):
+    """Records what reaches training_step and whether the frozen parts are in eval mode."""
+
+    def training_step(self, batch, batch_idx):
+        self.seen = getattr(self, "seen", [])
+        self.seen.append(({k: (type(v), tuple(v.shape)) for k, v in batch.items()},
+                          self.merger.encoder.training, any(h.training for h in self.heads.values())))
+        return super().training_step(batch, batch_idx)
+
+
+# ----------------------------------------------------------------------------- 2. data
+def test_fit_batches_are_label_free_and_eval_loaders_in_task_order(tmp_path):
+    tasks = make_tasks({"alpha": 12, "beta": 8})
+    data = MultiTaskDataModule(tasks, batch_size=4, eval_batch_size=5)
+    assert data.num_classes == NUM_CLASSES
+    data.setup("fit")
+    loaders = data.train_dataloader()
+    assert list(loaders) == ["alpha", "beta"]
+    for task, loader in loaders.items():
+        seen = []
+        for item in loader:
+            assert isinstance(item, Tensor)  # images only: no (images, labels) pair
+            assert item.shape == (4, 3, 32, 32)
+            seen.append(item)
+        # An epoch of a task is a permutation of its test images.
+        images = tasks[task].test_set().tensors[0]
+        got = torch.cat(seen)
+        assert got.shape == images.shape
+        order = torch.cdist(got.flatten(1), images.flatten(1)).argmin(1)
+        assert sorted(order.tolist()) == list(range(len(images)))
+        assert torch.equal(got, images[order])
+
+    for loaders in (data.val_dataloader(), data.test_dataloader()):
+        assert len(loaders) == 2
+        for loader, task in zip(loaders, ["alpha", "beta"]):
+            images, labels = tasks[task].test_set().tensors
+            batches = list(loader)
+            assert all(len(b) == 2 for b in batches)
+            assert torch.equal(torch.cat([b[0] for b in batches]), images)
+            assert torch.equal(torch.cat([b[1] for b in batches]), labels)
+
+    # What the Trainer hands to training_step: {task: images tensor}, one entry per task; the
+    # frozen encoder and heads stay in eval mode while fitting.
+    module = RecordingModule(SyntheticZoo(CLIP, seed=0), num_classes=data.num_classes)
+    make_trainer(tmp_path, max_steps=3).fit(module, datamodule=data)
+    assert len(module.seen) == 3
+    for shapes, encoder_training, heads_training in module.seen:
+        assert shapes == {"alpha": (Tensor, (4, 3, 32, 32)), "beta": (Tensor, (4, 3, 32, 32))}
+        assert not encoder_training and not heads_training
+
+
+def test_datamodule_errors():
+    with pytest.raises(ValueError, match="at least one task"):
+        MultiTaskDataModule({})
+    with pytest.raises(ValueError, match="positive"):
+        MultiTaskDataModule(make_tasks(), batch_size=0)
+
+
+# ----------------------------------------------------------------------------- 3. accuracy
+def naive_accuracy(reference: Reference, coefficients: Tensor, task: TaskData, name: str, top_k: int = 1) -> float:
+    images, labels = task.test_set().tensors
+    logits = reference.logits(coefficients, images, name)
+    top = logits.topk(top_k, dim=-1).indices
+    return (top == labels[:, None]).any(dim=-1).float().mean().item()
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_per_task_accuracy_matches_naive(tmp_path, top_k):
+    zoo = SyntheticZoo(CLIP, seed=0)
+    tasks = make_tasks({"alpha": 23, "beta": 17})
+    module = make_module(zoo)
+    raw = set_coefficients(module, seed=top_k)
+    data = MultiTaskDataModule(tasks, batch_size=4, eval_batch_size=6)  # several batches, a partial last one
+    trainer = make_trainer(tmp_path, callbacks=[PerTaskAccuracy(top_k=top_k)])
+    results = trainer.test(module, datamodule=data, verbose=False)
+
+    reference = Reference(zoo, NUM_CLASSES)
+    expected = {t: naive_accuracy(reference, raw.clamp(0, 1), tasks[t], t, top_k) for t in tasks}
+    metrics = trainer.callback_metrics
+    for task, value in expected.items():
+        assert metrics[f"test/acc/{task}"].item() == pytest.approx(value, abs=1e-6)
+        assert results[0][f"test/acc/{task}"] == pytest.approx(value, abs=1e-6)
+    assert metrics["test/acc/avg"].item() == pytest.approx(sum(expected.values()) / len(expected), abs=1e-6)
+    # Only the configured callback computes accuracy (the module adds its own only when none is given).
+    assert sum(isinstance(c, PerTaskAccuracy) for c in trainer.callbacks) == 1
+    # Evaluation leaves no cached merged tensors behind.
+    assert module._eval_tensors is None
+
+
+class ShiftedLabels(TaskData):
+    """A task whose labels reach num_classes (one past the head)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self._num_classes = num_classes
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def test_set(self) -> Dataset:
+        labels = torch.arange(6) % self._num_classes + 1
+        return TensorDataset(torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), labels)
+
+
+def test_label_outside_head_raises_naming_task(tmp_path):
+    tasks = {"alpha": make_tasks()["alpha"], "beta": ShiftedLabels(3)}
+    data = MultiTaskDataModule(tasks, eval_batch_size=4)
+    module = make_module(num_classes=data.num_classes)
+    with pytest.raises(ValueError, match=r"task 'beta': label 3 is outside the head's 3 classes"):
+        make_trainer(tmp_path).test(module, datamodule=data, verbose=False)
+
+
+def test_per_task_accuracy_rejects_bad_top_k():
+    with pytest.raises(ValueError, match="top_k"):
+        PerTaskAccuracy(top_k=0)
+
+
+# ----------------------------------------------------------------------------- 4. errors
+def write_state_dict_zoo(tmp_path, head_shapes: Mapping[str, tuple[int, int]], tasks=("alpha", "beta")) -> StateDictZoo:
+    """A StateDictZoo over safetensors files: the tiny ViT, perturbed copies and heads of the given shapes."""
+    torch.manual_seed(0)
+    encoder = create_encoder(CLIP)
+    pretrained = {k: v.clone().contiguous() for k, v in encoder.state_dict().items()}
+    save_file(pretrained, str(tmp_path / "pretrained.safetensors"))
+    finetuned, heads = {}, {}
+    for index, task in enumerate(tasks):
+        state = {k: (v + 0.01 * (index + 1) * torch.randn_like(v)).contiguous() for k, v in pretrained.items()}
+        save_file(state, str(tmp_path / f"{task}.safetensors"))
+        finetuned[task] = str(tmp_path / f"{task}.safetensors")
+    for task, shape in head_shapes.items():
+        save_file({"weight": torch.randn(shape), "bias": torch.zeros(shape[0])}, str(tmp_path / f"head_{task}.safetensors"))
+        heads[task] = str(tmp_path / f"head_{task}.safetensors")
+    return StateDictZoo(CLIP, str(tmp_path / "pretrained.safetensors"), finetuned, heads)
+
+
+def test_state_dict_zoo_module_matches_reference(tmp_path):
+    zoo = write_state_dict_zoo(tmp_path, {"alpha": (5, 32), "beta": (3, 32)})
+    module = make_module(zoo, granularity="task", init=0.4)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    reference = Reference(zoo, NUM_CLASSES)
+    coefficients = torch.full((2, 1), 0.4)
+    for task in NUM_CLASSES:
+        with torch.no_grad():
+            got = module(images, task)
+        torch.testing.assert_close(got, reference.logits(coefficients, images, task), rtol=1e-5, atol=1e-5)
+
+
+def test_head_class_count_mismatch_names_task(tmp_path):
+    zoo = write_state_dict_zoo(tmp_path, {"alpha": (5, 32), "beta": (4, 32)})
+    module = make_module(zoo)
+    with pytest.raises(ValueError, match=r"task 'beta': its head has 4 classes but its dataset has 3"):
+        module.configure_model()
+
+
+def test_head_feature_width_mismatch_names_task(tmp_path):
+    zoo = write_state_dict_zoo(tmp_path, {"alpha": (5, 16), "beta": (3, 32)})
+    with pytest.raises(ValueError, match=r"task 'alpha': its head takes 16 features but the encoder returns 32"):
+        make_module(zoo).configure_model()
+
+
+def test_missing_task_in_state_dict_zoo(tmp_path):
+    zoo = write_state_dict_zoo(tmp_path, {"alpha": (5, 32)}, tasks=("alpha",))
+    with pytest.raises(KeyError, match=r"no file for task\(s\) \['beta'\]"):
+        make_module(zoo).configure_model()
+
+
+class ForgetfulZoo(ModelZoo):
+    """A zoo that silently drops one task's head (a buggy custom zoo)."""
+
+    def __init__(self, drop: str) -> None:
+        self.drop = drop
+
+    def load(self, num_classes):
+        loaded = SyntheticZoo(CLIP, seed=0).load(num_classes)
+        heads = {t: h for t, h in loaded.heads.items() if t != self.drop}
+        return LoadedZoo(loaded.encoder, loaded.finetuned, heads)
+
+
+def test_missing_task_in_custom_zoo():
+    with pytest.raises(KeyError, match="'alpha'"):
+        make_module(ForgetfulZoo("alpha")).configure_model()
+
+
+def test_num_classes_none_is_a_clear_error(tmp_path):
+    module = AdaMergingModule(SyntheticZoo(CLIP), num_classes=None)
+    with pytest.raises(ValueError, match="num_classes"):
+        module.configure_model()
+    with pytest.raises(ValueError, match="num_classes"):
+        make_trainer(tmp_path, max_steps=1).fit(module, datamodule=MultiTaskDataModule(make_tasks()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"granularity": "tensor"}, "granularity must be 'task' or 'layer'"),
+        ({"task_vector_dtype": "float64"}, "task_vector_dtype"),
+        ({"task_vector_dtype": "int8"}, "task_vector_dtype"),
+        ({"ties_k": 0.0}, r"ties_k must be in \(0, 1\]"),
+        ({"ties_k": 20}, r"ties_k must be in \(0, 1\]"),
+        ({"ties_k": -0.1}, r"ties_k must be in \(0, 1\]"),
+        ({"ties_normalize": True}, "ties_normalize needs ties_k"),
+        ({"lr": 0.0}, "lr must be positive"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_module(**kwargs)
+
+
+def test_ties_k_one_is_accepted():
+    make_module(ties_k=1.0)
+
+
+# ----------------------------------------------------------------------------- 5. checkpoints
+def test_checkpoint_is_small_coefficients_only_and_reloads(tmp_path):
+    zoo = SyntheticZoo(CLIP, seed=0)
+    data = MultiTaskDataModule(make_tasks(), batch_size=4)
+    module = make_module(zoo, lr=0.05)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(tmp_path, max_steps=4, enable_checkpointing=True, callbacks=[checkpoint])
+    trainer.fit(module, datamodule=data)
+    trained = module.merger.coefficients.raw.detach().clone()
+    assert not torch.allclose(trained, torch.full_like(trained, 0.3))  # it did learn something
+
+    path = tmp_path / "ckpt" / "last.ckpt"
+    assert path.stat().st_size < 1_000_000
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    assert list(state["state_dict"]) == [COEFFICIENTS_KEY]
+    torch.testing.assert_close(state["state_dict"][COEFFICIENTS_KEY], trained, rtol=0, atol=0)
+    assert state["global_step"] == 4
+    assert state["hyper_parameters"]["num_classes"] == NUM_CLASSES
+    assert "zoo" not in state["hyper_parameters"]  # a Python object: given again on load
+
+    loaded = AdaMergingModule.load_from_checkpoint(path, zoo=zoo, weights_only=True)
+    torch.testing.assert_close(loaded.coefficients(), trained.clamp(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.merger.coefficients.raw.detach(), trained, rtol=0, atol=0)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, "beta"), module(images, "beta"), rtol=0, atol=0)
+
+    # Loaded before the model is built, the coefficients wait for configure_model.
+    lazy = make_module(zoo)
+    lazy.load_state_dict(state["state_dict"])
+    assert lazy.merger is None
+    lazy.configure_model()
+    torch.testing.assert_close(lazy.merger.coefficients.raw.detach(), trained, rtol=0, atol=0)
+
+    # The coefficients must fit the model: layer-wise coefficients into a task-wise module.
+    with pytest.raises(ValueError, match=r"shape \(2, 32\) but this model needs \(2, 1\)"):
+        AdaMergingModule.load_from_checkpoint(path, zoo=zoo, granularity="task", weights_only=True)
+    unbuilt = make_module(zoo, granularity="task")
+    unbuilt.load_state_dict(state["state_dict"])
+    with pytest.raises(ValueError, match=r"shape \(2, 32\) but this model needs \(2, 1\)"):
+        unbuilt.configure_model()
+    built = make_module(zoo, num_classes={"alpha": 5}, granularity="layer")
+    built.configure_model()
+    with pytest.raises(ValueError, match=r"shape \(2, 32\) but this model needs \(1, 32\)"):
+        built.load_state_dict(state["state_dict"])
+    with pytest.raises(ValueError, match="shape"):
+        make_trainer(tmp_path / "t").test(built, datamodule=MultiTaskDataModule({"alpha": make_tasks()["alpha"]}),
+                                          ckpt_path=str(path), verbose=False, weights_only=True)
+    with pytest.raises(KeyError, match=COEFFICIENTS_KEY):
+        built.load_state_dict({"something.else": torch.zeros(1)})
+
+
+def test_resume_matches_straight_fit(tmp_path):
+    # One batch per task holds the whole task, so every step sees the same images whatever the
+    # shuffle order (the entropy mean does not depend on it): the data stream is identical with
+    # and without resuming, and the runs must agree. Lightning does not checkpoint the global RNG
+    # state, so with mini-batches the shuffling after resuming would differ from a straight run.
+    zoo = SyntheticZoo(CLIP, seed=0)
+
+    def data():
+        return MultiTaskDataModule(make_tasks({"alpha": 8, "beta": 8}), batch_size=8)
+
+    def optimizer_state(trainer):
+        state = trainer.optimizers[0].state_dict()["state"][0]
+        return {k: torch.as_tensor(v).clone() for k, v in state.items()}
+
+    pl.seed_everything(0)
+    straight = make_module(zoo, lr=0.02)
+    straight_trainer = make_trainer(tmp_path / "a", max_steps=10)
+    straight_trainer.fit(straight, datamodule=data())
+
+    pl.seed_everything(0)
+    first = make_module(zoo, lr=0.02)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first_trainer = make_trainer(tmp_path / "b", max_steps=5, enable_checkpointing=True, callbacks=[checkpoint])
+    first_trainer.fit(first, datamodule=data())
+    saved = first.merger.coefficients.raw.detach().clone()
+    saved_optimizer = optimizer_state(first_trainer)
+
+    pl.seed_everything(123)  # a different RNG state: nothing may depend on it
+    second = make_module(zoo, lr=0.02)
+    restored = {}
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            restored["step"] = trainer.global_step
+            restored["raw"] = pl_module.merger.coefficients.raw.detach().clone()
+            restored["optimizer"] = optimizer_state(trainer)
+
+    second_trainer = make_trainer(tmp_path / "c", max_steps=10, enable_checkpointing=True,
+                                  callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2"), Probe()])
+    second_trainer.fit(second, datamodule=data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), weights_only=True)
+
+    assert restored["step"] == 5
+    torch.testing.assert_close(restored["raw"], saved, rtol=0, atol=0)
+    for key, value in saved_optimizer.items():
+        torch.testing.assert_close(restored["optimizer"][key], value, rtol=0, atol=0)
+    assert second_trainer.global_step == straight_trainer.global_step == 10
+    assert int(optimizer_state(second_trainer)["step"]) == 10
+    assert not torch.allclose(second.merger.coefficients.raw, saved)
+    torch.testing.assert_close(second.merger.coefficients.raw, straight.merger.coefficients.raw, rtol=1e-5, atol=1e-6)
+    for key, value in optimizer_state(straight_trainer).items():
+        torch.testing.assert_close(optimizer_state(second_trainer)[key], value, rtol=1e-4, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- 6. baselines
+@pytest.mark.parametrize("encoder", [CLIP, "timm:test_efficientnet"])
+def test_task_wise_baselines_equal_merging_functions(encoder):
+    zoo = SyntheticZoo(encoder, seed=0)
+    num_classes = {"alpha": 5, "beta": 3, "gamma": 4}
+    loaded = zoo.load(num_classes)
+    pretrained = loaded.encoder.state_dict()
+    finetuned = loaded.finetuned
+    buffers = {name for name, _ in loaded.encoder.named_buffers()}
+
+    def merged(**kwargs):
+        module = make_module(zoo, num_classes=num_classes, granularity="task", **kwargs)
+        module.configure_model()
+        return module.merger.merged_state_dict()
+
+    cases = [
+        (merged(init=0.3), task_arithmetic(pretrained, finetuned, 0.3, buffers=buffers)),
+        (merged(init=None), weight_averaging(pretrained, finetuned, buffers=buffers)),
+        (merged(init=0.3, ties_k=0.2, ties_normalize=True), ties_merging(pretrained, finetuned, 0.2, 0.3, buffers=buffers)),
+    ]
+    for got, expected in cases:
+        assert list(got) == list(pretrained)
+        for key in pretrained:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6, msg=key)
+    # Buffers (batch-norm statistics) stay pretrained; weight averaging is 1/3 of the summed task vectors.
+    for key in buffers:
+        assert torch.equal(cases[0][0][key], pretrained[key])
+    key = next(k for k in pretrained if k not in buffers and pretrained[k].is_floating_point())
+    plain = pretrained[key] + sum(finetuned[t][key] - pretrained[key] for t in num_classes) / 3
+    torch.testing.assert_close(cases[1][0][key], plain, rtol=1e-6, atol=1e-6)
+
+
+def test_adamerging_plus_plus_and_bf16_task_vectors_through_the_module():
+    zoo = SyntheticZoo(CLIP, seed=0)
+    reference = Reference(zoo, NUM_CLASSES)
+    taus = {t: {k: reference.finetuned[t][k] - reference.theta0[k] for k in reference.names} for t in NUM_CLASSES}
+
+    # AdaMerging++ starts from TIES' trimmed, sign-elected task vectors, not normalised.
+    module = make_module(zoo, granularity="task", init=0.3, ties_k=0.2)
+    module.configure_model()
+    stacked = module.merger.stacked_task_vectors()
+    kept = sum(int((v != 0).sum()) for v in stacked.values())
+    total = sum(v.numel() for v in stacked.values())
+    assert 0 < kept <= 0.2 * total + len(NUM_CLASSES)
+    for k, task in enumerate(NUM_CLASSES):
+        for name in reference.names:
+            entry = stacked[name][k]
+            nonzero = entry != 0
+            # Kept entries are the task's own values, with the elected (summed) sign.
+            assert torch.equal(entry[nonzero], taus[task][name][nonzero])
+            assert (torch.sign(entry[nonzero]) == torch.sign(stacked[name].sum(0)[nonzero])).all()
+    merged = module.merger.merged_state_dict()
+    for name in reference.names:
+        expected = reference.theta0[name] + 0.3 * sum(stacked[name][k] for k in range(len(NUM_CLASSES)))
+        torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)
+
+    # bfloat16 storage: the merge uses the rounded task vectors, in fp32.
+    module = make_module(zoo, granularity="task", init=0.3, task_vector_dtype="bfloat16")
+    module.configure_model()
+    stacked = module.merger.stacked_task_vectors()
+    assert all(v.dtype == torch.bfloat16 for v in stacked.values())
+    merged = module.merger.merged_state_dict()
+    for name in reference.names:
+        expected = reference.theta0[name] + sum(0.3 * taus[t][name].to(torch.bfloat16).float() for t in NUM_CLASSES)
+        assert merged[name].dtype == torch.float32
+        torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 7. callbacks
+def test_export_merged_encoder_loads_strictly_and_gives_same_logits(tmp_path):
+    zoo = SyntheticZoo(CLIP, seed=0)
+    path = tmp_path / "export" / "merged.safetensors"
+    module = make_module(zoo, lr=0.05)
+    make_trainer(tmp_path, max_steps=3, callbacks=[ExportMergedEncoder(str(path))]).fit(
+        module, datamodule=MultiTaskDataModule(make_tasks(), batch_size=4)
+    )
+    assert path.is_file()
+    state = load_file(str(path))
+    fresh = create_encoder(CLIP)
+    assert type(fresh) is type(module.merger.encoder)
+    assert set(state) == set(fresh.state_dict())
+    fresh.load_state_dict(state, strict=True)
+    fresh.eval()
+
+    # Against the plain merge of the trained coefficients.
+    reference = Reference(zoo, NUM_CLASSES)
+    expected = reference.merge(module.merger.coefficients.raw.detach().clamp(0, 1))
+    for key, value in state.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for task in NUM_CLASSES:
+            torch.testing.assert_close(module.heads[task](fresh(images)), module(images, task), rtol=1e-5, atol=1e-5)
+
+
+def test_export_rejects_unknown_suffix():
+    with pytest.raises(ValueError, match="safetensors"):
+        ExportMergedEncoder("merged.bin")
+
+
+def test_coefficient_logger_writes_scalars_and_heatmap(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    expected = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            raw = pl_module.merger.coefficients.raw.detach()
+            expected[trainer.global_step] = raw.clamp(0, 1).mean(dim=1).tolist()
+
+    module = make_module(lr=0.05)
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
+    # log_every_n_steps=1: Lightning writes the step metrics every step (train/loss at 5 steps).
+    trainer = make_trainer(tmp_path, max_steps=5, logger=logger, log_every_n_steps=1,
+                           callbacks=[CoefficientLogger(every_n_steps=2), Probe()])
+    trainer.fit(module, datamodule=MultiTaskDataModule(make_tasks(), batch_size=4))  # 3 batches an epoch
+    logger.experiment.flush()
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"coefficients/alpha", "coefficients/beta", "train/loss"} <= set(tags["scalars"])
+    assert len(events.Scalars("train/loss")) == 5
+    # One heatmap per training epoch (2 epochs), a PNG image.
+    assert "coefficients/heatmap" in tags["images"]
+    heatmaps = events.Images("coefficients/heatmap")
+    assert [image.step for image in heatmaps] == [3, 5]
+    assert heatmaps[-1].encoded_image_string.startswith(b"\x89PNG")
+    # Every 2 optimizer steps, the mean coefficient of each task after that step, and nothing else.
+    for index, task in enumerate(NUM_CLASSES):
+        scalars = events.Scalars(f"coefficients/{task}")
+        assert [s.step for s in scalars] == [2, 4]
+        for s in scalars:
+            assert s.value == pytest.approx(expected[s.step][index], abs=1e-6)
+    assert expected[2] != pytest.approx(expected[4], abs=1e-6)
+
+
+def test_coefficient_logger_rejects_bad_interval():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        CoefficientLogger(every_n_steps=0)
