@@ -15,8 +15,8 @@ from lit_adamerging.merging import (
     MergingCoefficients,
     TaskVectorError,
     entropy,
+    StackedTaskVectors,
     merge,
-    merge_tensor,
     stack_task_vectors,
     task_arithmetic,
     ties_merging,
@@ -341,12 +341,17 @@ def test_merge_bf16_storage_equals_fp32_merge_of_rounded_vectors(make_tiny_zoo):
     torch.testing.assert_close(lam.grad, lam_ref.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_merge_tensor_no_gradient_to_base_or_task_vectors():
+def merge_one(base: Tensor, stacked: Tensor, coefficients: Tensor) -> Tensor:
+    """merge() on a single tensor: coefficients [T] -> one column."""
+    return merge({"t": base}, {"t": stacked}, coefficients.unsqueeze(1))["t"]
+
+
+def test_merge_no_gradient_to_base_or_task_vectors():
     generator = torch.Generator().manual_seed(5)
     base = torch.randn(4, 3, generator=generator, requires_grad=True)
     stacked = torch.randn(2, 4, 3, generator=generator, requires_grad=True)
     coefficients = torch.tensor([0.25, 0.75], requires_grad=True)
-    out = merge_tensor(base, stacked, coefficients)
+    out = merge_one(base, stacked, coefficients)
     torch.testing.assert_close(out, base + 0.25 * stacked[0] + 0.75 * stacked[1])
     out.pow(2).sum().backward()
     assert base.grad is None and stacked.grad is None
@@ -354,25 +359,51 @@ def test_merge_tensor_no_gradient_to_base_or_task_vectors():
     torch.testing.assert_close(coefficients.grad, expected)
 
 
-def test_merge_tensor_without_coefficient_grad_builds_no_graph():
-    out = merge_tensor(torch.zeros(3, requires_grad=True), torch.ones(2, 3, requires_grad=True), torch.ones(2))
+def test_merge_without_coefficient_grad_builds_no_graph():
+    out = merge_one(torch.zeros(3, requires_grad=True), torch.ones(2, 3, requires_grad=True), torch.ones(2))
     assert not out.requires_grad
     assert torch.equal(out, torch.full((3,), 2.0))
 
 
+def test_merge_groups_same_shapes_and_matches_per_tensor_merges():
+    # Tensors of one shape share a [G, T, n] buffer; the grouped merge equals merging each alone.
+    generator = torch.Generator().manual_seed(6)
+    shapes = {"a": (4, 3), "b": (5,), "c": (4, 3), "d": (5,), "e": (2, 2, 2)}
+    vectors = {name: torch.randn(3, *shape, generator=generator) for name, shape in shapes.items()}
+    base = {name: torch.randn(*shape, generator=generator) for name, shape in shapes.items()}
+    stored = StackedTaskVectors(vectors)
+    assert len([n for n, _ in stored.named_buffers() if n.startswith("group")]) == 3
+    assert stored.state_dict() == {}
+    for name in shapes:
+        assert torch.equal(stored[name], vectors[name])
+    lam = torch.rand(3, 5, generator=generator, requires_grad=True)
+    merged = merge(base, stored, lam)
+    assert list(merged) == list(shapes)
+    loss = sum((tensor * (i + 1)).sum() for i, tensor in enumerate(merged.values()))
+    loss.backward()
+    for i, name in enumerate(shapes):
+        single = lam.detach()[:, i].clone().requires_grad_(True)
+        alone = merge_one(base[name], vectors[name], single)
+        torch.testing.assert_close(merged[name], alone)
+        ((alone * (i + 1)).sum()).backward()
+        torch.testing.assert_close(lam.grad[:, i], single.grad)
+
+
 def test_merge_shape_errors():
-    with pytest.raises(ValueError, match=r"base \(3,\), stacked \(2, 4\), coefficients \(2,\)"):
-        merge_tensor(torch.zeros(3), torch.zeros(2, 4), torch.zeros(2))
-    with pytest.raises(ValueError, match=r"base \(3,\), stacked \(2, 3\), coefficients \(3,\)"):
-        merge_tensor(torch.zeros(3), torch.zeros(2, 3), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"base \(3,\), stacked \(2, 4\)"):
+        merge_one(torch.zeros(3), torch.zeros(2, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"T = 2 tasks, got \(3, 1\)"):
+        merge_one(torch.zeros(3), torch.zeros(2, 3), torch.zeros(3))
     vectors = {"a": torch.zeros(2, 3), "b": torch.zeros(2, 1)}
     base = {"a": torch.zeros(3), "b": torch.zeros(1)}
     with pytest.raises(ValueError, match=r"coefficients must have shape \[T, 2\].*got \(2, 3\)"):
         merge(base, vectors, torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"coefficients must have shape \[T, 2\].*got \(2,\)"):
         merge(base, vectors, torch.zeros(2))
-    with pytest.raises(ValueError, match=r"coefficients \(3,\)"):  # T of the coefficients != T of the vectors
+    with pytest.raises(ValueError, match=r"T = 2 tasks, got \(3, 2\)"):  # T of the coefficients != T of the vectors
         merge(base, vectors, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="same number of tasks"):
+        StackedTaskVectors({"a": torch.zeros(2, 3), "b": torch.zeros(3, 1)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,7 +560,7 @@ def test_merged_encoder_state_dict_excludes_task_vectors(make_tiny_zoo):
     merged_encoder = MergedEncoder(encoder, stacked)
     keys = set(merged_encoder.state_dict())
     assert keys == {f"encoder.{key}" for key in encoder_keys} | {"coefficients.raw"}
-    assert len([name for name, _ in merged_encoder.named_buffers() if name.startswith("task_vectors.")]) == len(stacked)
+    assert merged_encoder.task_vectors.state_dict() == {}
     assert list(merged_encoder.stacked_task_vectors()) == list(stacked)
     # only the coefficients are trainable; the encoder is frozen
     assert [name for name, p in merged_encoder.named_parameters() if p.requires_grad] == ["coefficients.raw"]
@@ -574,8 +605,10 @@ def test_merged_encoder_argument_errors():
     encoder = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="no task vectors"):
         MergedEncoder(encoder, {})
-    with pytest.raises(ValueError, match=r"encoder lacks: \['head\.weight'\]"):
+    with pytest.raises(ValueError, match=r"name 'head\.weight', which the encoder lacks"):
         MergedEncoder(encoder, {"head.weight": torch.zeros(1, 2, 3)})
+    with pytest.raises(ValueError, match=r"'weight' have shape \(1, 3, 2\), expected \[T, 2, 3\]"):
+        MergedEncoder(encoder, {"weight": torch.zeros(1, 3, 2)})
 
 
 # ----------------------------------------------------------------------------------------------
