@@ -2,14 +2,14 @@
 
 1. :mod:`~lit_adamerging.merging.task_vectors` - validate and stack ``theta_k - theta_0``;
 2. :mod:`~lit_adamerging.merging.ties` - TIES trim / elect / disjoint (AdaMerging++);
-3. :mod:`~lit_adamerging.merging.merge` - grouped task-vector storage, the fused merge, the coefficients, the merged forward;
+3. :mod:`~lit_adamerging.merging.merge` - the fused merge, the coefficients, the merged forward;
 4. :mod:`~lit_adamerging.merging.objective` - the entropy AdaMerging minimises;
 5. :mod:`~lit_adamerging.merging.baselines` - weight averaging, task arithmetic, TIES-merging.
 """
 
 from lit_adamerging.merging.baselines import task_arithmetic, ties_merging, weight_averaging
 from lit_adamerging.merging.objective import entropy
-from lit_adamerging.merging.merge import Granularity, MergedEncoder, MergingCoefficients, StackedTaskVectors, merge
+from lit_adamerging.merging.merge import Granularity, MergedEncoder, MergingCoefficients, merge
 from lit_adamerging.merging.task_vectors import (
     BUFFER_POLICIES,
     BufferPolicy,
@@ -25,7 +25,6 @@ __all__ = [
     "Granularity",
     "MergedEncoder",
     "MergingCoefficients",
-    "StackedTaskVectors",
     "TaskVectorError",
     "check_compatible",
     "entropy",

@@ -1,17 +1,17 @@
 """The merge: ``theta_p = theta_0,p + sum_k lambda_{k,p} tau_{k,p}`` for every merged tensor ``p``.
 
-:class:`StackedTaskVectors` stores the task vectors of all tensors of one shape together, as one
-``[G, T, n]`` buffer (an encoder has a handful of distinct shapes: a ViT-B/32 has 158 tensors in
-10 shapes). :func:`merge` then costs one batched matrix product per shape group (never a loop over
-tasks or tensors) plus one fused add of the pretrained weights. The arithmetic is fp32 even under
-autocast, and the backward keeps no copy of the task vectors, even when they are stored in
-bf16/fp16. :class:`MergedEncoder` ties it together with learnable :class:`MergingCoefficients` and
-runs the encoder through :func:`torch.func.functional_call`.
+:func:`merge` is one autograd node for the whole encoder: per tensor, one fused ``addmv``
+(pretrained tensor + stacked task vectors ``[T, *shape]`` times that tensor's coefficients; never a
+Python loop over tasks), and per tensor one matrix-vector product in the backward. The arithmetic
+is fp32 even under autocast, and the backward keeps no copy of the task vectors, even when they
+are stored in bf16/fp16.
+:class:`MergedEncoder` ties it together with learnable :class:`MergingCoefficients` and runs the
+encoder through :func:`torch.func.functional_call`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -19,136 +19,97 @@ from torch import Tensor, nn
 
 Granularity = Literal["task", "layer"]
 
-
-def _compute_dtype(stacked: Tensor) -> torch.dtype:
-    return torch.promote_types(stacked.dtype, torch.float32)
-
-
-class _GroupWeightedSum(torch.autograd.Function):
-    """``out[g] = coefficients[g] @ stacked[g]`` for ``stacked [G, T, n]``, ``coefficients [G, T]``.
-
-    Computed in fp32 (at least) with autocast off. Low-precision storage is upcast one tensor at a
-    time, and the backward reads ``stacked`` as stored, so no full-precision copy is ever kept.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, stacked: Tensor, coefficients: Tensor) -> Tensor:
-        ctx.save_for_backward(stacked)
-        dtype = _compute_dtype(stacked)
-        with torch.autocast(stacked.device.type, enabled=False):
-            coefficients = coefficients.to(dtype)
-            if stacked.dtype == dtype:
-                return torch.bmm(coefficients.unsqueeze(1), stacked).squeeze(1)
-            return torch.stack([row @ group.to(dtype) for row, group in zip(coefficients, stacked)])
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
-        (stacked,) = ctx.saved_tensors
-        dtype = _compute_dtype(stacked)
-        with torch.autocast(grad.device.type, enabled=False):
-            grad = grad.to(dtype)
-            if stacked.dtype == dtype:
-                return None, torch.bmm(stacked, grad.unsqueeze(2)).squeeze(2)
-            return None, torch.stack([group.to(dtype) @ row for row, group in zip(grad, stacked)])
+# On CPU, products over [T, n] run in slices of this many entries so the vector they read or write
+# (and any upcast of bf16/fp16 task vectors) stays in cache: about 2x faster when n is large.
+_CPU_SLICE = 1 << 18
 
 
-class StackedTaskVectors(nn.Module):
-    """Task vectors ``{name: Tensor[T, *shape]}`` stored as one ``[G, T, n]`` buffer per shape.
-
-    The buffers are non-persistent: they never enter a state dict or a checkpoint. Indexing by
-    name gives a ``[T, *shape]`` view; iteration order is the order given.
-
-    Example:
-        >>> tv = StackedTaskVectors({"w": torch.ones(2, 3), "b": torch.zeros(2, 3), "c": torch.ones(2, 1)})
-        >>> tv.weighted_sums(torch.tensor([[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]]))["w"]
-        tensor([1.5000, 1.5000, 1.5000])
-    """
-
-    def __init__(self, task_vectors: Mapping[str, Tensor]) -> None:
-        super().__init__()
-        if not task_vectors:
-            raise ValueError("no task vectors to store.")
-        num_tasks = {stacked.shape[0] for stacked in task_vectors.values()}
-        if len(num_tasks) != 1:
-            raise ValueError(f"every task vector stack needs the same number of tasks, got {sorted(num_tasks)}.")
-        self.num_tasks: int = num_tasks.pop()
-        self.names: list[str] = list(task_vectors)
-        self.shapes: dict[str, torch.Size] = {name: stacked.shape[1:] for name, stacked in task_vectors.items()}
-        columns_by_shape: dict[torch.Size, list[int]] = {}
-        for column, name in enumerate(self.names):
-            columns_by_shape.setdefault(self.shapes[name], []).append(column)
-        self._groups: list[list[int]] = list(columns_by_shape.values())
-        self._slot: dict[str, tuple[int, int]] = {}
-        for group, columns in enumerate(self._groups):
-            stacked = torch.stack([task_vectors[self.names[c]].detach().reshape(self.num_tasks, -1) for c in columns])
-            self.register_buffer(f"group{group}", stacked, persistent=False)
-            self.register_buffer(f"columns{group}", torch.tensor(columns), persistent=False)
-            for position, column in enumerate(columns):
-                self._slot[self.names[column]] = (group, position)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __getitem__(self, name: str) -> Tensor:
-        group, position = self._slot[name]
-        return getattr(self, f"group{group}")[position].view(self.num_tasks, *self.shapes[name])
-
-    def items(self) -> Iterator[tuple[str, Tensor]]:
-        return ((name, self[name]) for name in self.names)
-
-    def weighted_sums(self, coefficients: Tensor) -> dict[str, Tensor]:
-        """``{name: sum_k coefficients[k, i] * tau_k[name]}`` (fp32) with ``i`` the name's position."""
-        if coefficients.dim() != 2 or coefficients.shape != (self.num_tasks, len(self.names)):
-            raise ValueError(
-                f"coefficients must have shape [T, {len(self.names)}] (one column per merged tensor) with "
-                f"T = {self.num_tasks} tasks, got {tuple(coefficients.shape)}."
+def _merge_one(base: Tensor, stacked: Tensor, coefficients: Tensor, dtype: torch.dtype) -> Tensor:
+    """``base + sum_k coefficients[k] * stacked[k]`` computed in ``dtype``, returned in ``base.dtype``."""
+    flat = stacked.reshape(stacked.shape[0], -1)
+    base_flat = base.reshape(-1)
+    if flat.device.type != "cpu":
+        out = torch.addmv(base_flat.to(dtype), flat.t().to(dtype), coefficients)
+    else:
+        out = torch.empty(flat.shape[1], dtype=dtype)
+        for start in range(0, flat.shape[1], _CPU_SLICE):
+            stop = start + _CPU_SLICE
+            torch.addmv(
+                base_flat[start:stop].to(dtype), flat[:, start:stop].t().to(dtype), coefficients, out=out[start:stop]
             )
-        by_column = coefficients.t()
-        sums: dict[str, Tensor] = {}
-        for group, columns in enumerate(self._groups):
-            rows = by_column.index_select(0, getattr(self, f"columns{group}"))
-            flat = _GroupWeightedSum.apply(getattr(self, f"group{group}"), rows)
-            for column, tensor in zip(columns, flat.unbind(0)):
-                name = self.names[column]
-                sums[name] = tensor.view(self.shapes[name])
-        return {name: sums[name] for name in self.names}
+    return out.view(base.shape).to(base.dtype)
 
 
-def merge(
-    base: Mapping[str, Tensor], task_vectors: Mapping[str, Tensor] | StackedTaskVectors, coefficients: Tensor
-) -> dict[str, Tensor]:
+def _coefficient_grad(stacked: Tensor, grad: Tensor, out: Tensor) -> None:
+    """``out[k] = <stacked[k], grad>`` over all entries, in ``out.dtype``."""
+    flat = stacked.reshape(stacked.shape[0], -1)
+    grad = grad.reshape(-1).to(out.dtype)
+    if flat.device.type != "cpu":
+        torch.mv(flat.to(out.dtype), grad, out=out)
+        return
+    out.zero_()
+    for start in range(0, flat.shape[1], _CPU_SLICE):
+        stop = start + _CPU_SLICE
+        out.addmv_(flat[:, start:stop].to(out.dtype), grad[start:stop])
+
+
+class _Merge(torch.autograd.Function):
+    """Every merged tensor in one autograd node; fp32 (at least) with autocast off.
+
+    Inputs: ``coefficients [T, P]``, then the P base tensors, then the P stacked task vectors.
+    The backward reads the task vectors as stored (no upcast copy is kept between the passes).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, coefficients: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+        count = len(tensors) // 2
+        bases, stacked = tensors[:count], tensors[count:]
+        ctx.save_for_backward(*stacked)
+        with torch.autocast(coefficients.device.type, enabled=False):
+            dtype = torch.promote_types(coefficients.dtype, torch.float32)
+            columns = coefficients.to(dtype).t()
+            return tuple(_merge_one(b, tv, column, dtype) for b, tv, column in zip(bases, stacked, columns))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        stacked = ctx.saved_tensors
+        nothing = (None,) * (2 * len(stacked))
+        if not ctx.needs_input_grad[0]:
+            return (None, *nothing)
+        rows = torch.zeros(len(stacked), stacked[0].shape[0], dtype=torch.float32, device=stacked[0].device)
+        with torch.autocast(rows.device.type, enabled=False):
+            for index, (tv, grad) in enumerate(zip(stacked, grads)):
+                if grad is not None:
+                    _coefficient_grad(tv, grad, rows[index])
+        return (rows.t(), *nothing)
+
+
+def merge(base: Mapping[str, Tensor], task_vectors: Mapping[str, Tensor], coefficients: Tensor) -> dict[str, Tensor]:
     """``{name: base[name] + sum_k coefficients[k, i] * task_vectors[name][k]}``, differentiable in the coefficients.
 
     Args:
-        base: pretrained tensors by name (a superset of the task vectors' names); treated as constants.
-        task_vectors: ``{name: Tensor[T, *shape]}`` from :func:`stack_task_vectors`, or the same
-            already grouped as :class:`StackedTaskVectors` (what a training loop should hold).
-        coefficients: ``[T, P]``, column ``i`` for the i-th tensor (see :class:`MergingCoefficients`).
+        base: pretrained tensors by name (a superset of ``task_vectors``' keys); treated as constants.
+        task_vectors: ``{name: Tensor[T, *shape]}`` from :func:`stack_task_vectors`; treated as constants.
+        coefficients: ``[T, P]``, column ``i`` weighing the i-th tensor's tasks (see :class:`MergingCoefficients`).
 
     Example:
         >>> merge({"w": torch.zeros(2)}, {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}, torch.tensor([[0.5], [1.0]]))
         {'w': tensor([3.5000, 5.0000])}
     """
-    if not isinstance(task_vectors, StackedTaskVectors):
-        if coefficients.dim() != 2 or coefficients.shape[1] != len(task_vectors):
+    if coefficients.dim() != 2 or coefficients.shape[1] != len(task_vectors):
+        raise ValueError(
+            f"coefficients must have shape [T, {len(task_vectors)}] (one column per merged tensor), "
+            f"got {tuple(coefficients.shape)}."
+        )
+    for name, stacked in task_vectors.items():
+        if stacked.shape[1:] != base[name].shape or stacked.shape[0] != coefficients.shape[0]:
             raise ValueError(
-                f"coefficients must have shape [T, {len(task_vectors)}] (one column per merged tensor), "
-                f"got {tuple(coefficients.shape)}."
+                f"cannot merge {name!r}: base {tuple(base[name].shape)}, stacked {tuple(stacked.shape)}, "
+                f"coefficients {tuple(coefficients.shape)}; expected stacked [T, *base.shape] and coefficients [T, P]."
             )
-        for name, stacked in task_vectors.items():
-            if stacked.shape[1:] != base[name].shape:
-                raise ValueError(
-                    f"cannot merge {name!r}: base {tuple(base[name].shape)}, stacked {tuple(stacked.shape)}; "
-                    "expected stacked [T, *base.shape]."
-                )
-        task_vectors = StackedTaskVectors(task_vectors).to(coefficients.device)
-    sums = task_vectors.weighted_sums(coefficients)
-    bases = [base[name].detach() for name in sums]
-    merged = torch._foreach_add(bases, [total.to(b.dtype) for total, b in zip(sums.values(), bases)])
-    return dict(zip(sums, merged))
+    bases = [base[name].detach() for name in task_vectors]
+    merged = _Merge.apply(coefficients, *bases, *(stacked.detach() for stacked in task_vectors.values()))
+    return dict(zip(task_vectors, merged))
 
 
 class MergingCoefficients(nn.Module):
@@ -223,14 +184,15 @@ class MergedEncoder(nn.Module):
                     f"task vectors of {name!r} have shape {tuple(stacked.shape)}, expected "
                     f"[T, {', '.join(map(str, state[name].shape))}] for the encoder's tensor."
                 )
+        num_tasks = next(iter(task_vectors.values())).shape[0]
         self.encoder = encoder.requires_grad_(False)
-        self.task_vectors = StackedTaskVectors(task_vectors)
-        self.tensor_names: list[str] = self.task_vectors.names
+        self.tensor_names: list[str] = list(task_vectors)
         buffers = {name for name, _ in encoder.named_buffers()}
         self.merged_buffer_names: frozenset[str] = frozenset(n for n in self.tensor_names if n in buffers)
-        self.coefficients = MergingCoefficients(
-            self.task_vectors.num_tasks, len(self.tensor_names), granularity, init, clamp
-        )
+        self.task_vectors = nn.Module()
+        for index, stacked in enumerate(task_vectors.values()):
+            self.task_vectors.register_buffer(str(index), stacked, persistent=False)
+        self.coefficients = MergingCoefficients(num_tasks, len(self.tensor_names), granularity, init, clamp)
 
     @property
     def num_tasks(self) -> int:
@@ -238,12 +200,12 @@ class MergedEncoder(nn.Module):
 
     def stacked_task_vectors(self) -> dict[str, Tensor]:
         """``{tensor name: Tensor[T, *shape]}`` in merge order."""
-        return dict(self.task_vectors.items())
+        return {name: getattr(self.task_vectors, str(i)) for i, name in enumerate(self.tensor_names)}
 
     def merged_tensors(self) -> dict[str, Tensor]:
         """The merged tensors by name, differentiable in the coefficients."""
         base = self.encoder.state_dict(keep_vars=True)
-        return merge(base, self.task_vectors, self.coefficients())
+        return merge(base, self.stacked_task_vectors(), self.coefficients())
 
     def forward(self, images: Tensor, merged: Mapping[str, Tensor] | None = None) -> Tensor:
         """Encode ``images`` with the merged weights (``merged`` reuses tensors merged earlier).
