@@ -18,9 +18,11 @@ if TYPE_CHECKING:
 class PerTaskAccuracy(pl.Callback):
     """Top-k accuracy of every task's head on that task's labeled split.
 
-    Logs ``<stage>/acc/<task>`` and their mean ``<stage>/acc/avg`` (stage ``val`` or ``test``).
-    One torchmetrics metric per task (class counts differ); under DDP ``compute()`` gathers the
-    counts of every process. :class:`AdaMergingModule` adds this callback when none is configured.
+    Logs ``<stage>/acc/<task>`` after the task's last batch (so Lightning files it under that
+    task's dataloader) and their mean ``<stage>/acc/avg`` at the end of the epoch (stage ``val`` or
+    ``test``). One torchmetrics metric per task (class counts differ); under DDP ``compute()``
+    gathers the counts of every process. :class:`AdaMergingModule` adds this callback when none
+    is configured.
     """
 
     def __init__(self, top_k: int = 1) -> None:
@@ -28,6 +30,7 @@ class PerTaskAccuracy(pl.Callback):
             raise ValueError(f"top_k must be at least 1, got {top_k}.")
         self.top_k = top_k
         self._metrics: dict[str, MulticlassAccuracy] = {}
+        self._accuracies: dict[str, torch.Tensor] = {}
 
     def _metric(self, pl_module: AdaMergingModule, task: str, device: torch.device) -> MulticlassAccuracy:
         if task not in self._metrics:
@@ -37,7 +40,14 @@ class PerTaskAccuracy(pl.Callback):
             )
         return self._metrics[task].to(device)
 
-    def _update(self, pl_module: AdaMergingModule, outputs: dict[str, Any]) -> None:
+    def _log_task(self, pl_module: AdaMergingModule, stage: str, task: str) -> None:
+        metric = self._metrics[task]
+        self._accuracies[task] = metric.compute()
+        metric.reset()
+        pl_module.log(f"{stage}/acc/{task}", self._accuracies[task], add_dataloader_idx=False, batch_size=1)
+
+    def _update(self, trainer: pl.Trainer, pl_module: AdaMergingModule, outputs: dict[str, Any],
+                batch_idx: int, dataloader_idx: int, stage: str) -> None:
         task, logits, labels = outputs["task"], outputs["logits"], outputs["labels"]
         num_classes = logits.shape[-1]
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
@@ -47,32 +57,35 @@ class PerTaskAccuracy(pl.Callback):
                 "the dataset's classes and the head do not match."
             )
         self._metric(pl_module, task, logits.device).update(logits.detach(), labels)
+        if trainer.sanity_checking:
+            batches = trainer.num_sanity_val_batches
+        else:
+            batches = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+        if batch_idx + 1 == batches[dataloader_idx]:
+            self._log_task(pl_module, stage, task)
 
-    def _log(self, pl_module: AdaMergingModule, stage: str) -> None:
-        accuracies = {}
-        for task in pl_module.task_names:
-            if task in self._metrics and self._metrics[task].update_called:
-                accuracies[task] = self._metrics[task].compute()
-                self._metrics[task].reset()
-        if not accuracies:
-            return
-        for task, value in accuracies.items():
-            pl_module.log(f"{stage}/acc/{task}", value, add_dataloader_idx=False)
-        pl_module.log(f"{stage}/acc/avg", torch.stack(list(accuracies.values())).mean(), add_dataloader_idx=False)
+    def _log_average(self, pl_module: AdaMergingModule, stage: str) -> None:
+        for task, metric in self._metrics.items():
+            if metric.update_called:  # a loader that ended before its announced length
+                self._log_task(pl_module, stage, task)
+        if self._accuracies:
+            average = torch.stack(list(self._accuracies.values())).mean()
+            pl_module.log(f"{stage}/acc/avg", average, add_dataloader_idx=False)
+        self._accuracies = {}
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(pl_module, outputs)
+        self._update(trainer, pl_module, outputs, batch_idx, dataloader_idx, "val")
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._update(pl_module, outputs)
+        self._update(trainer, pl_module, outputs, batch_idx, dataloader_idx, "test")
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._log(pl_module, "val")
+        self._log_average(pl_module, "val")
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._log(pl_module, "test")
+        self._log_average(pl_module, "test")
 
 
 class CoefficientLogger(pl.Callback):

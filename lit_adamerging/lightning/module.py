@@ -106,6 +106,10 @@ class AdaMergingModule(pl.LightningModule):
             return
         tasks = self.task_names
         loaded = self.zoo.load(self.num_classes)
+        try:
+            width: int | None = feature_dim(loaded.encoder)
+        except ValueError:  # an encoder from a custom zoo may not say; the first forward will tell
+            width = None
         for task in tasks:
             if task not in loaded.heads or task not in loaded.finetuned:
                 raise KeyError(f"the zoo returned no head or fine-tuned weights for task {task!r}.")
@@ -115,10 +119,9 @@ class AdaMergingModule(pl.LightningModule):
                     f"task {task!r}: its head has {head.num_classes} classes but its dataset has "
                     f"{self.num_classes[task]}; the head and the data must describe the same classes."
                 )
-            if head.weight.shape[1] != feature_dim(loaded.encoder):
+            if width is not None and head.weight.shape[1] != width:
                 raise ValueError(
-                    f"task {task!r}: its head takes {head.weight.shape[1]} features but the encoder "
-                    f"returns {feature_dim(loaded.encoder)}."
+                    f"task {task!r}: its head takes {head.weight.shape[1]} features but the encoder returns {width}."
                 )
         encoder = loaded.encoder.eval()
         buffers = {name for name, _ in encoder.named_buffers()}
