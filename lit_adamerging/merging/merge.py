@@ -65,8 +65,8 @@ class _Merge(torch.autograd.Function):
         count = len(tensors) // 2
         bases, stacked = tensors[:count], tensors[count:]
         ctx.save_for_backward(*stacked)
+        ctx.dtype = dtype = torch.promote_types(coefficients.dtype, torch.float32)
         with torch.autocast(coefficients.device.type, enabled=False):
-            dtype = torch.promote_types(coefficients.dtype, torch.float32)
             columns = coefficients.to(dtype).t()
             return tuple(_merge_one(b, tv, column, dtype) for b, tv, column in zip(bases, stacked, columns))
 
@@ -76,7 +76,7 @@ class _Merge(torch.autograd.Function):
         nothing = (None,) * (2 * len(stacked))
         if not ctx.needs_input_grad[0]:
             return (None, *nothing)
-        rows = torch.zeros(len(stacked), stacked[0].shape[0], dtype=torch.float32, device=stacked[0].device)
+        rows = torch.zeros(len(stacked), stacked[0].shape[0], dtype=ctx.dtype, device=stacked[0].device)
         with torch.autocast(rows.device.type, enabled=False):
             for index, (tv, grad) in enumerate(zip(stacked, grads)):
                 if grad is not None:
