@@ -174,3 +174,23 @@ def test_efficientnet_lite0_imagenet_weights_recognise_ships():
         top5 = set(model(images).softmax(-1).mean(0).topk(5).indices.tolist())
     # ImageNet ship-like classes: catamaran, container ship, fireboat, liner, lifeboat, schooner, speedboat, trimaran
     assert top5 & {484, 510, 554, 625, 628, 780, 814, 871}
+
+
+def test_open_clip_zoo_takes_hugging_face_vision_folders(tmp_path, clip_files):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install '.[hf]')")
+    clip, pretrained, finetuned, _, _ = clip_files
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8, hidden_act="quick_gelu",
+    )
+    folder = tmp_path / "hf_task"
+    transformers.CLIPVisionModel(vision).save_pretrained(folder)  # no projection: it was not fine-tuned
+    zoo = OpenCLIPZoo(TINY_CLIP, {"a": finetuned["a"], "b": str(folder)}, pretrained=str(pretrained),
+                      class_names={"a": ["x", "y", "z"], "b": ["u", "v"]}, head_cache_dir=None)
+    loaded = zoo.load({"a": 3, "b": 2})
+    from lit_adamerging.models.checkpoints import read_checkpoint
+
+    mapped = read_checkpoint(folder)
+    for key, value in loaded.finetuned["b"].items():
+        expected = clip.visual.state_dict()["proj"] if key == "proj" else mapped[key]
+        torch.testing.assert_close(value, expected)

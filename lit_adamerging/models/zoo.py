@@ -28,6 +28,7 @@ from lit_adamerging.models.heads import ClassificationHead
 from lit_adamerging.models.prompts import read_class_names
 from lit_adamerging.models.zeroshot import cached_zero_shot_head, text_tower_digest
 
+
 @dataclass
 class LoadedZoo:
     """A pretrained encoder, the fine-tuned encoders' state dicts and one head per task."""
@@ -239,9 +240,12 @@ class OpenCLIPZoo(ModelZoo):
             for task in num_classes
         }
         encoder = clip.visual.eval()
-        finetuned = {
-            task: encoder_weights(self.finetuned[task], encoder, allow_pickle=self.allow_pickle) for task in num_classes
-        }
+        finetuned = {}
+        for task in num_classes:
+            path = self.finetuned[task]
+            # A Hugging Face CLIPVisionModel folder has no projection: it was not fine-tuned, keep theta_0's.
+            missing_ok = ("proj",) if Path(path).expanduser().is_dir() else ()
+            finetuned[task] = encoder_weights(path, encoder, allow_pickle=self.allow_pickle, missing_ok=missing_ok)
         return LoadedZoo(encoder, finetuned, heads)
 
 
