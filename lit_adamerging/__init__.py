@@ -1,6 +1,6 @@
 """lit_adamerging: AdaMerging (Yang et al., ICLR 2024) as a PyTorch Lightning library."""
 
-from lit_adamerging.data import MultiTaskDataModule, SyntheticTask, TaskData
+from lit_adamerging.data import ImageFolderTask, MultiTaskDataModule, Preprocess, SyntheticTask, TaskData, TorchvisionTask
 from lit_adamerging.lightning import AdaMergingModule, CoefficientLogger, ExportMergedEncoder, PerTaskAccuracy
 from lit_adamerging.models import ModelZoo, OpenCLIPZoo, StateDictZoo, SyntheticZoo, TimmZoo
 
@@ -10,13 +10,16 @@ __all__ = [
     "AdaMergingModule",
     "CoefficientLogger",
     "ExportMergedEncoder",
+    "ImageFolderTask",
     "ModelZoo",
     "OpenCLIPZoo",
     "MultiTaskDataModule",
     "PerTaskAccuracy",
+    "Preprocess",
     "StateDictZoo",
     "SyntheticTask",
     "SyntheticZoo",
     "TimmZoo",
+    "TorchvisionTask",
     "TaskData",
 ]

@@ -1,0 +1,465 @@
+"""Real-image tasks: Preprocess, ImageFolderTask and TorchvisionTask (all offline, no downloads)."""
+
+from __future__ import annotations
+
+import bz2
+import math
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lit_adamerging.data import (
+    ImageFolderTask,
+    MultiTaskDataModule,
+    Preprocess,
+    TaskData,
+    TorchvisionTask,
+    eurosat_split_indices,
+    eurosat_test_indices,
+    sun397_test_indices,
+)
+from lit_adamerging.data.datasets import CLIP_MEAN, CLIP_STD, TORCHVISION_NUM_CLASSES
+
+SHARED = Path("/work/shared/datasets")
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "mnist" / "test").is_dir(), reason=f"offline datasets not found under {SHARED}"
+)
+
+EXPECTED_CLASSES = {
+    "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "gtsrb": 43, "usps": 10, "svhn": 10,
+    "eurosat": 10, "dtd": 47, "sun397": 397, "cars": 196, "resisc45": 45,
+}  # fmt: skip
+
+
+def write_image(path: Path, size: tuple[int, int] = (10, 12), mode: str = "RGB", value: int = 128) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    color = value if mode == "L" else (value, 255 - value, value // 2)
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+def make_tree(root: Path, classes: dict[str, int], split: str = "test", ext: str = ".png") -> Path:
+    """``root/split/<class>/<i><ext>`` with ``classes[class]`` small images each."""
+    for name, count in classes.items():
+        (root / split / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            write_image(root / split / name / f"{i}{ext}", value=10 * i)
+    return root
+
+
+# --------------------------------------------------------------------------------------------- #
+# Preprocess
+# --------------------------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "kwargs", "expected"),
+    [
+        ("L", (28, 28), {}, (3, 224, 224)),
+        ("L", (28, 40), {"image_size": 64}, (3, 64, 64)),
+        ("RGB", (50, 30), {"image_size": 32}, (3, 32, 32)),
+        ("RGB", (50, 30), {"image_size": 32, "center_crop": False, "interpolation": "bilinear"}, (3, 32, 32)),
+        ("RGBA", (17, 9), {"image_size": 16}, (3, 16, 16)),
+        ("P", (9, 17), {"image_size": 16}, (3, 16, 16)),
+    ],
+)
+def test_preprocess_output_shape(mode: str, size: tuple[int, int], kwargs: dict, expected: tuple) -> None:
+    out = Preprocess(**kwargs).transform()(Image.new(mode, size))
+    assert out.dtype == torch.float32
+    assert tuple(out.shape) == expected
+
+
+def test_preprocess_defaults_are_clip_and_normalise() -> None:
+    pre = Preprocess()
+    assert (pre.image_size, pre.interpolation, pre.center_crop) == (224, "bicubic", True)
+    assert pre.mean == (0.48145466, 0.4578275, 0.40821073) and pre.std == (0.26862954, 0.26130258, 0.27577711)
+    out = Preprocess(image_size=8).transform()(Image.new("L", (20, 10), 255))  # white grey image
+    expected = torch.tensor([(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
+    torch.testing.assert_close(out.mean(dim=(1, 2)), expected, atol=1e-4, rtol=0)
+    pickle.loads(pickle.dumps(pre.transform()))  # DataLoader workers may pickle it
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"image_size": 0}, "image_size"),
+        ({"image_size": 2.5}, "image_size"),
+        ({"image_size": True}, "image_size"),
+        ({"mean": (0.5, 0.5)}, "mean"),
+        ({"mean": (0.5, math.nan, 0.5)}, "mean"),
+        ({"mean": "abc"}, "mean"),
+        ({"std": (0.2, 0.0, 0.2)}, "std"),
+        ({"std": (0.2, 0.2, -1.0)}, "std"),
+        ({"interpolation": "nearest"}, "interpolation"),
+        ({"center_crop": "yes"}, "center_crop"),
+    ],
+)
+def test_preprocess_validation(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"Preprocess\.{field}"):
+        Preprocess(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------- #
+# ImageFolderTask on the offline datasets
+# --------------------------------------------------------------------------------------------- #
+
+
+@needs_shared
+def test_image_folder_mnist() -> None:
+    task = ImageFolderTask(root=str(SHARED / "mnist"), preprocess=Preprocess(image_size=64))
+    assert isinstance(task, TaskData)
+    assert task.num_classes == 10
+    data = task.test_set()
+    assert len(data) == 2000
+    image, label = data[0]
+    assert image.dtype == torch.float32 and tuple(image.shape) == (3, 64, 64)
+    assert label == 0 and isinstance(label, int)
+    assert data[len(data) - 1][1] == 9
+    folders = sorted(p.name for p in (SHARED / "mnist" / "test").iterdir() if p.is_dir())
+    assert task.class_folders() == folders
+    labels = [label for _, label in data.samples]
+    assert labels == sorted(labels)  # class-major
+    assert all(path.parent.name == folders[label] for path, label in data.samples)
+    names = [line.strip() for line in (SHARED / "mnist" / "classes.txt").read_text().splitlines() if line.strip()]
+    assert task.class_names() == names
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "gtsrb"])
+def test_image_folder_other_offline_trees(name: str) -> None:
+    if not (SHARED / name).is_dir():
+        pytest.skip(f"{SHARED / name} not present")
+    task = ImageFolderTask(root=str(SHARED / name), preprocess=Preprocess(image_size=16))
+    assert task.num_classes == EXPECTED_CLASSES[name]
+    assert len(task.class_names()) == task.num_classes
+    image, label = task.test_set()[0]
+    assert tuple(image.shape) == (3, 16, 16) and label == 0
+
+
+@needs_shared
+def test_datamodule_fit_batches_are_label_free() -> None:
+    task = ImageFolderTask(root=str(SHARED / "mnist"), preprocess=Preprocess(image_size=32))
+    datamodule = MultiTaskDataModule({"mnist": task}, batch_size=8)
+    assert datamodule.num_classes == {"mnist": 10}
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()["mnist"]))
+    assert isinstance(batch, torch.Tensor)  # images only: no labels reach the loss
+    assert tuple(batch.shape) == (8, 3, 32, 32) and batch.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------- #
+# ImageFolderTask on tiny trees
+# --------------------------------------------------------------------------------------------- #
+
+
+def test_image_folder_tiny_tree_order_and_filtering(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "ds", {"b_second": 2, "a_first": 1, "c_third": 3})
+    write_image(root / "test" / "a_first" / "UPPER.JPG")  # case-insensitive extensions
+    write_image(root / "test" / "a_first" / ".hidden.png")  # hidden file: ignored
+    (root / "test" / "a_first" / "notes.txt").write_text("not an image")  # other file: ignored
+    write_image(root / "test" / ".cache" / "x.png")  # hidden folder: not a class
+    (root / "test" / "README").write_text("a file, not a class folder")
+    task = ImageFolderTask(root=str(root), preprocess=Preprocess(image_size=8))
+    assert task.num_classes == 3
+    assert task.class_folders() == ["a_first", "b_second", "c_third"]
+    assert task.class_names() == ["a_first", "b_second", "c_third"]  # no classes.txt: folder names
+    data = task.test_set()
+    assert [label for _, label in (data[i] for i in range(len(data)))] == [0, 0, 1, 1, 2, 2, 2]
+    assert [p.name for p, _ in data.samples[:2]] == ["0.png", "UPPER.JPG"]
+    copy = pickle.loads(pickle.dumps(data))  # DataLoader workers may pickle the dataset
+    torch.testing.assert_close(copy[3][0], data[3][0])
+    (root / "classes.txt").write_text("first\nsecond\nthird\n")
+    assert ImageFolderTask(root=str(root)).class_names() == ["first", "second", "third"]
+    assert ImageFolderTask(root=str(root), class_names_file=None).class_names() == task.class_folders()
+    make_tree(root, {"x": 1, "y": 1}, split="train")
+    assert ImageFolderTask(root=str(root), split="train", class_names_file=None).num_classes == 2
+
+
+def test_image_folder_missing_root(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*does not exist.*root/\{train,test\}/<class>/<images>"):
+        ImageFolderTask(root=str(missing)).num_classes
+
+
+def test_image_folder_missing_split(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "ds", {"a": 1}, split="train")
+    with pytest.raises(FileNotFoundError, match=r"split folder '.*ds/test' does not exist.*root/\{train,test\}"):
+        ImageFolderTask(root=str(root)).test_set()
+
+
+def test_image_folder_no_class_folders(tmp_path: Path) -> None:
+    (tmp_path / "ds" / "test").mkdir(parents=True)
+    write_image(tmp_path / "ds" / "test" / "loose.png")  # an image not inside a class folder
+    with pytest.raises(ValueError, match=r"'.*ds/test' has no class folders.*root/\{train,test\}/<class>"):
+        ImageFolderTask(root=str(tmp_path / "ds")).num_classes
+
+
+def test_image_folder_empty_class(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "ds", {"cat": 2, "dog": 0})
+    (root / "test" / "dog" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"class folder 'dog' .*has no images.*root/\{train,test\}/<class>/<images>"):
+        ImageFolderTask(root=str(root)).test_set()
+
+
+def test_image_folder_unreadable_image(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "ds", {"a": 1, "b": 1})
+    broken = root / "test" / "b" / "broken.png"
+    broken.write_bytes(b"definitely not a png")
+    truncated = root / "test" / "b" / "truncated.png"
+    write_image(truncated, size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    data = ImageFolderTask(root=str(root), preprocess=Preprocess(image_size=8)).test_set()  # listing is fine
+    assert len(data) == 4 and tuple(data[0][0].shape) == (3, 8, 8)
+    names = [p.name for p, _ in data.samples]
+    with pytest.raises(OSError, match=r"cannot read image file '.*b/broken\.png'"):
+        data[names.index("broken.png")]
+    with pytest.raises(OSError, match=r"cannot read image file '.*b/truncated\.png'"):
+        data[names.index("truncated.png")]
+
+
+def test_image_folder_class_names_count_mismatch(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "ds", {"a": 1, "b": 1, "c": 1})
+    (root / "classes.txt").write_text("alpha\nbeta\n")
+    with pytest.raises(ValueError, match=r"'.*ds/classes\.txt' has 2 names but .* has 3 class folders"):
+        ImageFolderTask(root=str(root)).num_classes
+    names = tmp_path / "names.txt"  # an absolute names file
+    names.write_text("alpha\nbeta\ngamma\n")
+    assert ImageFolderTask(root=str(root), class_names_file=str(names)).class_names() == ["alpha", "beta", "gamma"]
+
+
+def test_tasks_reject_a_preprocess_of_another_type(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"ImageFolderTask\.preprocess must be a Preprocess, got dict"):
+        ImageFolderTask(root=str(tmp_path), preprocess={"image_size": 32})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"TorchvisionTask\.preprocess must be a Preprocess"):
+        TorchvisionTask(dataset="mnist", root=str(tmp_path), preprocess=32)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("split", ["", "a/b", ".."])
+def test_image_folder_bad_split(tmp_path: Path, split: str) -> None:
+    with pytest.raises(ValueError, match="ImageFolderTask.split"):
+        ImageFolderTask(root=str(tmp_path), split=split)
+
+
+def test_image_folder_from_config(tmp_path: Path) -> None:
+    from jsonargparse import ArgumentParser
+
+    root = make_tree(tmp_path / "ds", {"a": 1, "b": 1})
+    parser = ArgumentParser()
+    parser.add_argument("--task", type=TaskData)
+    config = parser.parse_object(
+        {
+            "task": {
+                "class_path": "lit_adamerging.data.ImageFolderTask",
+                "init_args": {"root": str(root), "preprocess": {"image_size": 16, "mean": [0.5, 0.5, 0.5]}},
+            }
+        }
+    )
+    task = parser.instantiate_classes(config).task
+    assert isinstance(task, ImageFolderTask) and task.preprocess == Preprocess(image_size=16, mean=(0.5, 0.5, 0.5))
+    assert tuple(task.test_set()[0][0].shape) == (3, 16, 16)
+
+
+# --------------------------------------------------------------------------------------------- #
+# TorchvisionTask
+# --------------------------------------------------------------------------------------------- #
+
+
+def test_torchvision_num_classes_without_files(tmp_path: Path) -> None:
+    assert TORCHVISION_NUM_CLASSES == EXPECTED_CLASSES
+    for name, count in EXPECTED_CLASSES.items():
+        task = TorchvisionTask(dataset=name, root=str(tmp_path / "does-not-exist"))  # type: ignore[arg-type]
+        assert task.num_classes == count
+        assert len(task.class_names()) == count
+    assert not (tmp_path / "does-not-exist").exists()
+
+
+def test_torchvision_unknown_dataset(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"TorchvisionTask\.dataset must be one of mnist, .*; got 'imagenet'"):
+        TorchvisionTask(dataset="imagenet", root=str(tmp_path))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_CLASSES))
+def test_torchvision_missing_files(tmp_path: Path, name: str) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    task = TorchvisionTask(dataset=name, root=str(root))  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError) as info:
+        task.test_set()
+    message = str(info.value)
+    assert f"dataset {name!r}" in message and str(root) in message and "expected root/" in message
+    if name in ("cars", "resisc45"):
+        assert "cannot be downloaded automatically" in message
+    else:
+        assert "download: true" in message
+    assert list(root.iterdir()) == []  # nothing was downloaded or created
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """The big-endian IDX format torchvision's MNIST reads: magic (0, 0, type 0x08 = ubyte, ndim), dims, data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_torchvision_mnist_from_idx_files(tmp_path: Path, name: str, folder: str) -> None:
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    values = [0, 50, 100, 200, 255]
+    images = np.stack([np.full((28, 28), v, dtype=np.uint8) for v in values])
+    _write_idx(tmp_path / folder / "raw" / "t10k-images-idx3-ubyte", images)
+    _write_idx(tmp_path / folder / "raw" / "t10k-labels-idx1-ubyte", labels)
+    # torchvision checks that the train files exist too (it does not read them for train=False)
+    _write_idx(tmp_path / folder / "raw" / "train-images-idx3-ubyte", np.zeros((2, 28, 28), dtype=np.uint8))
+    _write_idx(tmp_path / folder / "raw" / "train-labels-idx1-ubyte", np.array([7, 7], dtype=np.uint8))
+    task = TorchvisionTask(dataset=name, root=str(tmp_path), preprocess=Preprocess(image_size=32))
+    data = task.test_set()
+    assert len(data) == 5
+    for index, (value, label) in enumerate(zip(values, labels.tolist())):
+        image, got = data[index]
+        assert got == label and isinstance(got, int)
+        assert image.dtype == torch.float32 and tuple(image.shape) == (3, 32, 32)
+        expected = torch.tensor([(value / 255 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
+        torch.testing.assert_close(image.mean(dim=(1, 2)), expected, atol=1e-3, rtol=0)
+
+
+def test_torchvision_usps_from_bz2(tmp_path: Path) -> None:
+    pixels = {1: -1.0, 10: 1.0, 7: 1.0}  # USPS stores pixels in [-1, 1] as "index:value" pairs
+    lines = [f"{label} " + " ".join(f"{j + 1}:{value}" for j in range(256)) for label, value in pixels.items()]
+    (tmp_path / "usps.t.bz2").write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
+    data = TorchvisionTask(dataset="usps", root=str(tmp_path), preprocess=Preprocess(image_size=16)).test_set()
+    assert [data[i][1] for i in range(3)] == [0, 9, 6]  # USPS labels 1..10 become 0..9
+    assert tuple(data[0][0].shape) == (3, 16, 16)
+
+
+def test_eurosat_split_indices() -> None:
+    train, val, test = eurosat_split_indices(27_000)
+    assert (len(train), len(val), len(test)) == (21_600, 2_700, 2_700)
+    assert set(train).isdisjoint(val) and set(train).isdisjoint(test) and set(val).isdisjoint(test)
+    assert sorted(train + val + test) == list(range(27_000))
+    assert eurosat_split_indices(27_000) == (train, val, test)  # deterministic
+    assert eurosat_test_indices(27_000) == test and test == sorted(test)
+    assert eurosat_test_indices(27_000, seed=1) != test
+    for n in (0, 9, 10, 37, 1000):
+        tr, va, te = eurosat_split_indices(n)
+        assert (len(va), len(te)) == (n // 10, n // 10) and sorted(tr + va + te) == list(range(n))
+    with pytest.raises(ValueError, match="non-negative integer"):
+        eurosat_split_indices(-1)
+
+
+EUROSAT_CLASSES = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
+                   "Pasture", "PermanentCrop", "Residential", "River", "SeaLake"]  # fmt: skip
+
+
+def test_torchvision_eurosat_fake_tree(tmp_path: Path) -> None:
+    per_class = 4
+    for name in reversed(EUROSAT_CLASSES):
+        for i in range(per_class):
+            write_image(tmp_path / "eurosat" / "2750" / name / f"{name}_{i + 1}.jpg", size=(64, 64), value=20 * i)
+    task = TorchvisionTask(dataset="eurosat", root=str(tmp_path), preprocess=Preprocess(image_size=16))
+    data = task.test_set()
+    expected = eurosat_test_indices(10 * per_class)
+    assert len(data) == len(expected) == 4
+    assert [data[i][1] for i in range(len(data))] == [index // per_class for index in expected]  # sorted folders
+    assert tuple(data[0][0].shape) == (3, 16, 16)
+    assert task.test_set().indices == data.indices  # deterministic
+    for name in EUROSAT_CLASSES[2:]:  # only 2 classes left: labels would not match the 10-way head
+        for file in (tmp_path / "eurosat" / "2750" / name).iterdir():
+            file.unlink()
+        (tmp_path / "eurosat" / "2750" / name).rmdir()
+    with pytest.raises(ValueError, match="'eurosat' .* has 2 classes, expected 10"):
+        task.test_set()
+
+
+def _sun397_tree(root: Path) -> list[str]:
+    data_dir = root / "SUN397"
+    classes = ["/a/abbey", "/b/bar"] + [f"/z/zz_class_{i:03d}" for i in range(395)]
+    data_dir.mkdir(parents=True)
+    (data_dir / "ClassName.txt").write_text("\n".join(classes) + "\n")
+    files = []
+    for cls in classes[:2]:
+        for i in range(4):
+            write_image(data_dir / cls.lstrip("/") / f"sun_{cls[3:]}{i}.jpg")
+            files.append(f"{cls}/sun_{cls[3:]}{i}.jpg")
+    return files
+
+
+def test_torchvision_sun397_partition_file(tmp_path: Path) -> None:
+    files = _sun397_tree(tmp_path)
+    (tmp_path / "SUN397" / "Testing_01.txt").write_text("\n".join([files[5], files[0], files[6]]) + "\n")
+    data = TorchvisionTask(dataset="sun397", root=str(tmp_path), preprocess=Preprocess(image_size=8)).test_set()
+    assert len(data) == 3 and [data[i][1] for i in range(3)] == [1, 0, 1]
+    (tmp_path / "SUN397" / "Testing_01.txt").write_text(files[0] + "\n/b/bar/sun_missing.jpg\n")
+    with pytest.raises(FileNotFoundError, match=r"1 of the 2 images listed in .*Testing_01\.txt.*sun_missing"):
+        TorchvisionTask(dataset="sun397", root=str(tmp_path)).test_set()
+
+
+def test_torchvision_sun397_fallback_split(tmp_path: Path) -> None:
+    _sun397_tree(tmp_path)
+    task = TorchvisionTask(dataset="sun397", root=str(tmp_path), preprocess=Preprocess(image_size=8))
+    with pytest.warns(UserWarning, match="Testing_01.txt"):
+        data = task.test_set()
+    assert len(data) == 4 and sorted(data[i][1] for i in range(4)) == [0, 0, 1, 1]  # half of 4 per class
+    keys = [f"c{i % 3}/{i}" for i in range(300)]
+    labels = [i % 3 for i in range(300)]
+    chosen = sun397_test_indices(keys, labels)
+    assert len(chosen) == 150 and chosen == sun397_test_indices(keys, labels)
+    order = list(reversed(range(300)))  # independent of the order the files were listed in
+    again = sun397_test_indices([keys[i] for i in order], [labels[i] for i in order])
+    assert sorted(order[i] for i in again) == chosen
+
+
+def _resisc45_tree(root: Path, num_classes: int = 45) -> list[str]:
+    names = [f"class_{i:02d}" for i in range(num_classes)]
+    for name in names:
+        for i in (1, 2):
+            write_image(root / "NWPU-RESISC45" / name / f"{name}_{i:03d}.jpg", size=(16, 16))
+    return names
+
+
+def test_torchvision_resisc45_fake_tree(tmp_path: Path) -> None:
+    names = _resisc45_tree(tmp_path)
+    task = TorchvisionTask(dataset="resisc45", root=str(tmp_path), preprocess=Preprocess(image_size=8))
+    with pytest.raises(FileNotFoundError, match=r"no split file '.*resisc45-test\.txt'.*cannot be downloaded"):
+        task.test_set()
+    listed = [f"{names[44]}_002.jpg", f"{names[0]}_001.jpg", f"{names[7]}/{names[7]}_001.jpg", ""]
+    (tmp_path / "resisc45-test.txt").write_text("\n".join(listed) + "\n")
+    data = task.test_set()
+    assert len(data) == 3 and [data[i][1] for i in range(3)] == [44, 0, 7]
+    assert tuple(data[0][0].shape) == (3, 8, 8)
+    (tmp_path / "resisc45-test.txt").write_text(f"{names[0]}_001.jpg\nclass_00_999.jpg\n")
+    with pytest.raises(FileNotFoundError, match=r"1 of the 2 images listed in .*resisc45-test\.txt.*class_00_999"):
+        task.test_set()
+
+
+def test_torchvision_resisc45_wrong_class_count(tmp_path: Path) -> None:
+    _resisc45_tree(tmp_path, num_classes=3)
+    (tmp_path / "resisc45-test.txt").write_text("class_00_001.jpg\n")
+    with pytest.raises(ValueError, match=r"NWPU-RESISC45' has 3 class folders, expected 45"):
+        TorchvisionTask(dataset="resisc45", root=str(tmp_path)).test_set()
+
+
+def test_torchvision_dtd_and_gtsrb_fake_files(tmp_path: Path) -> None:
+    dtd = tmp_path / "dtd" / "dtd"
+    classes = [f"texture{i:02d}" for i in range(47)]
+    for name in classes:
+        write_image(dtd / "images" / name / f"{name}_0001.jpg")
+    (dtd / "labels").mkdir()
+    (dtd / "labels" / "test1.txt").write_text("\n".join(f"{name}/{name}_0001.jpg" for name in reversed(classes)))
+    data = TorchvisionTask(dataset="dtd", root=str(tmp_path), preprocess=Preprocess(image_size=8)).test_set()
+    assert len(data) == 47 and data[0][1] == 46 and tuple(data[0][0].shape) == (3, 8, 8)
+
+    images = tmp_path / "gtsrb" / "GTSRB" / "Final_Test" / "Images"
+    write_image(images / "00000.ppm")
+    write_image(images / "00001.ppm")
+    (tmp_path / "gtsrb" / "GT-final_test.csv").write_text(
+        "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"
+        "00000.ppm;10;12;0;0;9;11;42\n"
+        "00001.ppm;10;12;0;0;9;11;7\n"
+    )
+    data = TorchvisionTask(dataset="gtsrb", root=str(tmp_path), preprocess=Preprocess(image_size=8)).test_set()
+    assert [data[0][1], data[1][1]] == [42, 7] and tuple(data[1][0].shape) == (3, 8, 8)
