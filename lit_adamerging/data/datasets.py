@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -583,15 +583,7 @@ class TorchvisionTask(TaskData):
             )
             return sun397_test_indices(keys, dataset._labels)
         position = {key: i for i, key in enumerate(keys)}
-        lines = [line.strip().lstrip("/") for line in partition.read_text(encoding="utf-8").splitlines()]
-        lines = [line for line in lines if line]
-        missing = [line for line in lines if line not in position]
-        if missing:
-            raise self._missing(
-                f"{len(missing)} of the {len(lines)} images listed in {str(partition)!r} are missing, "
-                f"e.g. {missing[:3]}"
-            )
-        return [position[line] for line in lines]
+        return [position[line] for line in self._listed(partition, position)]
 
     def _resisc45(self, transform: Callable[[Image.Image], Any]) -> Dataset:
         root = Path(self.root).expanduser()
@@ -611,15 +603,19 @@ class TorchvisionTask(TaskData):
         for label, folder in enumerate(folders):
             for image in _images_in(folder):
                 by_name[image.name] = by_name[f"{folder.name}/{image.name}"] = (image, label)
-        lines = [line.strip() for line in split_file.read_text(encoding="utf-8").splitlines()]
+        return _ImageList([by_name[line] for line in self._listed(split_file, by_name)], transform)
+
+    def _listed(self, split_file: Path, known: Collection[str]) -> list[str]:
+        """The image names a split file lists (one per line, leading '/' dropped), all of them in ``known``."""
+        lines = [line.strip().lstrip("/") for line in split_file.read_text(encoding="utf-8").splitlines()]
         lines = [line for line in lines if line]
-        missing = [line for line in lines if line not in by_name]
+        missing = [line for line in lines if line not in known]
         if missing:
             raise self._missing(
                 f"{len(missing)} of the {len(lines)} images listed in {str(split_file)!r} are missing, "
                 f"e.g. {missing[:3]}"
             )
-        return _ImageList([by_name[line] for line in lines], transform)
+        return lines
 
     def __repr__(self) -> str:
         return (
