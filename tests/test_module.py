@@ -671,3 +671,22 @@ def test_coefficient_logger_writes_scalars_and_heatmap(tmp_path):
 def test_coefficient_logger_rejects_bad_interval():
     with pytest.raises(ValueError, match="every_n_steps"):
         CoefficientLogger(every_n_steps=0)
+
+
+def test_ddp_syncs_only_the_coefficients(tmp_path):
+    # Every process rebuilds the frozen weights from the zoo, so DDP must not broadcast them.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = make_module(SyntheticZoo(CLIP, seed=0))
+    module.configure_model()
+    names = {name for name, _ in [*module.named_parameters(), *module.named_buffers()]}
+    assert set(module._ddp_params_and_buffers_to_ignore) == names - {COEFFICIENTS_KEY}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(module)
+        assert wrapped.parameters_to_ignore == names - {COEFFICIENTS_KEY}
+        # the only tensor DDP reduces gradients for is the coefficients
+        assert [p for p in wrapped.parameters() if p.requires_grad] == [module.merger.coefficients.raw]
+    finally:
+        dist.destroy_process_group()

@@ -138,6 +138,11 @@ class AdaMergingModule(pl.LightningModule):
         init = 1.0 / len(tasks) if self.hparams.init is None else self.hparams.init
         self.merger = MergedEncoder(encoder, task_vectors, self.hparams.granularity, init, self.hparams.clamp)
         self.heads = nn.ModuleDict({task: loaded.heads[task].requires_grad_(False).eval() for task in tasks})
+        # Under DDP every process builds the same frozen weights from the zoo: only the coefficients
+        # need syncing, so DDP neither broadcasts the (large) task vectors nor the encoder.
+        self._ddp_params_and_buffers_to_ignore = [
+            name for name, _ in [*self.named_parameters(), *self.named_buffers()] if name != COEFFICIENTS_KEY
+        ]
         if self._pending_coefficients is not None:
             self._set_coefficients(self._pending_coefficients)
             self._pending_coefficients = None
