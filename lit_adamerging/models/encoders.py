@@ -46,14 +46,19 @@ def create_encoder(name: str, pretrained: str | None = None, **kwargs: Any) -> n
     """
     library, model = split_encoder_name(name)
     if library == "open_clip":
-        if model not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {model!r}; open_clip.list_models() lists the known names.")
+        check_open_clip_model(model)
         return open_clip.create_model(model, pretrained=pretrained, **kwargs).visual.eval()
     if pretrained is not None:
         raise ValueError(f"timm encoder {model!r}: give pretrained weights as a state dict file to the zoo instead.")
     if not timm.is_model(model):
         raise ValueError(f"unknown timm model {model!r}; timm.list_models() lists the known names.")
     return timm.create_model(model, pretrained=False, num_classes=0, **kwargs).eval()
+
+
+def check_open_clip_model(model: str) -> None:
+    """Raise a clear error unless open_clip knows the model name."""
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model!r}; open_clip.list_models() lists the known names.")
 
 
 def feature_dim(encoder: nn.Module) -> int:

@@ -23,7 +23,7 @@ from lit_adamerging.models.checkpoints import (
     read_checkpoint,
     select_encoder_weights,
 )
-from lit_adamerging.models.encoders import create_encoder, feature_dim
+from lit_adamerging.models.encoders import check_open_clip_model, create_encoder, feature_dim
 from lit_adamerging.models.heads import ClassificationHead
 from lit_adamerging.models.prompts import read_class_names
 from lit_adamerging.models.zeroshot import cached_zero_shot_head, text_tower_digest
@@ -206,8 +206,7 @@ class OpenCLIPZoo(ModelZoo):
         return prompts.templates(task.lower()) if task.lower() in prompts.TASKS else ["a photo of a {}."]
 
     def _create_clip(self) -> nn.Module:
-        if self.model not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {self.model!r}; open_clip.list_models() lists the known names.")
+        check_open_clip_model(self.model)
         if looks_like_path(self.pretrained):
             clip = open_clip.create_model(self.model)
             clip.load_state_dict(encoder_weights(self.pretrained, clip, allow_pickle=self.allow_pickle))
@@ -225,7 +224,7 @@ class OpenCLIPZoo(ModelZoo):
         _require_files("finetuned", self.finetuned, num_classes)
         clip = self._create_clip()
         tokenizer = open_clip.get_tokenizer(self.model)
-        digest = text_tower_digest(clip)
+        digest = "" if self.head_cache_dir is None else text_tower_digest(clip)  # only the cache key needs it
         heads = {
             task: cached_zero_shot_head(
                 clip,
