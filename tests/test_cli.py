@@ -178,3 +178,39 @@ def test_bad_ties_k_fails_with_the_modules_message(tmp_path):
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("ValueError: ties_k must be in (0, 1]"), result.stderr[-2000:]
+
+
+def test_a_task_given_twice_in_a_config_is_refused(tmp_path):
+    (tmp_path / "twice.yaml").write_text(
+        "data:\n"
+        "  tasks:\n"
+        "    alpha: {class_path: lit_adamerging.SyntheticTask, init_args: {num_classes: 5}}\n"
+        "    beta: {class_path: lit_adamerging.SyntheticTask, init_args: {num_classes: 10}}\n"
+        "    alpha: {class_path: lit_adamerging.SyntheticTask, init_args: {num_classes: 3}}\n"
+    )
+    result = run_cli(tmp_path, "fit", "--config", str(CONFIG), "--config", "twice.yaml")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "key 'alpha' is given twice in the same mapping (lines 3 and 5)" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+ODD_SIZED_TASKS = """
+data:
+  eval_batch_size: 4
+  tasks:
+    alpha: {class_path: lit_adamerging.SyntheticTask, init_args: {num_classes: 5, num_images: 33, seed: 1}}
+    beta: {class_path: lit_adamerging.SyntheticTask, init_args: {num_classes: 10, num_images: 23, seed: 2}}
+    gamma: {class_path: lit_adamerging.SyntheticTask, init_args: {num_classes: 3, num_images: 11, seed: 3}}
+"""
+
+
+def test_ddp_evaluation_counts_every_image_once(tmp_path):
+    # Odd test-set sizes: a padding sampler would count one image twice on 2 processes.
+    (tmp_path / "odd.yaml").write_text(ODD_SIZED_TASKS)
+    common = ["test", "--config", str(CONFIG), "--config", "odd.yaml", "--trainer.logger=false", "--trainer.callbacks=null"]
+    single = run_cli(tmp_path, *common)
+    double = run_cli(tmp_path, *common, "--trainer.strategy=ddp", "--trainer.devices=2")
+    assert single.returncode == 0 and double.returncode == 0, double.stderr[-2000:]
+    assert "sync_dist=True" not in double.stderr  # accuracies are gathered by torchmetrics, not re-averaged
+    for task in ("alpha", "beta", "gamma", "avg"):
+        assert printed_metric(double.stdout, f"test/acc/{task}") == printed_metric(single.stdout, f"test/acc/{task}")

@@ -16,16 +16,16 @@ from PIL import Image
 from lit_adamerging.data import (
     ImageFolderTask,
     MultiTaskDataModule,
-    Preprocess,
     TaskData,
     TorchvisionTask,
     eurosat_split_indices,
     eurosat_test_indices,
     sun397_test_indices,
 )
-from lit_adamerging.data.datasets import CLIP_MEAN, CLIP_STD, TORCHVISION_NUM_CLASSES
+from lit_adamerging.data.datasets import TORCHVISION_NUM_CLASSES
+from lit_adamerging.models.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 
-SHARED = Path("/work/shared/datasets")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 needs_shared = pytest.mark.skipif(
     not (SHARED / "mnist" / "test").is_dir(), reason=f"offline datasets not found under {SHARED}"
 )
@@ -104,6 +104,37 @@ def test_preprocess_validation(kwargs: dict, field: str) -> None:
         Preprocess(**kwargs)
 
 
+def test_preprocess_crop_pct_keeps_the_center() -> None:
+    image = Image.new("L", (40, 40), 0)
+    image.paste(255, (10, 10, 30, 30))  # a white 20x20 square in the middle of a black image
+    white = torch.tensor([(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
+    black = torch.tensor([(0 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
+    # crop_pct 0.5: resize to 16 px, keep the central 8 px = the white square (edges blur a little)
+    center = Preprocess(image_size=8, crop_pct=0.5).transform()(image)
+    torch.testing.assert_close(center[:, 2:6, 2:6].mean(dim=(1, 2)), white, atol=0.05, rtol=0)
+    # crop_pct 1: the whole image, a quarter of it white
+    whole = Preprocess(image_size=8).transform()(image).mean(dim=(1, 2))
+    torch.testing.assert_close(whole, 0.25 * white + 0.75 * black, atol=0.1, rtol=0)
+
+
+@pytest.mark.parametrize("crop_pct", [0, 1.5, True, "0.9"])
+def test_preprocess_crop_pct_validation(crop_pct) -> None:
+    with pytest.raises(ValueError, match=r"Preprocess\.crop_pct must be a number in \(0, 1\]"):
+        Preprocess(crop_pct=crop_pct)
+
+
+def test_task_uses_its_own_preprocess_else_the_models(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "ds", {"a": 1, "b": 1})
+    model = Preprocess(image_size=12)
+    assert tuple(ImageFolderTask(root=str(root)).test_set(model)[0][0].shape) == (3, 12, 12)
+    own = ImageFolderTask(root=str(root), preprocess=Preprocess(image_size=6))
+    assert tuple(own.test_set(model)[0][0].shape) == (3, 6, 6)
+    with pytest.raises(ValueError, match=r"ImageFolderTask\(root=.*ds'.*has no eval preprocessing: give the task a `preprocess`"):
+        ImageFolderTask(root=str(root)).test_set()
+    with pytest.raises(ValueError, match=r"TorchvisionTask\(dataset='mnist'.*has no eval preprocessing"):
+        TorchvisionTask(dataset="mnist", root=str(tmp_path)).test_set()
+
+
 # --------------------------------------------------------------------------------------------- #
 # ImageFolderTask on the offline datasets
 # --------------------------------------------------------------------------------------------- #
@@ -144,7 +175,7 @@ def test_image_folder_other_offline_trees(name: str) -> None:
 @needs_shared
 def test_datamodule_fit_batches_are_label_free() -> None:
     task = ImageFolderTask(root=str(SHARED / "mnist"), preprocess=Preprocess(image_size=32))
-    datamodule = MultiTaskDataModule({"mnist": task}, batch_size=8)
+    datamodule = MultiTaskDataModule({"mnist": task}, batch_size=8, cache="none")
     assert datamodule.num_classes == {"mnist": 10}
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()["mnist"]))
@@ -189,7 +220,7 @@ def test_image_folder_missing_root(tmp_path: Path) -> None:
 def test_image_folder_missing_split(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "ds", {"a": 1}, split="train")
     with pytest.raises(FileNotFoundError, match=r"split folder '.*ds/test' does not exist.*root/\{train,test\}"):
-        ImageFolderTask(root=str(root)).test_set()
+        ImageFolderTask(root=str(root)).test_set(Preprocess())
 
 
 def test_image_folder_no_class_folders(tmp_path: Path) -> None:
@@ -203,7 +234,7 @@ def test_image_folder_empty_class(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "ds", {"cat": 2, "dog": 0})
     (root / "test" / "dog" / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match=r"class folder 'dog' .*has no images.*root/\{train,test\}/<class>/<images>"):
-        ImageFolderTask(root=str(root)).test_set()
+        ImageFolderTask(root=str(root)).test_set(Preprocess())
 
 
 def test_image_folder_unreadable_image(tmp_path: Path) -> None:
@@ -233,7 +264,7 @@ def test_image_folder_class_names_count_mismatch(tmp_path: Path) -> None:
 
 
 def test_tasks_reject_a_preprocess_of_another_type(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match=r"ImageFolderTask\.preprocess must be a Preprocess, got dict"):
+    with pytest.raises(TypeError, match=r"ImageFolderTask\.preprocess must be a Preprocess or None, got dict"):
         ImageFolderTask(root=str(tmp_path), preprocess={"image_size": 32})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"TorchvisionTask\.preprocess must be a Preprocess"):
         TorchvisionTask(dataset="mnist", root=str(tmp_path), preprocess=32)  # type: ignore[arg-type]
@@ -289,7 +320,7 @@ def test_torchvision_missing_files(tmp_path: Path, name: str) -> None:
     root.mkdir()
     task = TorchvisionTask(dataset=name, root=str(root))  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError) as info:
-        task.test_set()
+        task.test_set(Preprocess())  # the model's preprocessing
     message = str(info.value)
     assert f"dataset {name!r}" in message and str(root) in message and "expected root/" in message
     if name in ("cars", "resisc45"):
@@ -395,7 +426,7 @@ def test_torchvision_sun397_partition_file(tmp_path: Path) -> None:
     assert len(data) == 3 and [data[i][1] for i in range(3)] == [1, 0, 1]
     (tmp_path / "SUN397" / "Testing_01.txt").write_text(files[0] + "\n/b/bar/sun_missing.jpg\n")
     with pytest.raises(FileNotFoundError, match=r"1 of the 2 images listed in .*Testing_01\.txt.*sun_missing"):
-        TorchvisionTask(dataset="sun397", root=str(tmp_path)).test_set()
+        TorchvisionTask(dataset="sun397", root=str(tmp_path)).test_set(Preprocess())
 
 
 def test_torchvision_sun397_fallback_split(tmp_path: Path) -> None:
@@ -440,7 +471,7 @@ def test_torchvision_resisc45_wrong_class_count(tmp_path: Path) -> None:
     _resisc45_tree(tmp_path, num_classes=3)
     (tmp_path / "resisc45-test.txt").write_text("class_00_001.jpg\n")
     with pytest.raises(ValueError, match=r"NWPU-RESISC45' has 3 class folders, expected 45"):
-        TorchvisionTask(dataset="resisc45", root=str(tmp_path)).test_set()
+        TorchvisionTask(dataset="resisc45", root=str(tmp_path)).test_set(Preprocess())
 
 
 def test_torchvision_dtd_and_gtsrb_fake_files(tmp_path: Path) -> None:

@@ -261,6 +261,29 @@ def test_fit_batches_are_label_free_and_eval_loaders_in_task_order(tmp_path):
         assert not encoder_training and not heads_training
 
 
+def test_image_tasks_read_with_the_models_preprocessing(tmp_path):
+    from PIL import Image
+
+    from lit_adamerging import ImageFolderTask, Preprocess
+
+    for task, classes in NUM_CLASSES.items():
+        for label in range(classes):
+            folder = tmp_path / task / "test" / f"c{label}"
+            folder.mkdir(parents=True)
+            Image.new("RGB", (40, 24), (40 * label, 100, 200)).save(folder / "0.png")
+    tasks = {task: ImageFolderTask(root=str(tmp_path / task)) for task in NUM_CLASSES}  # no preprocess given
+    data = MultiTaskDataModule(tasks, batch_size=2, cache="none")
+    with pytest.raises(ValueError, match=r"has no eval preprocessing"):
+        data.setup("fit")  # no Trainer, no model to ask
+    module = RecordingModule(SyntheticZoo(CLIP, seed=0), num_classes=data.num_classes)
+    make_trainer(tmp_path / "run", max_steps=1).fit(module, datamodule=data)
+    assert module.seen[0][0] == {task: (Tensor, (2, 3, 32, 32)) for task in NUM_CLASSES}  # test-vit-tiny: 32 px
+    expected = ImageFolderTask(root=str(tmp_path / "beta"), preprocess=Preprocess(image_size=32)).test_set()
+    got = data.test_dataloader()[1].dataset
+    for index in range(len(expected)):
+        assert torch.equal(got[index][0], expected[index][0]) and got[index][1] == expected[index][1]
+
+
 def test_datamodule_errors():
     with pytest.raises(ValueError, match="at least one task"):
         MultiTaskDataModule({})
@@ -311,7 +334,7 @@ class ShiftedLabels(TaskData):
     def num_classes(self) -> int:
         return self._num_classes
 
-    def test_set(self) -> Dataset:
+    def test_set(self, preprocess=None) -> Dataset:
         labels = torch.arange(6) % self._num_classes + 1
         return TensorDataset(torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), labels)
 

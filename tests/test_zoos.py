@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 
 import lit_adamerging.models.zeroshot as zeroshot
-from lit_adamerging.models import OpenCLIPZoo, TimmZoo, create_encoder
+from lit_adamerging.models import OpenCLIPZoo, Preprocess, StateDictZoo, SyntheticZoo, TimmZoo, create_encoder, encoder_preprocess
+from lit_adamerging.models.preprocess import CLIP_MEAN, CLIP_STD
 from lit_adamerging.models.efficientnet_lite0 import MEAN, STD, PACKAGE, timm_name
 
 TINY_CLIP = "test-vit-tiny"
@@ -194,3 +195,38 @@ def test_open_clip_zoo_takes_hugging_face_vision_folders(tmp_path, clip_files):
     for key, value in loaded.finetuned["b"].items():
         expected = clip.visual.state_dict()["proj"] if key == "proj" else mapped[key]
         torch.testing.assert_close(value, expected)
+
+
+def test_encoder_preprocess_follows_each_librarys_config():
+    # open_clip: the model's image size; the pretrained tag's normalisation and resize mode
+    assert encoder_preprocess("open_clip:ViT-B-32", "openai") == Preprocess(224, CLIP_MEAN, CLIP_STD, "bicubic", True)
+    assert encoder_preprocess("open_clip:ViT-L-14-336", "openai").image_size == 336
+    assert encoder_preprocess("open_clip:ViT-B-16-SigLIP", "webli") == Preprocess(
+        224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", center_crop=False
+    )
+    assert encoder_preprocess(f"open_clip:{TINY_CLIP}") == Preprocess(32)  # no tag: open_clip's defaults
+    # timm: the default pretrained config, crop_pct included
+    cfg = timm.models.get_pretrained_cfg("test_efficientnet")
+    assert encoder_preprocess("timm:test_efficientnet") == Preprocess(
+        cfg.input_size[-1], cfg.mean, cfg.std, cfg.interpolation, True, cfg.crop_pct
+    )
+    assert encoder_preprocess("timm:efficientnet_lite0", mean=MEAN, std=STD).mean == MEAN
+    with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
+        encoder_preprocess("timm:no_such_net")
+    with pytest.raises(ValueError, match="unknown open_clip model 'no-such-clip'"):
+        encoder_preprocess("open_clip:no-such-clip")
+    border = next(m for m in timm.list_models() if timm.models.get_pretrained_cfg(m).crop_mode == "border")
+    with pytest.raises(ValueError, match=rf"timm:{border}: its eval preprocessing .*border crop.*give each task a `preprocess`"):
+        encoder_preprocess(f"timm:{border}")
+
+
+def test_zoos_report_their_models_preprocessing(tmp_path):
+    files = {"a": str(tmp_path / "a.pt")}  # never read: preprocess() loads no weights
+    assert OpenCLIPZoo("ViT-B-32", files, pretrained="openai").preprocess() == Preprocess()
+    assert OpenCLIPZoo("ViT-B-16-SigLIP", files, pretrained="webli").preprocess().center_crop is False
+    assert OpenCLIPZoo(TINY_CLIP, files, pretrained=str(tmp_path / "clip.pt")).preprocess() == Preprocess(32)
+    lite0 = TimmZoo("efficientnet_lite0", files, pretrained=PACKAGE).preprocess()
+    assert (lite0.mean, lite0.std, lite0.image_size, lite0.crop_pct) == (MEAN, STD, 224, 0.875)
+    assert TimmZoo("test_efficientnet", files, pretrained="b.pth").preprocess() == encoder_preprocess("timm:test_efficientnet")
+    assert StateDictZoo("timm:test_efficientnet", "b.pth", files, files).preprocess().image_size == 160
+    assert SyntheticZoo(f"open_clip:{TINY_CLIP}").preprocess() == Preprocess(32)

@@ -3,7 +3,6 @@
 from lit_adamerging.data.datamodule import MultiTaskDataModule
 from lit_adamerging.data.datasets import (
     ImageFolderTask,
-    Preprocess,
     TorchvisionTask,
     eurosat_split_indices,
     eurosat_test_indices,
@@ -15,7 +14,6 @@ __all__ = [
     "ImageFolderTask",
     "ImagesOnly",
     "MultiTaskDataModule",
-    "Preprocess",
     "SyntheticTask",
     "TaskData",
     "TorchvisionTask",

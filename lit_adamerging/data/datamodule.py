@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import lightning.pytorch as pl
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
+from lit_adamerging.data.cache import DecodedImages, collate_batch, decoded_test_set
+from lit_adamerging.data.datasets import ImageFileTask
 from lit_adamerging.data.tasks import ImagesOnly, TaskData
+from lit_adamerging.models.preprocess import Preprocess
+
+CacheMode = Literal["disk", "memory", "none"]
 
 
 class MultiTaskDataModule(pl.LightningDataModule):
@@ -16,11 +24,25 @@ class MultiTaskDataModule(pl.LightningDataModule):
     ``max_size_cycle`` mode (smaller tasks cycle). Validation and test loaders are returned in task
     order, so ``dataloader_idx`` is the task's index in :attr:`task_names`.
 
+    Tasks that read image files and were given no ``preprocess`` use the model's eval
+    preprocessing: under a Trainer, :meth:`setup` asks the LightningModule's ``eval_preprocess()``
+    (:class:`~lit_adamerging.AdaMergingModule` reports its zoo's).
+
+    With ``cache="disk"`` (default) or ``"memory"`` each image task's test split is decoded once
+    (see :mod:`lit_adamerging.data.cache`): its loaders then yield uint8 images, and
+    :meth:`on_after_batch_transfer` normalises each batch on the device. Under DDP the Trainer gives
+    each process different fit samples; evaluation splits each test set across processes without
+    padding, so every image is counted exactly once.
+
     Args:
         tasks: ``{task name: TaskData}``.
         batch_size: images per task per training step (paper: 16).
         eval_batch_size: images per evaluation batch.
-        num_workers: DataLoader workers per loader.
+        num_workers: DataLoader workers per loader (and for decoding the cache).
+        cache: ``"disk"``: decoded test sets stored in ``cache_dir`` and memory-mapped (reused across
+            runs, shared by the processes of a machine); ``"memory"``: decoded in each process;
+            ``"none"``: every image read from its file each time.
+        cache_dir: folder of the disk cache.
     """
 
     def __init__(
@@ -29,49 +51,128 @@ class MultiTaskDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         eval_batch_size: int = 128,
         num_workers: int = 0,
+        cache: CacheMode = "disk",
+        cache_dir: str = "~/.cache/lit_adamerging/decoded",
     ) -> None:
         super().__init__()
         if not tasks:
             raise ValueError("MultiTaskDataModule needs at least one task in 'tasks'.")
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be 0 or more, got {num_workers}.")
+        if cache not in ("disk", "memory", "none"):
+            raise ValueError(f"cache must be 'disk', 'memory' or 'none', got {cache!r}.")
+        by_lowercase: dict[str, str] = {}
+        for name in tasks:
+            if name.lower() in by_lowercase:
+                raise ValueError(
+                    f"task names {by_lowercase[name.lower()]!r} and {name!r} differ only in case; give each task "
+                    "once, under one name (names pick built-in class names and templates case-insensitively)."
+                )
+            by_lowercase[name.lower()] = name
         self.tasks = tasks
         self.task_names: list[str] = list(tasks)
         self.num_classes: dict[str, int] = {name: task.num_classes for name, task in tasks.items()}
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.cache = cache
+        self.cache_dir = cache_dir
         self._test_sets: dict[str, Dataset] = {}
+        self._normalizers: dict[str, Preprocess] = {}
+        self._built_with: Preprocess | None = None
+
+    def model_preprocess(self) -> Preprocess | None:
+        """The eval preprocessing of the Trainer's model (``eval_preprocess()``), ``None`` without one."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        report = getattr(module, "eval_preprocess", None)
+        return report() if callable(report) else None
+
+    def _decoded(self, name: str, task: ImageFileTask, preprocess: Preprocess) -> DecodedImages:
+        cache_dir = self.cache_dir if self.cache == "disk" else None
+        return decoded_test_set(task, name, preprocess, cache_dir, self.num_workers)
+
+    def prepare_data(self) -> None:
+        """Build the disk cache (Lightning calls this once per machine, before :meth:`setup`)."""
+        if self.cache != "disk":
+            return
+        preprocess = self.model_preprocess()
+        for name, task in self.tasks.items():
+            if isinstance(task, ImageFileTask):
+                self._decoded(name, task, task.chosen_preprocess(preprocess))
 
     def setup(self, stage: str) -> None:
+        preprocess = self.model_preprocess()
+        if self._test_sets and preprocess == self._built_with:
+            return
+        test_sets: dict[str, Dataset] = {}
+        normalizers: dict[str, Preprocess] = {}
         for name, task in self.tasks.items():
-            if name not in self._test_sets:
-                dataset = task.test_set()
-                if len(dataset) == 0:  # type: ignore[arg-type]
-                    raise ValueError(f"task {name!r}: its test split is empty; there is nothing to merge on.")
-                self._test_sets[name] = dataset
+            if isinstance(task, ImageFileTask) and self.cache != "none":
+                normalizers[name] = task.chosen_preprocess(preprocess)
+                dataset = self._decoded(name, task, normalizers[name])
+            else:
+                dataset = task.test_set(preprocess)
+            if len(dataset) == 0:  # type: ignore[arg-type]
+                raise ValueError(f"task {name!r}: its test split is empty; there is nothing to merge on.")
+            test_sets[name] = dataset
+        self._test_sets, self._normalizers, self._built_with = test_sets, normalizers, preprocess
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        if isinstance(dataset, DecodedImages):
+            kwargs["collate_fn"] = collate_batch  # batches are fetched whole, by DecodedImages.__getitems__
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
 
     def train_dataloader(self) -> dict[str, DataLoader]:
-        return {
-            name: DataLoader(
-                ImagesOnly(dataset),
-                batch_size=self.batch_size,
-                shuffle=True,
-                drop_last=len(dataset) >= self.batch_size,  # type: ignore[arg-type]
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
-            )
-            for name, dataset in self._test_sets.items()
-        }
+        loaders = {}
+        for name, dataset in self._test_sets.items():
+            images = dataset.images_only() if isinstance(dataset, DecodedImages) else ImagesOnly(dataset)
+            drop_last = len(dataset) >= self.batch_size  # type: ignore[arg-type]
+            loaders[name] = self._loader(images, self.batch_size, shuffle=True, drop_last=drop_last)
+        return loaders
 
     def _eval_dataloaders(self) -> list[DataLoader]:
-        return [
-            DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
-            for dataset in self._test_sets.values()
-        ]
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        loaders = []
+        for name, dataset in self._test_sets.items():
+            sampler = None
+            if world_size > 1:
+                if len(dataset) < world_size:  # type: ignore[arg-type]
+                    raise ValueError(
+                        f"task {name!r}: its test split has {len(dataset)} images, fewer than the "  # type: ignore[arg-type]
+                        f"{world_size} processes; evaluate it on fewer devices."
+                    )
+                # No padding (Lightning's default DistributedSampler repeats samples to even out ranks).
+                sampler = UnrepeatedDistributedSampler(
+                    dataset, num_replicas=world_size, rank=self.trainer.global_rank, shuffle=False  # type: ignore[union-attr]
+                )
+            loaders.append(self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler))
+        return loaders
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_dataloaders()
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_dataloaders()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise the uint8 images of cached tasks on the device (float32, the model's mean and std)."""
+        if not self._normalizers:
+            return batch
+        if isinstance(batch, dict):  # fit: {task: images}
+            return {
+                task: self._normalizers[task].normalize(images) if task in self._normalizers else images
+                for task, images in batch.items()
+            }
+        task = self.task_names[dataloader_idx]
+        if task not in self._normalizers:
+            return batch
+        images, labels = batch
+        return self._normalizers[task].normalize(images), labels

@@ -1,7 +1,9 @@
 """Real image datasets as tasks: offline ImageFolder trees and the AdaMerging paper's test splits.
 
-* :class:`Preprocess` describes the eval preprocessing of the merged model (CLIP's by default:
-  RGB, resize the shorter side with bicubic interpolation, center crop 224, normalise).
+Each task reads images with the eval preprocessing of the merged model: by default the one the
+model zoo reports (:meth:`ModelZoo.preprocess`, passed in by :class:`MultiTaskDataModule`), or a
+:class:`~lit_adamerging.models.preprocess.Preprocess` given to the task.
+
 * :class:`ImageFolderTask` reads ``root/{train,test}/<class>/<images>`` trees such as the offline
   datasets under ``/work/shared/datasets``; labels follow the sorted class folder names.
 * :class:`TorchvisionTask` builds the test split the paper evaluates on (and adapts the merge on)
@@ -24,18 +26,17 @@ library versions (indices are ranked by the SHA-256 of ``"<seed>:<key>"``, no RN
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
+from abc import abstractmethod
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from lit_adamerging.data.tasks import TaskData
+from lit_adamerging.models.preprocess import Preprocess
 from lit_adamerging.models.prompts import class_names as _prompt_class_names
 from lit_adamerging.models.prompts import read_class_names
 
@@ -44,16 +45,14 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SUN397_SPLIT_SEED",
     "TORCHVISION_NUM_CLASSES",
+    "ImageFileTask",
     "ImageFolderTask",
-    "Preprocess",
     "TorchvisionTask",
     "eurosat_split_indices",
     "eurosat_test_indices",
+    "fingerprint",
     "sun397_test_indices",
 ]
-
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
 """Image file extensions read by :class:`ImageFolderTask` (compared case-insensitively)."""
@@ -67,91 +66,61 @@ SUN397_SPLIT_SEED = 0
 _LAYOUT = "root/{train,test}/<class>/<images>"
 
 
-# --------------------------------------------------------------------------------------------- #
-# Preprocessing
-# --------------------------------------------------------------------------------------------- #
+def _check_preprocess(owner: str, preprocess: Any) -> Preprocess | None:
+    if preprocess is not None and not isinstance(preprocess, Preprocess):
+        raise TypeError(f"{owner}.preprocess must be a Preprocess or None, got {type(preprocess).__name__}.")
+    return preprocess
 
 
-class _ConvertRGB:
-    """PIL image -> RGB PIL image (grey, palette and RGBA images become 3 channels). Picklable."""
+def fingerprint(*paths: Path) -> str:
+    """SHA-256 of the names, sizes and modification times of every file under ``paths`` (files or folders)."""
+    digest = hashlib.sha256()
+    for top in paths:
+        top = top.expanduser()
+        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
+        for path in files:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(top.parent).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == "RGB" else image.convert("RGB")
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+class ImageFileTask(TaskData):
+    """A task whose test split is read from image files, with a :class:`Preprocess` (its own or the model's).
 
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Eval preprocessing of a task's images; :meth:`transform` builds the torchvision transform.
-
-    The defaults are CLIP's eval preprocessing: convert to RGB, resize the shorter side to
-    ``image_size`` (bicubic), center crop ``image_size``, ``ToTensor``, normalise with CLIP's mean
-    and std. With ``center_crop=False`` the image is resized to ``image_size x image_size`` instead
-    (aspect ratio not kept).
-
-    Example:
-        >>> from PIL import Image
-        >>> Preprocess(image_size=32).transform()(Image.new("L", (28, 40))).shape
-        torch.Size([3, 32, 32])
+    Besides :meth:`test_set` it offers :meth:`decoded_test_set` (resized uint8 images, what the
+    decoded test-set cache stores) and :meth:`source_key` (what identifies its files).
     """
 
-    image_size: int = 224
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    center_crop: bool = True
+    preprocess: Preprocess | None
 
-    def __post_init__(self) -> None:
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
-            raise ValueError(f"Preprocess.image_size must be a positive integer, got {self.image_size!r}.")
-        object.__setattr__(self, "mean", self._three_floats("mean", self.mean, positive=False))
-        object.__setattr__(self, "std", self._three_floats("std", self.std, positive=True))
-        if self.interpolation not in ("bicubic", "bilinear"):
+    def chosen_preprocess(self, model_preprocess: Preprocess | None = None) -> Preprocess:
+        """The task's own preprocessing if it has one, else ``model_preprocess``; an error if neither is known."""
+        chosen = self.preprocess or model_preprocess
+        if chosen is None:
             raise ValueError(
-                f"Preprocess.interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}."
+                f"{self!r} has no eval preprocessing: give the task a `preprocess`, or run it through "
+                "MultiTaskDataModule under a Trainer with a model whose zoo reports one (ModelZoo.preprocess)."
             )
-        if not isinstance(self.center_crop, bool):
-            raise ValueError(f"Preprocess.center_crop must be true or false, got {self.center_crop!r}.")
+        return _check_preprocess(type(self).__name__, chosen)  # type: ignore[return-value]
 
-    @staticmethod
-    def _three_floats(field: str, value: Any, positive: bool) -> tuple[float, float, float]:
-        what = "positive finite numbers" if positive else "finite numbers"
-        message = f"Preprocess.{field} must be 3 {what} (one per RGB channel), got {value!r}."
-        if isinstance(value, (str, bytes)):
-            raise ValueError(message)
-        try:
-            numbers = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            raise ValueError(message) from None
-        if len(numbers) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in numbers):
-            raise ValueError(message)
-        return numbers  # type: ignore[return-value]
+    def test_set(self, preprocess: Preprocess | None = None) -> Dataset:
+        """The test split as ``(float tensor [3, S, S], int label)`` items.
 
-    def transform(self) -> Callable[[Image.Image], Any]:
-        """PIL image -> normalised float tensor ``[3, image_size, image_size]``."""
-        interpolation = {
-            "bicubic": transforms.InterpolationMode.BICUBIC,
-            "bilinear": transforms.InterpolationMode.BILINEAR,
-        }[self.interpolation]
-        if self.center_crop:
-            resize = [
-                transforms.Resize(self.image_size, interpolation=interpolation, antialias=True),
-                transforms.CenterCrop(self.image_size),
-            ]
-        else:
-            size = (self.image_size, self.image_size)
-            resize = [transforms.Resize(size, interpolation=interpolation, antialias=True)]
-        return transforms.Compose(
-            [_ConvertRGB(), *resize, transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
-        )
+        ``preprocess`` (the model's) is used when the task has no ``preprocess`` of its own.
+        """
+        return self._images(self.chosen_preprocess(preprocess).transform())
 
+    def decoded_test_set(self, preprocess: Preprocess | None = None) -> Dataset:
+        """The test split as ``(uint8 tensor [3, S, S], int label)``: resized and cropped, not normalised."""
+        return self._images(self.chosen_preprocess(preprocess).decode())
 
-def _check_preprocess(owner: str, preprocess: Any) -> Preprocess:
-    if not isinstance(preprocess, Preprocess):
-        raise TypeError(f"{owner}.preprocess must be a Preprocess, got {type(preprocess).__name__}.")
-    return preprocess
+    @abstractmethod
+    def _images(self, transform: Callable[[Image.Image], Any]) -> Dataset:
+        """The test split's ``(transform(image), int label)`` items."""
+
+    @abstractmethod
+    def source_key(self) -> str:
+        """A string that changes whenever the test split's images or labels may have changed."""
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -217,7 +186,7 @@ def _images_in(folder: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------- #
 
 
-class ImageFolderTask(TaskData):
+class ImageFolderTask(ImageFileTask):
     """One split of an ImageFolder tree ``root/{train,test}/<class>/<images>`` as a task.
 
     Labels are the positions of the class folders in sorted (by name) order; the optional
@@ -230,12 +199,12 @@ class ImageFolderTask(TaskData):
     Args:
         root: the dataset folder, e.g. ``/work/shared/datasets/mnist``.
         split: the split folder under ``root`` (``"test"``: the split AdaMerging adapts on).
-        preprocess: the eval preprocessing of the images.
+        preprocess: the eval preprocessing of the images; ``None``: the model's (see :meth:`test_set`).
         class_names_file: readable class names file, or ``None``.
 
     Raises:
         ValueError: (at construction) ``split`` is not a plain folder name.
-        TypeError: (at construction) ``preprocess`` is not a :class:`Preprocess`.
+        TypeError: (at construction) ``preprocess`` is not a :class:`Preprocess` or ``None``.
         FileNotFoundError: ``root`` or ``root/split`` is missing.
         ValueError: ``root/split`` has no class folders, a class folder has no images, or the class
             names file's line count differs from the class folder count.
@@ -246,7 +215,7 @@ class ImageFolderTask(TaskData):
         self,
         root: str,
         split: str = "test",
-        preprocess: Preprocess = Preprocess(),
+        preprocess: Preprocess | None = None,
         class_names_file: str | None = "classes.txt",
     ) -> None:
         if not isinstance(split, str) or not split or "/" in split or "\\" in split or split in (".", ".."):
@@ -328,9 +297,13 @@ class ImageFolderTask(TaskData):
             return read_class_names(names_path)
         return list(classes)
 
-    def test_set(self) -> Dataset:
-        """The split as ``(float tensor [3, S, S], label)`` items, class-major, files sorted by name."""
-        return _ImageList(self._scan()[1], self.preprocess.transform())
+    def _images(self, transform: Callable[[Image.Image], Any]) -> Dataset:
+        """Class-major, files sorted by name."""
+        return _ImageList(self._scan()[1], transform)
+
+    def source_key(self) -> str:
+        split_dir = self.split_dir.resolve()
+        return f"ImageFolderTask:{split_dir}:{fingerprint(split_dir)}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={self.root!r}, split={self.split!r}, preprocess={self.preprocess!r})"
@@ -457,7 +430,7 @@ def _is_not_found(error: BaseException) -> bool:
     )
 
 
-class TorchvisionTask(TaskData):
+class TorchvisionTask(ImageFileTask):
     """The test split the AdaMerging paper evaluates (and adapts) on, for one of 11 datasets.
 
     MNIST, Fashion-MNIST, CIFAR-10 and USPS use ``train=False``; GTSRB, SVHN and Stanford Cars
@@ -475,13 +448,13 @@ class TorchvisionTask(TaskData):
         dataset: which dataset.
         root: the folder torchvision reads the dataset from (the layout per dataset is in the error
             raised when it is missing).
-        preprocess: the eval preprocessing of the images.
+        preprocess: the eval preprocessing of the images; ``None``: the model's (see :meth:`test_set`).
         download: let torchvision download the dataset into ``root`` when it is missing (not
             possible for ``cars`` and ``resisc45``).
 
     Raises:
         ValueError: unknown ``dataset``.
-        TypeError: ``preprocess`` is not a :class:`Preprocess`.
+        TypeError: ``preprocess`` is not a :class:`Preprocess` or ``None``.
         FileNotFoundError: (:meth:`test_set`) the dataset's files are missing under ``root``.
     """
 
@@ -489,7 +462,7 @@ class TorchvisionTask(TaskData):
         self,
         dataset: TorchvisionName,
         root: str,
-        preprocess: Preprocess = Preprocess(),
+        preprocess: Preprocess | None = None,
         download: bool = False,
     ) -> None:
         if not isinstance(dataset, str) or dataset not in TORCHVISION_NUM_CLASSES:
@@ -523,9 +496,11 @@ class TorchvisionTask(TaskData):
             f"{_EXPECTED_LAYOUT[self.dataset]}. {hint}"
         )
 
-    def test_set(self) -> Dataset:
-        """The paper's test split as ``(float tensor [3, S, S], int label)`` items."""
-        transform = self.preprocess.transform()
+    def source_key(self) -> str:
+        root = Path(self.root).expanduser().resolve()
+        return f"TorchvisionTask:{self.dataset}:{root}:{fingerprint(root) if root.exists() else 'absent'}"
+
+    def _images(self, transform: Callable[[Image.Image], Any]) -> Dataset:
         if self.dataset == "resisc45":
             return self._resisc45(transform)
         try:

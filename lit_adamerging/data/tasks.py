@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
+from lit_adamerging.models.preprocess import Preprocess
+
 
 class TaskData(ABC):
     """One task's labeled test split: a dataset of ``(image tensor, label)`` and its class count."""
@@ -18,8 +20,12 @@ class TaskData(ABC):
         """Number of classes of the task (the width of its head)."""
 
     @abstractmethod
-    def test_set(self) -> Dataset:
-        """The test split, yielding ``(image [C, H, W] float tensor, label int)``."""
+    def test_set(self, preprocess: Preprocess | None = None) -> Dataset:
+        """The test split, yielding ``(image [C, H, W] float tensor, label int)``.
+
+        ``preprocess`` is the model's eval preprocessing, for tasks that read images and were not
+        given a preprocessing of their own.
+        """
 
 
 class SyntheticTask(TaskData):
@@ -46,7 +52,8 @@ class SyntheticTask(TaskData):
     def num_classes(self) -> int:
         return self._num_classes
 
-    def test_set(self) -> Dataset:
+    def test_set(self, preprocess: Preprocess | None = None) -> Dataset:
+        """Random image tensors; ``preprocess`` does not apply (there are no image files)."""
         generator = torch.Generator().manual_seed(self.seed)
         images = torch.randn(self.num_images, 3, self.image_size, self.image_size, generator=generator, device="cpu")
         labels = torch.randint(self.num_classes, (self.num_images,), generator=generator, device="cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -13,6 +14,10 @@ from lit_adamerging.io import save_state_dict
 
 if TYPE_CHECKING:
     from lit_adamerging.lightning.module import AdaMergingModule
+
+# The accuracies are already gathered across processes by torchmetrics' compute(); syncing the
+# logged value again (what this warning asks for) would average identical numbers.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/acc/.*sync_dist=True")
 
 
 class PerTaskAccuracy(pl.Callback):

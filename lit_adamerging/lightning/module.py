@@ -20,6 +20,7 @@ from lit_adamerging.merging import (
     ties_task_vectors,
 )
 from lit_adamerging.models.encoders import feature_dim
+from lit_adamerging.models.preprocess import Preprocess
 from lit_adamerging.models.zoo import ModelZoo
 
 StorageDtype = Literal["float32", "bfloat16", "float16"]
@@ -99,6 +100,10 @@ class AdaMergingModule(pl.LightningModule):
                 "(the CLI links it from the data module's tasks)."
             )
         return list(self.num_classes)
+
+    def eval_preprocess(self) -> Preprocess | None:
+        """The encoder's eval preprocessing (from the zoo, no weights loaded); the data module reads images with it."""
+        return self.zoo.preprocess()
 
     # ----------------------------------------------------------------- building
     def configure_model(self) -> None:

@@ -1,7 +1,8 @@
 """Models: the encoder factory, the task heads and the zoos that load pretrained and fine-tuned weights."""
 
-from lit_adamerging.models.encoders import create_encoder, feature_dim
+from lit_adamerging.models.encoders import create_encoder, encoder_preprocess, feature_dim
 from lit_adamerging.models.heads import ClassificationHead
+from lit_adamerging.models.preprocess import Preprocess
 from lit_adamerging.models.zoo import LoadedZoo, ModelZoo, OpenCLIPZoo, StateDictZoo, SyntheticZoo, TimmZoo
 
 __all__ = [
@@ -9,9 +10,11 @@ __all__ = [
     "LoadedZoo",
     "ModelZoo",
     "OpenCLIPZoo",
+    "Preprocess",
     "StateDictZoo",
     "SyntheticZoo",
     "TimmZoo",
     "create_encoder",
+    "encoder_preprocess",
     "feature_dim",
 ]

@@ -3,6 +3,7 @@
 For open_clip the encoder is the CLIP image tower (``model.visual``); for timm it is the backbone
 without its classifier (``num_classes=0``), returning pooled features. ``test-vit-tiny`` is a
 two-block open_clip ViT for tests, registered with open_clip when this module is imported.
+:func:`encoder_preprocess` gives the eval preprocessing each such encoder expects.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 import open_clip
 import timm
 from torch import nn
+
+from lit_adamerging.models.preprocess import Preprocess
 
 open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
 
@@ -68,3 +71,71 @@ def feature_dim(encoder: nn.Module) -> int:
         if isinstance(value, int):
             return value
     raise ValueError(f"cannot tell the feature width of {type(encoder).__name__}: it has no output_dim/num_features.")
+
+
+def encoder_preprocess(
+    name: str, pretrained: str | None = None, mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+) -> Preprocess:
+    """The eval preprocessing of an encoder of :func:`create_encoder`, from its library's configuration.
+
+    No weights are read. open_clip: the image size of the model's config; mean, std, interpolation
+    and resize mode of the ``pretrained`` tag's config, or open_clip's defaults (OpenAI's mean and
+    std, bicubic, shorter side resized then center-cropped) when ``pretrained`` is ``None`` or a
+    file. timm: the model's default pretrained config (input size, mean, std, interpolation,
+    ``crop_pct``). ``mean``/``std`` override the configuration's (weights trained with other
+    normalisation).
+
+    Example:
+        >>> encoder_preprocess("open_clip:ViT-B-32", "openai").image_size
+        224
+        >>> encoder_preprocess("timm:efficientnet_lite0").crop_pct
+        0.875
+    """
+    library, model = split_encoder_name(name)
+    if library == "open_clip":
+        check_open_clip_model(model)
+        size = open_clip.get_model_config(model)["vision_cfg"].get("image_size", 224)
+        tag_config = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
+        config = {
+            "size": size,
+            "mean": open_clip.OPENAI_DATASET_MEAN,
+            "std": open_clip.OPENAI_DATASET_STD,
+            "interpolation": "bicubic",
+            "crop_mode": "center" if tag_config.get("resize_mode", "shortest") == "shortest" else tag_config["resize_mode"],
+            "crop_pct": 1.0,
+        }
+        config.update({key: tag_config[key] for key in ("mean", "std", "interpolation") if key in tag_config})
+    else:
+        if not timm.is_model(model):
+            raise ValueError(f"unknown timm model {model!r}; timm.list_models() lists the known names.")
+        pretrained_cfg = timm.models.get_pretrained_cfg(model)
+        defaults = pretrained_cfg.to_dict() if pretrained_cfg is not None else {}
+        config = {
+            "size": tuple(defaults.get("input_size", (3, 224, 224))[1:]),
+            "mean": defaults.get("mean", timm.data.IMAGENET_DEFAULT_MEAN),
+            "std": defaults.get("std", timm.data.IMAGENET_DEFAULT_STD),
+            "interpolation": defaults.get("interpolation", "bicubic"),
+            "crop_mode": defaults.get("crop_mode", "center"),
+            "crop_pct": defaults.get("crop_pct", timm.data.DEFAULT_CROP_PCT),
+        }
+    size = config["size"]
+    sizes = set(size) if isinstance(size, (tuple, list)) else {size}
+    if len(sizes) != 1 or config["crop_mode"] not in ("center", "squash") or config["interpolation"] not in (
+        "bicubic",
+        "bilinear",
+    ):
+        raise ValueError(
+            f"{name}: its eval preprocessing (input size {size}, {config['crop_mode']} crop, "
+            f"{config['interpolation']} interpolation) is not one Preprocess describes (square images, center "
+            "crop or squash, bicubic or bilinear); give each task a `preprocess` of its own."
+        )
+    squash = config["crop_mode"] == "squash"
+    return Preprocess(
+        image_size=int(sizes.pop()),
+        mean=tuple(mean if mean is not None else config["mean"]),  # type: ignore[arg-type]
+        std=tuple(std if std is not None else config["std"]),  # type: ignore[arg-type]
+        interpolation=config["interpolation"],
+        center_crop=not squash,
+        crop_pct=1.0 if squash else float(config["crop_pct"]),
+    )

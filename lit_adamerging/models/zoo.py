@@ -23,8 +23,9 @@ from lit_adamerging.models.checkpoints import (
     read_checkpoint,
     select_encoder_weights,
 )
-from lit_adamerging.models.encoders import check_open_clip_model, create_encoder, feature_dim
+from lit_adamerging.models.encoders import check_open_clip_model, create_encoder, encoder_preprocess, feature_dim
 from lit_adamerging.models.heads import ClassificationHead
+from lit_adamerging.models.preprocess import Preprocess
 from lit_adamerging.models.prompts import read_class_names
 from lit_adamerging.models.zeroshot import cached_zero_shot_head, text_tower_digest
 
@@ -44,6 +45,13 @@ class ModelZoo(ABC):
     @abstractmethod
     def load(self, num_classes: Mapping[str, int]) -> LoadedZoo:
         """Load the encoder, and for each task in ``num_classes`` its fine-tuned weights and head."""
+
+    def preprocess(self) -> Preprocess | None:
+        """The eval preprocessing the encoder expects (read without loading weights); ``None`` if unknown.
+
+        Tasks without a ``preprocess`` of their own read their images with it.
+        """
+        return None
 
 
 def _require_files(kind: str, files: Mapping[str, str], tasks: Iterable[str]) -> None:
@@ -100,6 +108,9 @@ class SyntheticZoo(ModelZoo):
             heads[task] = ClassificationHead(weight, torch.zeros(classes, device="cpu"))
         return LoadedZoo(encoder, finetuned, heads)
 
+    def preprocess(self) -> Preprocess:
+        return encoder_preprocess(self.encoder)
+
     def _perturb(self, value: Tensor, generator: torch.Generator) -> Tensor:
         scale = value.float().std() if value.numel() > 1 else value.float().abs()
         noise = torch.randn(value.shape, generator=generator, device="cpu")
@@ -150,6 +161,9 @@ class StateDictZoo(ModelZoo):
                 raise CheckpointError(f"{self.heads[task]}: the head file of task {task!r} has no 'weight' tensor.")
             heads[task] = ClassificationHead(head_state["weight"], head_state.get("bias"), self.normalize_features)
         return LoadedZoo(encoder, finetuned, heads)
+
+    def preprocess(self) -> Preprocess:
+        return encoder_preprocess(self.encoder)
 
 
 class OpenCLIPZoo(ModelZoo):
@@ -220,6 +234,10 @@ class OpenCLIPZoo(ModelZoo):
                 "downloaded CLIP weights as `pretrained`."
             ) from error
 
+    def preprocess(self) -> Preprocess:
+        """The model's image size with the pretrained tag's normalisation (open_clip's defaults for a file)."""
+        return encoder_preprocess(f"open_clip:{self.model}", None if looks_like_path(self.pretrained) else self.pretrained)
+
     def load(self, num_classes: Mapping[str, int]) -> LoadedZoo:
         _require_files("finetuned", self.finetuned, num_classes)
         clip = self._create_clip()
@@ -275,6 +293,12 @@ class TimmZoo(ModelZoo):
                 raise ValueError(f"the {efficientnet_lite0.PACKAGE} weights fit 'efficientnet_lite0', not {self.model!r}.")
             return efficientnet_lite0.imagenet_state_dict(backbone.state_dict())
         return encoder_weights(self.pretrained, backbone, allow_pickle=self.allow_pickle)
+
+    def preprocess(self) -> Preprocess:
+        """timm's default eval preprocessing of the model (mean = std = 0.5 for the packaged weights)."""
+        if self.pretrained == efficientnet_lite0.PACKAGE:
+            return encoder_preprocess(f"timm:{self.model}", mean=efficientnet_lite0.MEAN, std=efficientnet_lite0.STD)
+        return encoder_preprocess(f"timm:{self.model}")
 
     def load(self, num_classes: Mapping[str, int]) -> LoadedZoo:
         _require_files("finetuned", self.finetuned, num_classes)

@@ -1,0 +1,210 @@
+"""The decoded test-set cache: same tensors as the uncached path, reuse, keys, corruption, interruption."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, TensorDataset
+
+from lit_adamerging import AdaMergingModule, ImageFolderTask, MultiTaskDataModule, Preprocess, SyntheticZoo, TaskData
+from lit_adamerging.data.cache import DecodedImages
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:Found \\d+ module\\(s\\) in eval mode.*"),
+    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
+    pytest.mark.filterwarnings("ignore:.*litlogger.*"),
+    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
+]
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def make_tree(root: Path, classes: int, per_class: int, seed: int) -> Path:
+    """An ImageFolder test split of random RGB images of varied sizes."""
+    rng = np.random.default_rng(seed)
+    for label in range(classes):
+        folder = root / "test" / f"c{label}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            height, width = rng.integers(20, 40, size=2)
+            pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.fixture()
+def trees(tmp_path: Path) -> dict[str, ImageFolderTask]:
+    return {
+        "alpha": ImageFolderTask(
+            root=str(make_tree(tmp_path / "alpha", 3, 4, seed=1)),
+            preprocess=Preprocess(image_size=16, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4), crop_pct=0.9),
+        ),
+        "beta": ImageFolderTask(root=str(make_tree(tmp_path / "beta", 2, 5, seed=2)), preprocess=Preprocess(image_size=12)),
+    }
+
+
+def eval_tensors(data: MultiTaskDataModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every eval loader's images and labels as the model receives them (after the transfer hook)."""
+    out = []
+    for index, loader in enumerate(data.test_dataloader()):
+        batches = [data.on_after_batch_transfer(batch, index) for batch in loader]
+        out.append((torch.cat([images for images, _ in batches]), torch.cat([torch.as_tensor(l) for _, l in batches])))
+    return out
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_cached_batches_equal_the_uncached_path(tmp_path, trees, cache):
+    reference = MultiTaskDataModule(trees, eval_batch_size=5, cache="none")
+    cached = MultiTaskDataModule(trees, batch_size=4, eval_batch_size=5, cache=cache, cache_dir=str(tmp_path / "c"))
+    reference.setup("test")
+    cached.setup("test")
+    for (images, labels), (want_images, want_labels) in zip(eval_tensors(cached), eval_tensors(reference)):
+        assert images.dtype == torch.float32 and torch.equal(images, want_images)  # bit for bit
+        assert torch.equal(labels, want_labels)
+    for index, (task, loader) in enumerate(cached.train_dataloader().items()):
+        epoch = [batch for batch in loader]
+        assert all(isinstance(batch, torch.Tensor) and batch.dtype == torch.uint8 for batch in epoch)  # no labels
+        got = cached.on_after_batch_transfer({task: torch.cat(epoch)}, 0)[task]
+        want = eval_tensors(reference)[index][0]
+        assert got.shape[0] == len(want) - len(want) % 4  # drop_last
+        order = torch.cdist(got.flatten(1), want.flatten(1)).argmin(1)
+        assert len(set(order.tolist())) == len(order) and torch.equal(got, want[order])  # distinct images, exact
+    stored = sorted(p.name for p in (tmp_path / "c").iterdir()) if cache == "disk" else []
+    assert len(stored) == (4 if cache == "disk" else 0)  # .u8 + .json per task, no temporary files
+    assert all(name.endswith((".u8", ".json")) for name in stored)
+
+
+def test_disk_cache_is_reused_and_keyed_by_files_and_geometry(tmp_path, trees, monkeypatch):
+    cache_dir = tmp_path / "c"
+    first = MultiTaskDataModule(trees, cache="disk", cache_dir=str(cache_dir))
+    first.setup("fit")
+    want = eval_tensors(first)
+
+    def no_decoding(self, preprocess=None):
+        raise AssertionError("the store should have been reused")
+
+    monkeypatch.setattr(ImageFolderTask, "decoded_test_set", no_decoding)
+    again = MultiTaskDataModule(trees, cache="disk", cache_dir=str(cache_dir))
+    again.setup("fit")
+    for (images, labels), (want_images, want_labels) in zip(eval_tensors(again), want):
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+    monkeypatch.undo()
+
+    # Another normalisation shares the store (normalising happens after it); another size does not.
+    renormalised = {**trees, "beta": ImageFolderTask(root=trees["beta"].root, preprocess=Preprocess(12, mean=(0, 0, 0)))}
+    MultiTaskDataModule(renormalised, cache="disk", cache_dir=str(cache_dir)).setup("fit")
+    assert len(list(cache_dir.glob("*.json"))) == 2
+    resized = {**trees, "beta": ImageFolderTask(root=trees["beta"].root, preprocess=Preprocess(image_size=10))}
+    MultiTaskDataModule(resized, cache="disk", cache_dir=str(cache_dir)).setup("fit")
+    assert len(list(cache_dir.glob("*.json"))) == 3
+    # Replacing an image file changes the key: the new image is read.
+    replaced = Path(trees["beta"].root) / "test" / "c0" / "0.png"
+    Image.new("RGB", (30, 30), (255, 0, 0)).save(replaced)
+    changed = MultiTaskDataModule(trees, cache="disk", cache_dir=str(cache_dir))
+    changed.setup("fit")
+    assert len(list(cache_dir.glob("*.json"))) == 4
+    uncached = ImageFolderTask(root=trees["beta"].root, preprocess=Preprocess(image_size=12)).test_set()
+    assert torch.equal(eval_tensors(changed)[1][0][0], uncached[0][0])
+
+
+def test_corrupt_store_is_rebuilt(tmp_path, trees, caplog):
+    cache_dir = tmp_path / "c"
+    data = MultiTaskDataModule(trees, cache="disk", cache_dir=str(cache_dir))
+    data.setup("test")
+    want = eval_tensors(data)
+    for store in cache_dir.glob("*.u8"):
+        store.write_bytes(store.read_bytes()[:100])  # truncated
+    with caplog.at_level(logging.WARNING, logger="lit_adamerging.data.cache"):
+        rebuilt = MultiTaskDataModule(trees, cache="disk", cache_dir=str(cache_dir))
+        rebuilt.setup("test")
+    assert "incomplete or corrupt; rebuilding it" in caplog.text
+    for (images, _), (want_images, _) in zip(eval_tensors(rebuilt), want):
+        assert torch.equal(images, want_images)
+
+
+def test_interrupted_build_leaves_no_store(tmp_path, trees):
+    bad = Path(trees["beta"].root) / "test" / "c1" / "9.png"
+    bad.write_bytes(b"not a png")
+    data = MultiTaskDataModule(trees, cache="disk", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(OSError, match=r"cannot read image file '.*beta/test/c1/9\.png'"):
+        data.setup("fit")
+    names = [p.name for p in (tmp_path / "c").iterdir()]
+    assert not any(name.startswith("beta") for name in names)  # nothing half-written is left to be read
+    assert not any(".tmp-" in name for name in names)
+
+
+def test_disk_store_pickles_as_its_path(tmp_path, trees):
+    data = MultiTaskDataModule(trees, cache="disk", cache_dir=str(tmp_path / "c"))
+    data.setup("fit")
+    stored = data._test_sets["alpha"]
+    assert isinstance(stored, DecodedImages) and stored.path is not None
+    blob = pickle.dumps(stored)
+    assert len(blob) < stored.images.numel()  # the pixels are not in the pickle
+    copy = pickle.loads(blob)
+    assert torch.equal(copy.images, stored.images) and torch.equal(copy.labels, stored.labels)
+    workers = MultiTaskDataModule(trees, cache="disk", cache_dir=str(tmp_path / "c"), num_workers=1)
+    workers.setup("test")
+    for (images, _), (want, _) in zip(eval_tensors(workers), eval_tensors(data)):
+        assert torch.equal(images, want)
+
+
+@pytest.mark.parametrize("cache", ["none", "disk"])
+def test_fit_and_test_through_the_trainer_do_not_depend_on_the_cache(tmp_path, cache):
+    # Tasks without a preprocess: the model's (test-vit-tiny: 32 px, CLIP mean/std) is used.
+    tasks = {
+        name: ImageFolderTask(root=str(make_tree(tmp_path / name, classes, 6, seed)))
+        for name, classes, seed in (("alpha", 3, 1), ("beta", 2, 2))
+    }
+    outcomes = {}
+    for mode in ("none", cache):
+        pl.seed_everything(0)
+        data = MultiTaskDataModule(tasks, batch_size=4, eval_batch_size=5, cache=mode, cache_dir=str(tmp_path / "c"))
+        module = AdaMergingModule(SyntheticZoo("open_clip:test-vit-tiny", seed=0), num_classes=data.num_classes, lr=0.05)
+        trainer = pl.Trainer(
+            max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        )
+        trainer.fit(module, datamodule=data)
+        metrics = trainer.test(module, datamodule=data, verbose=False)[0]
+        outcomes[mode] = (module.coefficients(), {k: v for k, v in metrics.items() if "/acc/" in k})
+    coefficients, accuracies = outcomes[cache]
+    assert not torch.allclose(coefficients, torch.full_like(coefficients, 0.3))  # it trained
+    assert torch.equal(coefficients, outcomes["none"][0])
+    assert accuracies == outcomes["none"][1]
+
+
+@pytest.mark.skipif(not (SHARED / "mnist" / "test").is_dir(), reason=f"offline datasets not found under {SHARED}")
+def test_shared_mnist_cache_equals_uncached(tmp_path):
+    task = ImageFolderTask(root=str(SHARED / "mnist"), preprocess=Preprocess(image_size=32))
+    data = MultiTaskDataModule({"mnist": task}, eval_batch_size=500, cache="memory")
+    data.setup("test")
+    (images, labels), = eval_tensors(data)
+    reference = torch.utils.data.DataLoader(task.test_set(), batch_size=500)
+    want = [batch for batch in reference]
+    assert torch.equal(images, torch.cat([b[0] for b in want])) and torch.equal(labels, torch.cat([b[1] for b in want]))
+
+
+class EmptyTask(TaskData):
+    num_classes = 2
+
+    def test_set(self, preprocess: Preprocess | None = None) -> Dataset:
+        return TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))
+
+
+def test_datamodule_bad_input(tmp_path, trees):
+    with pytest.raises(ValueError, match=r"task 'empty': its test split is empty"):
+        MultiTaskDataModule({"empty": EmptyTask()}).setup("fit")
+    with pytest.raises(ValueError, match=r"task names 'mnist' and 'MNIST' differ only in case"):
+        MultiTaskDataModule({"mnist": trees["alpha"], "MNIST": trees["beta"]})
+    with pytest.raises(ValueError, match=r"cache must be 'disk', 'memory' or 'none', got 'ram'"):
+        MultiTaskDataModule(trees, cache="ram")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"num_workers must be 0 or more"):
+        MultiTaskDataModule(trees, num_workers=-1)
