@@ -83,7 +83,13 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path in the zoo configuration.")
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; check the path in the zoo configuration. The paper's "
+            "fine-tuned CLIP encoders are published by the task_vectors project (zeroshot.pt and "
+            "<Task>/finetuned.pt, linked from github.com/mlfoundations/task_vectors) and, as Hugging Face "
+            "folders, by FusionBench (e.g. tanganke/clip-vit-base-patch32_<task>; download them with "
+            "`huggingface-cli download <repo> --local-dir <folder>`)."
+        )
     if path.is_dir():
         return _read_hf_clip_folder(path, allow_pickle=allow_pickle)
     suffix = path.suffix.lower()
