@@ -232,6 +232,21 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_BEGIN = "<!-- mini-benchmark:begin -->"
+README_END = "<!-- mini-benchmark:end -->"
+
+
+def write_into_readme(path: Path, table: str, command: str) -> None:
+    """Replace the text between the README markers with ``table`` and the command that produced it."""
+    text = path.read_text()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise SystemExit(f"mini: {path} must hold the markers {README_BEGIN} and {README_END} once each.")
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    body = f"\nProduced by `{command}` on {time.strftime('%Y-%m-%d')}:\n\n{table}"
+    write_text_atomic(path, f"{head}{README_BEGIN}{body}{README_END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m lit_adamerging.mini", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder of ImageFolder datasets")
@@ -248,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--images-per-task", type=int, default=16, help="AdaMerging images per task per step")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--readme", default=None, help=f"also put the table into this file, between {README_BEGIN} and {README_END}")
     args = parser.parse_args(argv)
     tasks = [task for task in args.tasks.split(",") if task]
     methods = [method for method in args.methods.split(",") if method]
@@ -287,6 +303,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_text_atomic(out / "results.md", results_table(results))
         log(f"{method}: avg {100 * results['methods'][method]['avg']:.1f} ({results['methods'][method]['seconds']:.0f} s)")
     print(results_table(results), end="")
+    if args.readme:
+        command = " ".join(["python -m lit_adamerging.mini", *(argv if argv is not None else sys.argv[1:])])
+        write_into_readme(Path(args.readme), results_table(results), command)
     return results
 
 

@@ -1,0 +1,82 @@
+"""The offline mini benchmark end to end on a tiny setting: 2 real tasks, few images, few steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lit_adamerging import mini
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+TASKS = ("mnist", "fashion_mnist")
+
+pytestmark = [
+    pytest.mark.skipif(
+        not all((SHARED / task / "train").is_dir() for task in TASKS), reason=f"offline datasets not found under {SHARED}"
+    ),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
+]
+
+
+def tiny_copy(root: Path, train: int, test: int) -> Path:
+    """The first ``train``/``test`` images of every class of the shared trees, same layout."""
+    for task in TASKS:
+        for split, count in (("train", train), ("test", test)):
+            for folder in sorted((SHARED / task / split).iterdir()):
+                if folder.is_dir():
+                    target = root / task / split / folder.name
+                    target.mkdir(parents=True)
+                    for image in sorted(folder.iterdir())[:count]:
+                        shutil.copy(image, target / image.name)
+    return root
+
+
+def test_whole_pipeline_on_a_tiny_setting(tmp_path, capsys):
+    data = tiny_copy(tmp_path / "data", train=20, test=12)
+    out = tmp_path / "out"
+    args = ["--data-root", str(data), "--tasks", ",".join(TASKS), "--out", str(out), "--shots", "3",
+            "--finetune-steps", "30", "--finetune-lr", "1e-4", "--finetune-batch", "32", "--steps", "2"]
+    results = mini.main(args)
+
+    written = json.loads((out / "results.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    assert written["tasks"] == list(TASKS)
+    assert list(written["methods"]) == list(mini.METHODS)
+    for method, row in written["methods"].items():
+        assert set(row) == {"per_task", "avg", "seconds"}
+        assert set(row["per_task"]) == set(TASKS)
+        assert all(0.0 <= acc <= 1.0 for acc in row["per_task"].values())
+        assert row["avg"] == pytest.approx(sum(row["per_task"].values()) / len(TASKS))
+        assert row["seconds"] > 0
+        # each accuracy is a count over the 10 classes x 12 test images of its task
+        assert all(abs(acc * 120 - round(acc * 120)) < 1e-4 for acc in row["per_task"].values())
+    methods = written["methods"]
+    assert methods["individual"]["avg"] > methods["pretrained"]["avg"]
+    table = (out / "results.md").read_text()
+    assert table.splitlines()[0] == "| method | mnist | fashion_mnist | avg | seconds |"
+    assert len(table.splitlines()) == 2 + len(mini.METHODS)
+    assert table in capsys.readouterr().out
+
+    # A second run reuses the zoo: nothing is fine-tuned again.
+    zoo = {path: path.stat().st_mtime_ns for path in (out / "zoo").glob("*.safetensors")}
+    assert len(zoo) == len(TASKS)
+    mini.main([*args, "--methods", "task_arithmetic"])
+    assert {path: path.stat().st_mtime_ns for path in (out / "zoo").glob("*.safetensors")} == zoo
+    assert "already built" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        mini.main(["--data-root", str(tmp_path), "--tasks", "mnist"])
+    assert "no ImageFolder tree with a train split for ['mnist']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mini.main(["--methods", "task_arithmetic,magic"])
+    assert "unknown method(s) ['magic']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mini.main(["--tasks", "mnist,mnist"])
+    assert "must name each task once" in capsys.readouterr().err
