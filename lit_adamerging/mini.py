@@ -180,6 +180,7 @@ def base_config(args: argparse.Namespace, tasks: Sequence[str], zoo: dict[str, P
                 },
             },
             "lr": args.lr,
+            "task_vector_dtype": args.task_vector_dtype,
         },
         "data": {
             "batch_size": args.images_per_task,
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=200, help="AdaMerging steps")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdaMerging learning rate")
     parser.add_argument("--images-per-task", type=int, default=16, help="AdaMerging images per task per step")
+    parser.add_argument("--task-vector-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--readme", default=None, help=f"also put the table into this file, between {README_BEGIN} and {README_END}")
