@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -155,8 +156,14 @@ def fine_tune_task(task: str, args: argparse.Namespace, preprocess: Preprocess, 
 # --------------------------------------------------------------------------------------------- #
 
 
+def task_preprocess(args: argparse.Namespace) -> Preprocess:
+    """The images' preprocessing, for fine-tuning the zoo and for every method alike."""
+    return Preprocess(image_size=args.image_size, mean=efficientnet_lite0.MEAN, std=efficientnet_lite0.STD)
+
+
 def base_config(args: argparse.Namespace, tasks: Sequence[str], zoo: dict[str, Path], run_dir: Path) -> dict[str, Any]:
-    preprocess = {"image_size": args.image_size, "mean": list(efficientnet_lite0.MEAN), "std": list(efficientnet_lite0.STD)}
+    fields = dataclasses.asdict(task_preprocess(args))
+    preprocess = {key: list(value) if isinstance(value, tuple) else value for key, value in fields.items()}
     return {
         "seed_everything": args.seed,
         "trainer": {
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     install_strict_yaml_loader()
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    preprocess = Preprocess(image_size=args.image_size, mean=efficientnet_lite0.MEAN, std=efficientnet_lite0.STD)
+    preprocess = task_preprocess(args)
     start = time.perf_counter()
     zoo = {task: fine_tune_task(task, args, preprocess, out / "cache") for task in tasks}
     log(f"zoo ready in {time.perf_counter() - start:.0f} s")

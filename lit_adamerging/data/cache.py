@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -85,10 +86,7 @@ def collate_batch(batch: Any) -> Any:
 
 
 def _map(path: Path, shape: tuple[int, ...]) -> Tensor:
-    count = 1
-    for size in shape:
-        count *= size
-    return torch.from_file(str(path), shared=True, size=count, dtype=torch.uint8).view(shape)
+    return torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
 
 
 def store_name(task_name: str, source_key: str, preprocess: Preprocess) -> str:
@@ -150,7 +148,7 @@ def _decode(dataset: Dataset, task_name: str, num_workers: int, writer: BinaryIO
         raise ValueError(f"task {task_name!r}: its test split is empty; there is nothing to merge on.")
     images: list[Tensor] = []
     labels: list[Tensor] = []
-    reported = 0
+    done = reported = 0
     # Its own generator: building the cache must not draw from the global RNG (the run's shuffles stay the same).
     loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, generator=torch.Generator())
     for batch_images, batch_labels in loader:
@@ -159,7 +157,7 @@ def _decode(dataset: Dataset, task_name: str, num_workers: int, writer: BinaryIO
         else:
             writer.write(batch_images.contiguous().numpy().tobytes())
         labels.append(batch_labels.long())
-        done = sum(len(chunk) for chunk in labels)
+        done += len(batch_labels)
         if done * 10 // total > reported:
             reported = done * 10 // total
             log.info("decoding the test split of %r: %d/%d images", task_name, done, total)
@@ -177,7 +175,7 @@ def _read_store(data_path: Path, meta_path: Path) -> DecodedImages | None:
         shape = tuple(int(size) for size in meta["shape"])
         labels = torch.tensor(meta["labels"], dtype=torch.long)
         complete = meta["format"] == FORMAT_VERSION and len(labels) == shape[0] and len(shape) == 4
-        expected_bytes = shape[0] * shape[1] * shape[2] * shape[3]
+        expected_bytes = math.prod(shape)
     except (ValueError, KeyError, TypeError, IndexError):
         complete, expected_bytes = False, -1
     if not complete or not data_path.is_file() or data_path.stat().st_size != expected_bytes:

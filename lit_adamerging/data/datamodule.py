@@ -82,6 +82,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self._test_sets: dict[str, Dataset] = {}
         self._normalizers: dict[str, Preprocess] = {}
         self._built_with: Preprocess | None = None
+        # Stores found or built by prepare_data, so setup does not hash the files and read them again.
+        self._decoded_sets: dict[tuple[str, Preprocess], DecodedImages] = {}
 
     def model_preprocess(self) -> Preprocess | None:
         """The eval preprocessing of the Trainer's model (``eval_preprocess()``), ``None`` without one."""
@@ -90,8 +92,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return report() if callable(report) else None
 
     def _decoded(self, name: str, task: ImageFileTask, preprocess: Preprocess) -> DecodedImages:
-        cache_dir = self.cache_dir if self.cache == "disk" else None
-        return decoded_test_set(task, name, preprocess, cache_dir, self.num_workers)
+        if (name, preprocess) not in self._decoded_sets:
+            cache_dir = self.cache_dir if self.cache == "disk" else None
+            self._decoded_sets[name, preprocess] = decoded_test_set(task, name, preprocess, cache_dir, self.num_workers)
+        return self._decoded_sets[name, preprocess]
 
     def prepare_data(self) -> None:
         """Build the disk cache (Lightning calls this once per machine, before :meth:`setup`)."""
@@ -118,6 +122,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
                 raise ValueError(f"task {name!r}: its test split is empty; there is nothing to merge on.")
             test_sets[name] = dataset
         self._test_sets, self._normalizers, self._built_with = test_sets, normalizers, preprocess
+        self._decoded_sets = {(name, normalizers[name]): test_sets[name] for name in normalizers}  # type: ignore[misc]
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         if isinstance(dataset, DecodedImages):
