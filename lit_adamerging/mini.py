@@ -15,7 +15,9 @@ datasets in ``../shared/datasets`` play the eight tasks.
    ``pretrained``, ``individual``, ``weight_averaging``, ``task_arithmetic``, ``ties_merging``,
    ``task_wise_adamerging(_pp)``, ``layer_wise_adamerging(_pp)``.
 3. ``OUT/results.json`` (``{"tasks": [...], "methods": {name: {"per_task": {...}, "avg": a,
-   "seconds": s}}}``, accuracies in [0, 1]) and ``OUT/results.md``, rewritten after every method.
+   "seconds": s}}}``, accuracies in [0, 1]) and ``OUT/results.md``, rewritten after every method;
+   the learned coefficients of each AdaMerging method in
+   ``OUT/runs/<method>/<tasks>/coefficients.safetensors`` (one ``[merged tensors]`` vector per task).
 
 Example::
 
@@ -113,9 +115,13 @@ def fit_probe(features: Tensor, labels: Tensor, num_classes: int, weight_decay: 
 
 
 def fine_tune_task(task: str, args: argparse.Namespace, preprocess: Preprocess, cache_dir: Path) -> Path:
-    """Build (or reuse) ``OUT/zoo/<task>.safetensors``: probe head, then backbone fine-tuned with it frozen."""
+    """Build (or reuse) ``OUT/zoo/<task>.safetensors``: probe head, then the backbone fine-tuned with it.
+
+    ``--heads frozen`` keeps the probe fixed (CLIP's recipe); ``joint`` trains it with the backbone
+    (the usual recipe for other models) and each task is then merged with its own trained head.
+    """
     out = Path(args.out) / "zoo" / f"{task}.safetensors"
-    settings = {key: getattr(args, key) for key in ("shots", "finetune_steps", "finetune_lr", "finetune_batch", "image_size", "seed")}
+    settings = {key: getattr(args, key) for key in ("shots", "heads", "finetune_steps", "finetune_lr", "finetune_batch", "image_size", "seed")}
     meta = out.with_suffix(".json")
     if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings") == settings:
         log(f"zoo: {task} already built ({out})")
@@ -130,9 +136,9 @@ def fine_tune_task(task: str, args: argparse.Namespace, preprocess: Preprocess, 
     with torch.no_grad():
         model.classifier.weight.copy_(weight)
         model.classifier.bias.copy_(bias)
-    model.classifier.requires_grad_(False)
-    backbone = [p for name, p in model.named_parameters() if not name.startswith("classifier.")]
-    optimizer = torch.optim.AdamW(backbone, lr=args.finetune_lr, weight_decay=0.1)
+    model.classifier.requires_grad_(args.heads == "joint")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.finetune_lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.finetune_steps)
     model.eval()  # batch-norm statistics and dropout frozen: every model keeps theta_0's buffers
     start = time.perf_counter()
@@ -223,6 +229,8 @@ def run_method(method: str, args: argparse.Namespace, tasks: Sequence[str], zoo:
         )
     if learns:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        learned = cli.model.coefficients()  # [tasks, merged tensors]
+        save_state_dict({task: learned[k] for k, task in enumerate(tasks)}, run_dir / "coefficients.safetensors")
     per_loader = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     metrics = {key: value for loader_metrics in per_loader for key, value in loader_metrics.items()}
     return {task: float(metrics[f"test/acc/{task}"]) for task in tasks}
@@ -263,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     parser.add_argument("--image-size", type=int, default=64, help="input size (EfficientNet-Lite0's features die below ~64)")
     parser.add_argument("--shots", type=int, default=10, help="labeled training images per class for each head")
+    parser.add_argument("--heads", choices=("frozen", "joint"), default="frozen",
+                        help="fine-tune the backbone with the probe head frozen (like CLIP) or train both jointly")
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--finetune-lr", type=float, default=2e-5)
     parser.add_argument("--finetune-batch", type=int, default=64)

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from lit_adamerging import mini
 
@@ -57,6 +59,12 @@ def test_whole_pipeline_on_a_tiny_setting(tmp_path, capsys):
         assert all(abs(acc * 120 - round(acc * 120)) < 1e-4 for acc in row["per_task"].values())
     methods = written["methods"]
     assert methods["individual"]["avg"] > methods["pretrained"]["avg"]
+    learned = load_file(out / "runs" / "layer_wise_adamerging" / "-".join(TASKS) / "coefficients.safetensors")
+    assert list(learned) == list(TASKS) and len({v.shape for v in learned.values()}) == 1
+    assert learned["mnist"].numel() > 1 and not torch.allclose(learned["mnist"], torch.full_like(learned["mnist"], 0.3))
+    task_wise = load_file(out / "runs" / "task_wise_adamerging" / "-".join(TASKS) / "coefficients.safetensors")
+    assert task_wise["mnist"].shape == (1,)
+    assert not (out / "runs" / "task_arithmetic" / "-".join(TASKS) / "coefficients.safetensors").exists()
     table = (out / "results.md").read_text()
     assert table.splitlines()[0] == "| method | mnist | fashion_mnist | avg | seconds |"
     assert len(table.splitlines()) == 2 + len(mini.METHODS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_adamerging.data.cache import DecodedImages, collate_batch, decoded_test_set
 from lit_adamerging.data.datasets import ImageFileTask
+from lit_adamerging.data.sampling import FitStreamSampler, global_batch_size
 from lit_adamerging.data.tasks import ImagesOnly, TaskData
 from lit_adamerging.models.preprocess import Preprocess
 
@@ -30,9 +32,14 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     With ``cache="disk"`` (default) or ``"memory"`` each image task's test split is decoded once
     (see :mod:`lit_adamerging.data.cache`): its loaders then yield uint8 images, and
-    :meth:`on_after_batch_transfer` normalises each batch on the device. Under DDP the Trainer gives
-    each process different fit samples; evaluation splits each test set across processes without
-    padding, so every image is counted exactly once.
+    :meth:`on_after_batch_transfer` normalises each batch on the device.
+
+    Fit images come in a fixed order set by the run's seed (``seed_everything``; 0 without one), one
+    global batch per step (see :mod:`lit_adamerging.data.sampling`): under DDP each process takes
+    its own slice of it (``batch_size`` images per task per process), and a run resumed from a
+    checkpoint draws what the uninterrupted run would have drawn (the step count is saved in the
+    checkpoint). Evaluation splits each test set across processes without padding, so every image
+    is counted exactly once.
 
     Args:
         tasks: ``{task name: TaskData}``.
@@ -84,6 +91,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self._built_with: Preprocess | None = None
         # Stores found or built by prepare_data, so setup does not hash the files and read them again.
         self._decoded_sets: dict[tuple[str, Preprocess], DecodedImages] = {}
+        self._fit_steps = 0  # fit batches consumed: where the fit image stream resumes
 
     def model_preprocess(self) -> Preprocess | None:
         """The eval preprocessing of the Trainer's model (``eval_preprocess()``), ``None`` without one."""
@@ -107,6 +115,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
                 self._decoded(name, task, task.chosen_preprocess(preprocess))
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._fit_steps = 0  # a checkpoint being resumed sets it afterwards (load_state_dict)
         preprocess = self.model_preprocess()
         if self._test_sets and preprocess == self._built_with:
             return
@@ -136,12 +146,38 @@ class MultiTaskDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> dict[str, DataLoader]:
+        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        for name, dataset in self._test_sets.items():
+            if len(dataset) < world_size:  # type: ignore[arg-type]
+                raise ValueError(
+                    f"task {name!r}: its test split has {len(dataset)} images, fewer than the "  # type: ignore[arg-type]
+                    f"{world_size} processes; fit on fewer devices."
+                )
+        steps_per_epoch = max(
+            len(dataset) // global_batch_size(len(dataset), self.batch_size, world_size)  # type: ignore[arg-type]
+            for dataset in self._test_sets.values()
+        )
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         loaders = {}
         for name, dataset in self._test_sets.items():
+            sampler = FitStreamSampler(
+                len(dataset), self.batch_size, steps_per_epoch, lambda: self._fit_steps, seed, world_size, rank  # type: ignore[arg-type]
+            )
             images = dataset.images_only() if isinstance(dataset, DecodedImages) else ImagesOnly(dataset)
-            drop_last = len(dataset) >= self.batch_size  # type: ignore[arg-type]
-            loaders[name] = self._loader(images, self.batch_size, shuffle=True, drop_last=drop_last)
+            loaders[name] = self._loader(images, sampler.batch_size, sampler=sampler)
         return loaders
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training and isinstance(batch, dict):
+            self._fit_steps += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The fit progress (batches consumed), so a resumed fit continues the image stream where it stopped."""
+        return {"fit_steps": self._fit_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._fit_steps = int(state_dict.get("fit_steps", 0))
 
     def _eval_dataloaders(self) -> list[DataLoader]:
         world_size = self.trainer.world_size if self.trainer is not None else 1

@@ -1,0 +1,43 @@
+"""The notebooks: the quickstart is executed (small setting, real data); the paper guide is checked, not run."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from lit_adamerging import mini
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+REPOSITORY = NOTEBOOKS.parent
+
+
+@pytest.mark.skipif(not (mini.DEFAULT_DATA_ROOT / "mnist" / "train").is_dir(), reason="offline datasets not found")
+def test_quickstart_runs_and_shows_the_results():
+    notebook = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"]
+    text = "".join(output.get("text", "") for output in outputs)
+    assert "| method | mnist | fashion_mnist | avg | seconds |" in text  # the benchmark's table
+    assert "mean coefficient per task" in text
+    figures = [output for output in outputs if "image/png" in output.get("data", {})]
+    assert len(figures) == 2  # per-task accuracies and the coefficient heatmap
+
+
+def test_paper_guide_is_valid_python_and_names_existing_configs():
+    notebook = nbformat.read(NOTEBOOKS / "paper_reproduction.ipynb", as_version=4)
+    nbformat.validate(notebook)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # shipped unexecuted
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            ast.parse(cell.source)
+    text = "\n".join(cell.source for cell in notebook.cells)
+    configs = set(re.findall(r"configs/[\w/]+\.yaml", text))
+    configs |= {f"configs/methods/{m}.yaml" for m in ("weight_averaging", "task_arithmetic", "ties_merging")}
+    assert len(configs) >= 8
+    assert [path for path in configs if not (REPOSITORY / path).is_file()] == []
