@@ -60,7 +60,7 @@ def test_whole_pipeline_on_a_tiny_setting(tmp_path, capsys):
     methods = written["methods"]
     assert methods["individual"]["avg"] > methods["pretrained"]["avg"]
     learned = load_file(out / "runs" / "layer_wise_adamerging" / "-".join(TASKS) / "coefficients.safetensors")
-    assert list(learned) == list(TASKS) and len({v.shape for v in learned.values()}) == 1
+    assert set(learned) == set(TASKS) and len({v.shape for v in learned.values()}) == 1
     assert learned["mnist"].numel() > 1 and not torch.allclose(learned["mnist"], torch.full_like(learned["mnist"], 0.3))
     task_wise = load_file(out / "runs" / "task_wise_adamerging" / "-".join(TASKS) / "coefficients.safetensors")
     assert task_wise["mnist"].shape == (1,)
