@@ -263,7 +263,7 @@ def write_into_readme(path: Path, table: str, command: str) -> None:
     write_text_atomic(path, f"{head}{README_BEGIN}{body}{README_END}{tail}")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lit_adamerging.mini", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder of ImageFolder datasets")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated dataset folder names")
@@ -283,6 +283,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--readme", default=None, help=f"also put the table into this file, between {README_BEGIN} and {README_END}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     tasks = [task for task in args.tasks.split(",") if task]
     methods = [method for method in args.methods.split(",") if method]

@@ -63,7 +63,7 @@ def test_whole_pipeline_on_a_tiny_setting(tmp_path, capsys):
     assert set(learned) == set(TASKS) and len({v.shape for v in learned.values()}) == 1
     assert learned["mnist"].numel() > 1 and not torch.allclose(learned["mnist"], torch.full_like(learned["mnist"], 0.3))
     task_wise = load_file(out / "runs" / "task_wise_adamerging" / "-".join(TASKS) / "coefficients.safetensors")
-    assert task_wise["mnist"].shape == (1,)
+    assert torch.all(task_wise["mnist"] == task_wise["mnist"][0])  # one value per task, over every tensor
     assert not (out / "runs" / "task_arithmetic" / "-".join(TASKS) / "coefficients.safetensors").exists()
     table = (out / "results.md").read_text()
     assert table.splitlines()[0] == "| method | mnist | fashion_mnist | avg | seconds |"
@@ -88,3 +88,20 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         mini.main(["--tasks", "mnist,mnist"])
     assert "must name each task once" in capsys.readouterr().err
+
+
+
+def test_heads_frozen_or_trained_jointly(tmp_path):
+    data = tiny_copy(tmp_path / "data", train=6, test=2)
+
+    def head(mode: str, steps: int) -> torch.Tensor:
+        args = mini.build_parser().parse_args([
+            "--data-root", str(data), "--out", str(tmp_path / f"{mode}{steps}"), "--shots", "2", "--heads", mode,
+            "--finetune-steps", str(steps), "--finetune-lr", "1e-2", "--finetune-batch", "8"])
+        path = mini.fine_tune_task("mnist", args, mini.task_preprocess(args), tmp_path / "cache")
+        assert json.loads(path.with_suffix(".json").read_text())["settings"]["heads"] == mode
+        return load_file(path)["classifier.weight"]
+
+    frozen = head("frozen", 3)
+    assert torch.equal(frozen, head("frozen", 1))  # the probe, untouched by fine-tuning
+    assert not torch.allclose(head("joint", 3), frozen)  # trained with the backbone
