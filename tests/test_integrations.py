@@ -8,10 +8,6 @@ coefficients (and, for the crash test, kills the process).
 from __future__ import annotations
 
 import csv
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -20,8 +16,8 @@ import torch
 import yaml
 
 from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticTask, SyntheticZoo
+from test_cli import CONFIG, run_cli
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 TRAINER_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "trainer"
 
 PROBES = '''
@@ -50,12 +46,6 @@ class KillAt(pl.Callback):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 '''
-
-
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "lit_adamerging.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def callbacks_config(path: Path, *callbacks: dict) -> Path:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_adamerging.data.cache import DecodedImages, collate_batch, decoded_test_set
 from lit_adamerging.data.datasets import ImageFileTask
-from lit_adamerging.data.sampling import FitStreamSampler, global_batch_size
+from lit_adamerging.data.sampling import FitStreamSampler, steps_per_pass
 from lit_adamerging.data.tasks import ImagesOnly, TaskData
 from lit_adamerging.models.preprocess import Preprocess
 
@@ -147,14 +147,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        for name, dataset in self._test_sets.items():
-            if len(dataset) < world_size:  # type: ignore[arg-type]
-                raise ValueError(
-                    f"task {name!r}: its test split has {len(dataset)} images, fewer than the "  # type: ignore[arg-type]
-                    f"{world_size} processes; fit on fewer devices."
-                )
+        self._check_images_per_process(world_size, "fit")
         steps_per_epoch = max(
-            len(dataset) // global_batch_size(len(dataset), self.batch_size, world_size)  # type: ignore[arg-type]
+            steps_per_pass(len(dataset), self.batch_size, world_size)  # type: ignore[arg-type]
             for dataset in self._test_sets.values()
         )
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -179,17 +174,21 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._fit_steps = int(state_dict.get("fit_steps", 0))
 
+    def _check_images_per_process(self, world_size: int, stage: str) -> None:
+        for name, dataset in self._test_sets.items():
+            if len(dataset) < world_size:  # type: ignore[arg-type]
+                raise ValueError(
+                    f"task {name!r}: its test split has {len(dataset)} images, fewer than the "  # type: ignore[arg-type]
+                    f"{world_size} processes; {stage} on fewer devices."
+                )
+
     def _eval_dataloaders(self) -> list[DataLoader]:
         world_size = self.trainer.world_size if self.trainer is not None else 1
+        self._check_images_per_process(world_size, "evaluate")
         loaders = []
-        for name, dataset in self._test_sets.items():
+        for dataset in self._test_sets.values():
             sampler = None
             if world_size > 1:
-                if len(dataset) < world_size:  # type: ignore[arg-type]
-                    raise ValueError(
-                        f"task {name!r}: its test split has {len(dataset)} images, fewer than the "  # type: ignore[arg-type]
-                        f"{world_size} processes; evaluate it on fewer devices."
-                    )
                 # No padding (Lightning's default DistributedSampler repeats samples to even out ranks).
                 sampler = UnrepeatedDistributedSampler(
                     dataset, num_replicas=world_size, rank=self.trainer.global_rank, shuffle=False  # type: ignore[union-attr]

@@ -27,6 +27,11 @@ def global_batch_size(num_images: int, batch_size: int, world_size: int) -> int:
     return min(batch_size * world_size, num_images - num_images % world_size)
 
 
+def steps_per_pass(num_images: int, batch_size: int, world_size: int) -> int:
+    """Steps that one pass over a task's images lasts (a partial last global batch is skipped)."""
+    return num_images // global_batch_size(num_images, batch_size, world_size)
+
+
 class FitStreamSampler(DistributedSampler):
     """Indices of the fit images, step by step, for one task and one process.
 
@@ -62,8 +67,8 @@ class FitStreamSampler(DistributedSampler):
         rank: int = 0,
     ) -> None:
         self.num_images = num_images
-        self.batch_size = min(batch_size, global_batch_size(num_images, batch_size, world_size) // world_size)
-        self.global_batch = self.batch_size * world_size
+        self.global_batch = global_batch_size(num_images, batch_size, world_size)
+        self.batch_size = self.global_batch // world_size
         self.steps_per_pass = num_images // self.global_batch
         self.steps_per_epoch = steps_per_epoch
         self.first_step = first_step
