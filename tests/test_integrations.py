@@ -161,5 +161,11 @@ def test_mixed_precision_keeps_the_merge_in_fp32(tmp_path, precision, low):
         assert autocast and merged_dtypes == {torch.float32} and feature_dtype == low
     assert all(not autocast and features == torch.float32 for autocast, _, features in seen32)
     assert not torch.allclose(reference, torch.full_like(reference, 0.3))
-    # The encoder runs in low precision: the path differs slightly, the coefficients barely.
-    torch.testing.assert_close(mixed, reference, rtol=0, atol=2e-3)
+    # The encoder runs in low precision: the path differs slightly, the coefficients barely. Adam
+    # moves every coefficient by about lr per step whatever its gradient's size, so one coefficient
+    # whose gradient is near zero may step differently: a loose bound on the largest difference, a
+    # tight one on the mean.
+    movement = (reference - 0.3).abs()
+    difference = (mixed - reference).abs()
+    assert difference.mean() < 0.01 * movement.mean()
+    assert difference.max() < 0.1 * movement.max()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
+import weakref
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ from lit_adamerging.merging import (
     ties_task_vectors,
     weight_averaging,
 )
-from lit_adamerging.models import create_encoder
+from lit_adamerging.models import LazyStateDicts, create_encoder
 
 CLIP = "open_clip:test-vit-tiny"
 TIMM = "timm:test_efficientnet"
@@ -110,6 +112,40 @@ def test_stack_values_and_key_order(make_tiny_zoo):
         for k, task in enumerate(("c", "a", "b")):  # rows follow the order of `finetuned`
             assert torch.equal(value[k], finetuned[task][key] - pretrained[key])
         assert value.abs().sum() > 0
+
+
+def test_stack_reads_each_state_dict_once_and_keeps_none(make_tiny_zoo):
+    # A lazily loading mapping: building the task vectors must hold one fine-tuned model at a time.
+    encoder, finetuned = make_tiny_zoo(CLIP, tasks=("a", "b", "c"))
+    loads: list[str] = []
+    alive: list[weakref.ref] = []
+
+    def load(task: str) -> dict[str, Tensor]:
+        assert all(ref() is None for ref in alive), f"a state dict was still in memory when {task!r} was loaded"
+        loads.append(task)
+        state = {key: value.clone() for key, value in finetuned[task].items()}
+        alive.extend(weakref.ref(value) for value in state.values())
+        return state
+
+    lazy = LazyStateDicts({task: functools.partial(load, task) for task in finetuned})
+    stacked = stack_task_vectors(encoder.state_dict(), lazy)
+    assert loads == ["a", "b", "c"]
+    for key, value in stacked.items():
+        for k, task in enumerate("abc"):
+            assert torch.equal(value[k], finetuned[task][key] - encoder.state_dict()[key])
+
+
+def test_stacked_blocks_are_shared_by_merged_encoder_not_copied(make_tiny_zoo):
+    encoder, finetuned = make_tiny_zoo(CLIP)
+    stacked = stack_task_vectors(encoder.state_dict(), finetuned)
+    merged_encoder = MergedEncoder(copy.deepcopy(encoder), stacked)
+    views = merged_encoder.stacked_task_vectors()
+    assert all(views[key].data_ptr() == stacked[key].data_ptr() for key in stacked)
+    assert len(merged_encoder.group_names) < len(stacked)  # same-shape tensors do share blocks
+    # task vectors laid out any other way are copied into the groups, with the same values
+    cloned = {key: value.clone() for key, value in reversed(stacked.items())}
+    copied = MergedEncoder(copy.deepcopy(encoder), cloned).stacked_task_vectors()
+    assert all(copied[key].data_ptr() != cloned[key].data_ptr() and torch.equal(copied[key], cloned[key]) for key in cloned)
 
 
 def test_stack_buffer_policy_pretrained_excludes_buffers(make_tiny_zoo):

@@ -8,7 +8,9 @@ entropy and the accuracy computed by hand.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
+import weakref
 from collections.abc import Mapping
 
 import lightning.pytorch as pl
@@ -33,7 +35,7 @@ from lit_adamerging import (
     TaskData,
 )
 from lit_adamerging.merging import task_arithmetic, ties_merging, weight_averaging
-from lit_adamerging.models import ClassificationHead, LoadedZoo, create_encoder
+from lit_adamerging.models import ClassificationHead, LazyStateDicts, LoadedZoo, create_encoder
 from lit_adamerging.lightning.module import COEFFICIENTS_KEY
 
 pytestmark = [
@@ -416,6 +418,41 @@ class ForgetfulZoo(ModelZoo):
 def test_missing_task_in_custom_zoo():
     with pytest.raises(KeyError, match="'alpha'"):
         make_module(ForgetfulZoo("alpha")).configure_model()
+
+
+class ReversedLazyZoo(ModelZoo):
+    """SyntheticZoo's models handed over lazily in the reverse task order, recording each load."""
+
+    def __init__(self) -> None:
+        self.loads: list[str] = []
+
+    def load(self, num_classes):
+        loaded = SyntheticZoo(CLIP, seed=0).load(num_classes)
+        alive: list[weakref.ref] = []
+
+        def load_one(task: str) -> dict[str, Tensor]:
+            assert all(ref() is None for ref in alive), f"a fine-tuned model was still in memory when {task!r} was loaded"
+            self.loads.append(task)
+            state = loaded.finetuned[task]
+            alive.extend(weakref.ref(value) for value in state.values())
+            return state
+
+        lazy = LazyStateDicts({task: functools.partial(load_one, task) for task in reversed(list(num_classes))})
+        return LoadedZoo(loaded.encoder, lazy, loaded.heads)
+
+
+def test_module_reads_each_fine_tuned_model_once_in_task_order():
+    zoo = ReversedLazyZoo()
+    module = make_module(zoo)
+    module.configure_model()
+    assert zoo.loads == list(NUM_CLASSES)  # the coefficients' row order, not the zoo's
+    reference = SyntheticZoo(CLIP, seed=0).load(NUM_CLASSES)
+    theta0 = reference.encoder.state_dict()
+    stacked = module.merger.stacked_task_vectors()
+    for k, task in enumerate(NUM_CLASSES):
+        tuned = reference.finetuned[task]
+        for key, value in stacked.items():
+            assert torch.equal(value[k], tuned[key] - theta0[key])
 
 
 def test_num_classes_none_is_a_clear_error(tmp_path):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
 import warnings
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -21,7 +22,7 @@ from lit_adamerging.merging import (
 )
 from lit_adamerging.models.encoders import feature_dim
 from lit_adamerging.models.preprocess import Preprocess
-from lit_adamerging.models.zoo import ModelZoo
+from lit_adamerging.models.zoo import LazyStateDicts, ModelZoo
 
 StorageDtype = Literal["float32", "bfloat16", "float16"]
 COEFFICIENTS_KEY = "merger.coefficients.raw"
@@ -130,14 +131,16 @@ class AdaMergingModule(pl.LightningModule):
                 )
         encoder = loaded.encoder.eval()
         buffers = {name for name, _ in encoder.named_buffers()}
+        # In the coefficients' task order, still loaded one at a time if the zoo loads lazily.
+        finetuned = LazyStateDicts({task: functools.partial(loaded.finetuned.__getitem__, task) for task in tasks})
         task_vectors = stack_task_vectors(
             encoder.state_dict(),
-            {task: loaded.finetuned[task] for task in tasks},
+            finetuned,
             buffers=buffers,
             buffer_policy=self.hparams.buffer_policy,
             dtype=getattr(torch, self.hparams.task_vector_dtype),
         )
-        del loaded.finetuned
+        del finetuned, loaded.finetuned
         if self.hparams.ties_k is not None:
             task_vectors = ties_task_vectors(task_vectors, self.hparams.ties_k, normalize=self.hparams.ties_normalize)
         init = 1.0 / len(tasks) if self.hparams.init is None else self.hparams.init

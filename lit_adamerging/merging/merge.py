@@ -41,6 +41,27 @@ def group_names(task_vectors: Mapping[str, Tensor]) -> list[list[str]]:
     return list(members.values())
 
 
+def group_task_vectors(task_vectors: Mapping[str, Tensor]) -> tuple[list[list[str]], list[Tensor]]:
+    """:func:`group_names` and one ``[G, T, *shape]`` tensor per group.
+
+    A group whose tensors are, in order, the views of one block (as :func:`stack_task_vectors`
+    lays them out) is that block, shared rather than copied; any other group is a ``torch.stack``.
+    """
+    names = group_names(task_vectors)
+    return names, [_block_or_stack([task_vectors[name] for name in group]) for group in names]
+
+
+def _block_or_stack(tensors: list[Tensor]) -> Tensor:
+    block = tensors[0]._base  # set on views only (``detach`` would drop it)
+    shares_block = (
+        block is not None
+        and block.is_contiguous()
+        and block.shape == (len(tensors), *tensors[0].shape)
+        and all(t._base is block and t.data_ptr() == block[j].data_ptr() for j, t in enumerate(tensors))
+    )
+    return block.detach() if shares_block else torch.stack([tensor.detach() for tensor in tensors])
+
+
 def weighted_sum(group: Tensor, weights: Tensor, base: Tensor) -> Tensor:
     """``base [G, n] + sum_k weights[:, k] * group[:, k]`` for ``group [G, T, n]``, in ``weights.dtype``."""
     return base + (group.to(weights.dtype) * weights.unsqueeze(-1)).sum(dim=1)
@@ -183,14 +204,13 @@ def merge(base: Mapping[str, Tensor], task_vectors: Mapping[str, Tensor], coeffi
         task_vectors: ``{name: Tensor[T, *shape]}`` from :func:`stack_task_vectors`; treated as constants.
         coefficients: ``[T, P]``, column ``i`` weighing the i-th tensor's tasks (see :class:`MergingCoefficients`).
 
-    Groups the task vectors on every call (a copy); :class:`MergedEncoder` groups them once.
+    Groups the task vectors on every call; :class:`MergedEncoder` groups them once.
 
     Example:
         >>> merge({"w": torch.zeros(2)}, {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}, torch.tensor([[0.5], [1.0]]))
         {'w': tensor([3.5000, 5.0000])}
     """
-    names = group_names(task_vectors)
-    groups = [torch.stack([task_vectors[name].detach() for name in group]) for group in names]
+    names, groups = group_task_vectors(task_vectors)
     return merge_groups(base, names, groups, coefficients, list(task_vectors))
 
 
@@ -237,7 +257,8 @@ class MergedEncoder(nn.Module):
     Holds the encoder (its parameters frozen; they are ``theta_0``), the stacked task vectors as
     non-persistent buffers (never saved in a state dict), grouped by shape, and the
     :class:`MergingCoefficients`. ``task_vectors`` is ``{name: [T, *shape]}`` in coefficient-column
-    order; the groups are copies of it (drop the dict afterwards to free its memory).
+    order; the groups share memory with it when it comes from :func:`stack_task_vectors`, else they
+    are copies (drop the dict afterwards to free its memory).
 
     Example:
         >>> encoder = nn.Linear(3, 2)
@@ -275,10 +296,9 @@ class MergedEncoder(nn.Module):
         self.merged_buffer_names: frozenset[str] = frozenset(n for n in self.tensor_names if n in buffers)
         # Same-shape tensors stored together, [G, T, *shape] per group: a few batched products per
         # step instead of kernels per tensor.
-        self.group_names: list[list[str]] = group_names(task_vectors)
+        self.group_names, groups = group_task_vectors(task_vectors)
         self.task_vectors = nn.Module()
-        for index, names in enumerate(self.group_names):
-            group = torch.stack([task_vectors[name] for name in names])
+        for index, group in enumerate(groups):
             self.task_vectors.register_buffer(str(index), group, persistent=False)
         self.coefficients = MergingCoefficients(num_tasks, len(self.tensor_names), granularity, init, clamp)
 

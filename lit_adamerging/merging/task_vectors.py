@@ -82,13 +82,15 @@ def stack_task_vectors(
 
     Args:
         pretrained: the pretrained encoder's state dict.
-        finetuned: ``{task: state dict}`` of the fine-tuned encoders, same keys as ``pretrained``.
+        finetuned: ``{task: state dict}`` of the fine-tuned encoders, same keys as ``pretrained``; each is
+            read once, in order, so a mapping that loads a state dict on access keeps one in memory at a time.
         buffers: the keys of ``pretrained`` that are buffers, not parameters (see :data:`BufferPolicy`).
         buffer_policy: what to do with floating-point buffers.
         dtype: storage dtype of the stacked vectors (``torch.bfloat16`` halves their memory).
 
     Returns:
-        ``{key: Tensor[T, *shape]}`` in the key order of ``pretrained``, tasks in the order of ``finetuned``.
+        ``{key: Tensor[T, *shape]}`` in the key order of ``pretrained``, tasks in the order of ``finetuned``;
+        same-shape tensors are views of one ``[G, T, *shape]`` block (see :func:`~lit_adamerging.merging.merge.group_task_vectors`).
 
     Example:
         >>> base = {"w": torch.zeros(2), "b": torch.ones(1)}
@@ -109,32 +111,53 @@ def stack_task_vectors(
         raise TaskVectorError(f"buffers names keys the pretrained state dict lacks: {_preview(unknown)}.")
     for key, base in pretrained.items():
         _check_finite(base, f"pretrained key {key!r}")
-    for task, state in finetuned.items():
-        check_compatible(pretrained, state, task)
-
     merged_keys = [
         key
         for key, base in pretrained.items()
         if base.is_floating_point() and (key not in buffers or buffer_policy == "merge")
     ]
-    if buffer_policy == "require_equal":
-        for key in buffers:
-            if not pretrained[key].is_floating_point():
-                continue
-            for task, state in finetuned.items():
-                if not torch.equal(state[key], pretrained[key]):
-                    raise TaskVectorError(
-                        f"task {task!r}, buffer {key!r} differs from the pretrained one, but buffer_policy is "
-                        "'require_equal'. Use 'pretrained' to keep the pretrained buffers or 'merge' to merge them."
-                    )
-
-    stacked: dict[str, Tensor] = {}
-    for key in merged_keys:
-        base = pretrained[key]
-        rows = []
-        for task, state in finetuned.items():
-            tuned = state[key]
-            _check_finite(tuned, f"task {task!r}, key {key!r}")
-            rows.append((tuned.to(base.device, torch.float32) - base.float()).to(dtype))
-        stacked[key] = torch.stack(rows)
+    stacked = _allocate_grouped(pretrained, merged_keys, len(finetuned), dtype)
+    # Tasks in the outer loop, each state dict read once: a lazily loading ``finetuned`` then holds
+    # one fine-tuned model in memory at a time, never all T of them beside their task vectors.
+    for row, task in enumerate(finetuned):  # not .items(): enumerate's reused tuple would keep the last state alive
+        state = finetuned[task]
+        check_compatible(pretrained, state, task)
+        if buffer_policy == "require_equal":
+            _check_buffers_equal(pretrained, state, task, buffers)
+        _fill_row(stacked, row, pretrained, state, task)
+        del state
     return stacked
+
+
+def _fill_row(stacked: dict[str, Tensor], row: int, pretrained: Mapping[str, Tensor], state: Mapping[str, Tensor], task: str) -> None:
+    for key, rows in stacked.items():
+        base = pretrained[key]
+        _check_finite(state[key], f"task {task!r}, key {key!r}")
+        rows[row].copy_(state[key].to(base.device, torch.float32) - base.float())
+
+
+def _allocate_grouped(
+    pretrained: Mapping[str, Tensor], keys: list[str], num_tasks: int, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """Empty ``[T, *shape]`` tensors for ``keys``, same-shape ones views of one ``[G, T, *shape]`` block.
+
+    :class:`~lit_adamerging.merging.merge.MergedEncoder` stores the task vectors grouped that way
+    and takes such a block as it is, without a copy.
+    """
+    groups: dict[tuple[tuple[int, ...], torch.device], list[str]] = {}
+    for key in keys:
+        groups.setdefault((tuple(pretrained[key].shape), pretrained[key].device), []).append(key)
+    views: dict[str, Tensor] = {}
+    for (shape, device), members in groups.items():
+        block = torch.empty((len(members), num_tasks, *shape), dtype=dtype, device=device)
+        views.update(zip(members, block.unbind(0)))
+    return {key: views[key] for key in keys}
+
+
+def _check_buffers_equal(pretrained: Mapping[str, Tensor], state: Mapping[str, Tensor], task: str, buffers: Collection[str]) -> None:
+    for key in buffers:
+        if pretrained[key].is_floating_point() and not torch.equal(state[key], pretrained[key]):
+            raise TaskVectorError(
+                f"task {task!r}, buffer {key!r} differs from the pretrained one, but buffer_policy is "
+                "'require_equal'. Use 'pretrained' to keep the pretrained buffers or 'merge' to merge them."
+            )

@@ -3,10 +3,11 @@
 from lit_adamerging.models.encoders import create_encoder, encoder_preprocess, feature_dim
 from lit_adamerging.models.heads import ClassificationHead
 from lit_adamerging.models.preprocess import Preprocess
-from lit_adamerging.models.zoo import LoadedZoo, ModelZoo, OpenCLIPZoo, StateDictZoo, SyntheticZoo, TimmZoo
+from lit_adamerging.models.zoo import LazyStateDicts, LoadedZoo, ModelZoo, OpenCLIPZoo, StateDictZoo, SyntheticZoo, TimmZoo
 
 __all__ = [
     "ClassificationHead",
+    "LazyStateDicts",
     "LoadedZoo",
     "ModelZoo",
     "OpenCLIPZoo",

@@ -6,9 +6,10 @@ does the heavy work and is called once, when the LightningModule is set up on it
 
 from __future__ import annotations
 
+import functools
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +31,40 @@ from lit_adamerging.models.prompts import read_class_names
 from lit_adamerging.models.zeroshot import cached_zero_shot_head, text_tower_digest
 
 
+class LazyStateDicts(Mapping[str, dict[str, Tensor]]):
+    """``{task: state dict}`` whose state dicts are loaded on each access and not kept.
+
+    :func:`~lit_adamerging.merging.stack_task_vectors` reads them one at a time, so building the
+    task vectors holds one fine-tuned model in memory beside them, not all T.
+
+    Example:
+        >>> lazy = LazyStateDicts({"a": lambda: {"w": torch.ones(2)}})
+        >>> list(lazy), lazy["a"]["w"]
+        (['a'], tensor([1., 1.]))
+    """
+
+    def __init__(self, loaders: Mapping[str, Callable[[], dict[str, Tensor]]]) -> None:
+        self._loaders = dict(loaders)
+
+    def __getitem__(self, task: str) -> dict[str, Tensor]:
+        return self._loaders[task]()
+
+    def __contains__(self, task: object) -> bool:  # Mapping's default would load the state dict
+        return task in self._loaders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+
 @dataclass
 class LoadedZoo:
-    """A pretrained encoder, the fine-tuned encoders' state dicts and one head per task."""
+    """A pretrained encoder, the fine-tuned encoders' state dicts (a dict or :class:`LazyStateDicts`) and one head per task."""
 
     encoder: nn.Module
-    finetuned: dict[str, dict[str, Tensor]]
+    finetuned: Mapping[str, dict[str, Tensor]]
     heads: dict[str, ClassificationHead]
 
 
@@ -93,23 +122,25 @@ class SyntheticZoo(ModelZoo):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             encoder = create_encoder(self.encoder)
-        pretrained = encoder.state_dict()
         width = feature_dim(encoder)
-        parameters = {name for name, _ in encoder.named_parameters()}
-        finetuned: dict[str, dict[str, Tensor]] = {}
         heads: dict[str, ClassificationHead] = {}
         for task, classes in num_classes.items():
-            generator = torch.Generator().manual_seed(_task_seed(self.seed, task))
-            finetuned[task] = {
-                key: self._perturb(value, generator) if key in parameters else value.clone()
-                for key, value in pretrained.items()
-            }
+            generator = torch.Generator().manual_seed(_task_seed(self.seed, f"head:{task}"))
             weight = torch.randn(classes, width, generator=generator, device="cpu") / width**0.5
             heads[task] = ClassificationHead(weight, torch.zeros(classes, device="cpu"))
+        finetuned = LazyStateDicts({task: functools.partial(self._finetuned, encoder, task) for task in num_classes})
         return LoadedZoo(encoder, finetuned, heads)
 
     def preprocess(self) -> Preprocess:
         return encoder_preprocess(self.encoder)
+
+    def _finetuned(self, encoder: nn.Module, task: str) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(_task_seed(self.seed, task))
+        parameters = {name for name, _ in encoder.named_parameters()}
+        return {
+            key: self._perturb(value, generator) if key in parameters else value.clone()
+            for key, value in encoder.state_dict().items()
+        }
 
     def _perturb(self, value: Tensor, generator: torch.Generator) -> Tensor:
         scale = value.float().std() if value.numel() > 1 else value.float().abs()
@@ -151,9 +182,10 @@ class StateDictZoo(ModelZoo):
         _require_files("heads", self.heads, num_classes)
         encoder = create_encoder(self.encoder)
         encoder.load_state_dict(encoder_weights(self.pretrained, encoder, allow_pickle=self.allow_pickle))
-        finetuned = {
-            task: encoder_weights(self.finetuned[task], encoder, allow_pickle=self.allow_pickle) for task in num_classes
-        }
+        finetuned = LazyStateDicts({
+            task: functools.partial(encoder_weights, self.finetuned[task], encoder, allow_pickle=self.allow_pickle)
+            for task in num_classes
+        })
         heads = {}
         for task in num_classes:
             head_state = read_checkpoint(self.heads[task], allow_pickle=self.allow_pickle)
@@ -257,13 +289,15 @@ class OpenCLIPZoo(ModelZoo):
             for task in num_classes
         }
         encoder = clip.visual.eval()
-        finetuned = {}
+        loaders = {}
         for task in num_classes:
             path = self.finetuned[task]
             # A Hugging Face CLIPVisionModel folder has no projection: it was not fine-tuned, keep theta_0's.
             missing_ok = ("proj",) if Path(path).expanduser().is_dir() else ()
-            finetuned[task] = encoder_weights(path, encoder, allow_pickle=self.allow_pickle, missing_ok=missing_ok)
-        return LoadedZoo(encoder, finetuned, heads)
+            loaders[task] = functools.partial(
+                encoder_weights, path, encoder, allow_pickle=self.allow_pickle, missing_ok=missing_ok
+            )
+        return LoadedZoo(encoder, LazyStateDicts(loaders), heads)
 
 
 class TimmZoo(ModelZoo):
@@ -305,13 +339,14 @@ class TimmZoo(ModelZoo):
         backbone = create_encoder(f"timm:{self.model}")
         backbone.load_state_dict(self._pretrained_weights(backbone))
         classifier = backbone.pretrained_cfg.get("classifier", "classifier")
-        finetuned: dict[str, dict[str, Tensor]] = {}
-        heads: dict[str, ClassificationHead] = {}
-        for task in num_classes:
+        heads = {}
+        for task in num_classes:  # the heads now; the backbone weights again, one task at a time, when stacked
             path = self.finetuned[task]
-            state = read_checkpoint(path, allow_pickle=self.allow_pickle)
-            finetuned[task] = select_encoder_weights(state, backbone.state_dict(), source=str(path))
-            heads[task] = ClassificationHead(*_classifier(state, classifier, path))
+            heads[task] = ClassificationHead(*_classifier(read_checkpoint(path, allow_pickle=self.allow_pickle), classifier, path))
+        finetuned = LazyStateDicts({
+            task: functools.partial(encoder_weights, self.finetuned[task], backbone, allow_pickle=self.allow_pickle)
+            for task in num_classes
+        })
         return LoadedZoo(backbone, finetuned, heads)
 
 
