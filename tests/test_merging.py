@@ -142,6 +142,10 @@ def test_stacked_blocks_are_shared_by_merged_encoder_not_copied(make_tiny_zoo):
     views = merged_encoder.stacked_task_vectors()
     assert all(views[key].data_ptr() == stacked[key].data_ptr() for key in stacked)
     assert len(merged_encoder.group_names) < len(stacked)  # same-shape tensors do share blocks
+    # so are TIES' disjoint vectors (AdaMerging++)
+    ties = ties_task_vectors(stacked, 0.2)
+    ties_views = MergedEncoder(copy.deepcopy(encoder), ties).stacked_task_vectors()
+    assert all(ties_views[key].data_ptr() == ties[key].data_ptr() for key in ties)
     # task vectors laid out any other way are copied into the groups, with the same values
     cloned = {key: value.clone() for key, value in reversed(stacked.items())}
     copied = MergedEncoder(copy.deepcopy(encoder), cloned).stacked_task_vectors()

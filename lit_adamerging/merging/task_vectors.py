@@ -116,7 +116,7 @@ def stack_task_vectors(
         for key, base in pretrained.items()
         if base.is_floating_point() and (key not in buffers or buffer_policy == "merge")
     ]
-    stacked = _allocate_grouped(pretrained, merged_keys, len(finetuned), dtype)
+    stacked = empty_stacked({key: pretrained[key] for key in merged_keys}, len(finetuned), dtype)
     # Tasks in the outer loop, each state dict read once: a lazily loading ``finetuned`` then holds
     # one fine-tuned model in memory at a time, never all T of them beside their task vectors.
     for row, task in enumerate(finetuned):  # not .items(): enumerate's reused tuple would keep the last state alive
@@ -136,22 +136,22 @@ def _fill_row(stacked: dict[str, Tensor], row: int, pretrained: Mapping[str, Ten
         rows[row].copy_(state[key].to(base.device, torch.float32) - base.float())
 
 
-def _allocate_grouped(
-    pretrained: Mapping[str, Tensor], keys: list[str], num_tasks: int, dtype: torch.dtype
-) -> dict[str, Tensor]:
-    """Empty ``[T, *shape]`` tensors for ``keys``, same-shape ones views of one ``[G, T, *shape]`` block.
+def empty_stacked(like: Mapping[str, Tensor], num_tasks: int, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Uninitialised ``{key: Tensor[num_tasks, *like[key].shape]}`` on ``like[key]``'s device, in
+    ``dtype`` (default ``like[key]``'s).
 
-    :class:`~lit_adamerging.merging.merge.MergedEncoder` stores the task vectors grouped that way
-    and takes such a block as it is, without a copy.
+    Same-shape tensors are views of one ``[G, T, *shape]`` block, the layout in which
+    :class:`~lit_adamerging.merging.merge.MergedEncoder` stores task vectors: it takes such a block
+    as it is, without a copy.
     """
-    groups: dict[tuple[tuple[int, ...], torch.device], list[str]] = {}
-    for key in keys:
-        groups.setdefault((tuple(pretrained[key].shape), pretrained[key].device), []).append(key)
+    groups: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[str]] = {}
+    for key, tensor in like.items():
+        groups.setdefault((tuple(tensor.shape), dtype or tensor.dtype, tensor.device), []).append(key)
     views: dict[str, Tensor] = {}
-    for (shape, device), members in groups.items():
-        block = torch.empty((len(members), num_tasks, *shape), dtype=dtype, device=device)
+    for (shape, block_dtype, device), members in groups.items():
+        block = torch.empty((len(members), num_tasks, *shape), dtype=block_dtype, device=device)
         views.update(zip(members, block.unbind(0)))
-    return {key: views[key] for key in keys}
+    return {key: views[key] for key in like}
 
 
 def _check_buffers_equal(pretrained: Mapping[str, Tensor], state: Mapping[str, Tensor], task: str, buffers: Collection[str]) -> None:

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from lit_adamerging.merging.task_vectors import empty_stacked
+
 
 def _magnitude_thresholds(stacked: Mapping[str, Tensor], k: float) -> Tensor:
     """Per task, the smallest magnitude that is still among the top ``k`` fraction of its entries."""
@@ -54,21 +56,21 @@ def ties_task_vectors(stacked: Mapping[str, Tensor], k: float = 0.2, normalize: 
     if not stacked:
         raise ValueError("no task vectors to merge.")
     thresholds = _magnitude_thresholds(stacked, k)
-    trimmed: dict[str, Tensor] = {}
-    for name, tv in stacked.items():
-        shape = (-1,) + (1,) * (tv.dim() - 1)
-        keep = tv.abs().float() >= thresholds.view(shape)
-        trimmed[name] = torch.where(keep, tv.float(), torch.zeros((), device=tv.device))
 
-    sums = {name: tv.sum(0) for name, tv in trimmed.items()}
-    majority = torch.sign(sum(torch.sign(s).sum() for s in sums.values()))
-    result: dict[str, Tensor] = {}
-    for name, tv in trimmed.items():
-        elected = torch.sign(sums[name])
-        elected = torch.where(elected == 0, majority, elected)
-        agrees = torch.where(elected > 0, tv > 0, tv < 0)
-        selected = torch.where(agrees, tv, torch.zeros((), device=tv.device))
+    def trimmed(tv: Tensor) -> Tensor:  # recomputed per tensor: no full fp32 copy of the vectors is kept
+        keep = tv.abs().float() >= thresholds.view((-1,) + (1,) * (tv.dim() - 1))
+        return torch.where(keep, tv.float(), torch.zeros((), device=tv.device))
+
+    elected = {name: torch.sign(trimmed(tv).sum(0)) for name, tv in stacked.items()}
+    majority = torch.sign(sum(signs.sum() for signs in elected.values()))
+    num_tasks = next(iter(stacked.values())).shape[0]
+    result = empty_stacked({name: tv[0] for name, tv in stacked.items()}, num_tasks)  # in each tensor's dtype
+    for name, tv in stacked.items():
+        signs = torch.where(elected[name] == 0, majority, elected[name])
+        values = trimmed(tv)
+        agrees = torch.where(signs > 0, values > 0, values < 0)
+        selected = torch.where(agrees, values, torch.zeros((), device=tv.device))
         if normalize:
             selected = selected / agrees.sum(0).clamp(min=1)
-        result[name] = selected.to(stacked[name].dtype)
+        result[name].copy_(selected)
     return result
