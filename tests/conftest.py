@@ -1,14 +1,17 @@
-"""Shared fixtures: tiny encoders with synthetic, seeded "fine-tuned" copies."""
+"""Shared fixtures: tiny encoders with synthetic, seeded "fine-tuned" copies; lazy state dicts that check
+they are loaded one at a time."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from lit_adamerging.models import create_encoder
+from lit_adamerging.models import LazyStateDicts, create_encoder
 
 TINY_CLIP = "open_clip:test-vit-tiny"
 TINY_TIMM = "timm:test_efficientnet"
@@ -68,3 +71,24 @@ def make_tiny_zoo() -> ZooBuilder:
     ``name`` defaults to ``"open_clip:test-vit-tiny"``; ``"timm:test_efficientnet"`` has batch norm.
     """
     return _build_tiny_zoo
+
+
+def _one_at_a_time(load: Callable[[str], dict[str, Tensor]], tasks: Iterable[str]) -> tuple[LazyStateDicts, list[str]]:
+    loads: list[str] = []
+    alive: list[weakref.ref] = []
+
+    def tracked(task: str) -> dict[str, Tensor]:
+        assert all(ref() is None for ref in alive), f"a fine-tuned state dict was still in memory when {task!r} was loaded"
+        loads.append(task)
+        state = load(task)
+        alive.extend(weakref.ref(value) for value in state.values())
+        return state
+
+    return LazyStateDicts({task: functools.partial(tracked, task) for task in tasks}), loads
+
+
+@pytest.fixture
+def one_at_a_time() -> Callable[[Callable[[str], dict[str, Tensor]], Iterable[str]], tuple[LazyStateDicts, list[str]]]:
+    """Factory ``(load, tasks) -> (LazyStateDicts, loads)``: ``load(task)`` behind a lazy mapping that
+    records each load in ``loads`` and fails if a state dict it handed out earlier is still alive."""
+    return _one_at_a_time

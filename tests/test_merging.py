@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import re
-import weakref
 
 import pytest
 import torch
@@ -24,7 +22,7 @@ from lit_adamerging.merging import (
     ties_task_vectors,
     weight_averaging,
 )
-from lit_adamerging.models import LazyStateDicts, create_encoder
+from lit_adamerging.models import create_encoder
 
 CLIP = "open_clip:test-vit-tiny"
 TIMM = "timm:test_efficientnet"
@@ -114,20 +112,10 @@ def test_stack_values_and_key_order(make_tiny_zoo):
         assert value.abs().sum() > 0
 
 
-def test_stack_reads_each_state_dict_once_and_keeps_none(make_tiny_zoo):
+def test_stack_reads_each_state_dict_once_and_keeps_none(make_tiny_zoo, one_at_a_time):
     # A lazily loading mapping: building the task vectors must hold one fine-tuned model at a time.
     encoder, finetuned = make_tiny_zoo(CLIP, tasks=("a", "b", "c"))
-    loads: list[str] = []
-    alive: list[weakref.ref] = []
-
-    def load(task: str) -> dict[str, Tensor]:
-        assert all(ref() is None for ref in alive), f"a state dict was still in memory when {task!r} was loaded"
-        loads.append(task)
-        state = {key: value.clone() for key, value in finetuned[task].items()}
-        alive.extend(weakref.ref(value) for value in state.values())
-        return state
-
-    lazy = LazyStateDicts({task: functools.partial(load, task) for task in finetuned})
+    lazy, loads = one_at_a_time(lambda task: {key: value.clone() for key, value in finetuned[task].items()}, finetuned)
     stacked = stack_task_vectors(encoder.state_dict(), lazy)
     assert loads == ["a", "b", "c"]
     for key, value in stacked.items():

@@ -8,9 +8,7 @@ entropy and the accuracy computed by hand.
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
-import weakref
 from collections.abc import Mapping
 
 import lightning.pytorch as pl
@@ -35,7 +33,7 @@ from lit_adamerging import (
     TaskData,
 )
 from lit_adamerging.merging import task_arithmetic, ties_merging, weight_averaging
-from lit_adamerging.models import ClassificationHead, LazyStateDicts, LoadedZoo, create_encoder
+from lit_adamerging.models import ClassificationHead, LoadedZoo, create_encoder
 from lit_adamerging.lightning.module import COEFFICIENTS_KEY
 
 pytestmark = [
@@ -423,26 +421,18 @@ def test_missing_task_in_custom_zoo():
 class ReversedLazyZoo(ModelZoo):
     """SyntheticZoo's models handed over lazily in the reverse task order, recording each load."""
 
-    def __init__(self) -> None:
+    def __init__(self, one_at_a_time) -> None:
+        self.one_at_a_time = one_at_a_time
         self.loads: list[str] = []
 
     def load(self, num_classes):
         loaded = SyntheticZoo(CLIP, seed=0).load(num_classes)
-        alive: list[weakref.ref] = []
-
-        def load_one(task: str) -> dict[str, Tensor]:
-            assert all(ref() is None for ref in alive), f"a fine-tuned model was still in memory when {task!r} was loaded"
-            self.loads.append(task)
-            state = loaded.finetuned[task]
-            alive.extend(weakref.ref(value) for value in state.values())
-            return state
-
-        lazy = LazyStateDicts({task: functools.partial(load_one, task) for task in reversed(list(num_classes))})
+        lazy, self.loads = self.one_at_a_time(loaded.finetuned.__getitem__, reversed(list(num_classes)))
         return LoadedZoo(loaded.encoder, lazy, loaded.heads)
 
 
-def test_module_reads_each_fine_tuned_model_once_in_task_order():
-    zoo = ReversedLazyZoo()
+def test_module_reads_each_fine_tuned_model_once_in_task_order(one_at_a_time):
+    zoo = ReversedLazyZoo(one_at_a_time)
     module = make_module(zoo)
     module.configure_model()
     assert zoo.loads == list(NUM_CLASSES)  # the coefficients' row order, not the zoo's

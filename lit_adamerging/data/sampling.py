@@ -69,7 +69,7 @@ class FitStreamSampler(DistributedSampler):
         self.num_images = num_images
         self.global_batch = global_batch_size(num_images, batch_size, world_size)
         self.batch_size = self.global_batch // world_size
-        self.steps_per_pass = num_images // self.global_batch
+        self.steps_per_pass = steps_per_pass(num_images, batch_size, world_size)
         self.steps_per_epoch = steps_per_epoch
         self.first_step = first_step
         self.seed = seed
