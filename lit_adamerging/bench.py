@@ -3,8 +3,16 @@
 Needs no weights or data: a random-init encoder of a real architecture, random "fine-tuned"
 copies (:class:`SyntheticZoo`) and random images. The AdaMerging step is the real
 :class:`AdaMergingModule` ``training_step`` + backward + Adam step; the plain step is one
-forward and one backward (weight gradients) of a copy of the encoder on the same concatenated
-batch with the same entropy loss. Steps alternate between the two and the medians are reported.
+forward and one backward (weight gradients) of the same encoder (architecture and weights) on the
+same concatenated batch with the same entropy loss. Steps alternate between the two and the
+medians are reported.
+
+Memory (max allocated on CUDA, resident set size on CPU): ``plain_peak_memory_bytes`` is the peak
+of the plain step run alone, before the module exists; ``peak_memory_bytes`` the peak over the
+timed steps, with the module built (on Linux; elsewhere the CPU figure is the whole run's). Beyond the plain step, AdaMerging needs its task
+vectors (``task_vector_bytes``) and the pretrained weights beside the merged ones
+(``encoder_bytes``), and the benchmark itself keeps the plain encoder (``encoder_bytes`` again):
+``memory_excess_bytes`` is what the run holds beyond those, near zero when nothing is copied.
 
 Example::
 
@@ -15,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import resource
 import statistics
@@ -28,11 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.lightning.module import AdaMergingModule
 from lit_adamerging.merging import entropy
 from lit_adamerging.models.zoo import SyntheticZoo
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+_PROC_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def input_size(encoder: nn.Module) -> int:
@@ -56,10 +66,23 @@ def _timed(function: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif _PROC_STATUS.exists():
+        _CLEAR_REFS.write_text("5")  # Linux: the peak RSS starts again from the current RSS
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
+    """Max allocated on CUDA; peak resident set size of the process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if _PROC_STATUS.exists():
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, other systems KiB
 
 
 def run(
@@ -77,27 +100,13 @@ def run(
     """Measure and return the figures (see the module docstring)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    for name, value in (("tasks", tasks), ("images_per_task", images_per_task), ("steps", steps), ("warmup", warmup)):
+        if value < (0 if name == "warmup" else 1):
+            raise ValueError(f"{name} must be at least {0 if name == 'warmup' else 1}, got {value}.")
     torch_device = torch.device(device)
     task_names = [f"task{index}" for index in range(tasks)]
-    module = AdaMergingModule(
-        SyntheticZoo(model, seed=0),
-        num_classes={name: classes for name in task_names},
-        granularity=granularity,  # type: ignore[arg-type]
-        task_vector_dtype=task_vector_dtype,  # type: ignore[arg-type]
-    )
-    module.configure_model()
-    module.to(torch_device).train()
-    optimizer = module.configure_optimizers()
-    assert module.merger is not None
-    size = input_size(module.merger.encoder)
-    generator = torch.Generator().manual_seed(0)
-    batch = {
-        name: torch.randn(images_per_task, 3, size, size, generator=generator).to(torch_device) for name in task_names
-    }
-    images = torch.cat(list(batch.values()))
-
-    plain = copy.deepcopy(module.merger.encoder).requires_grad_(True).eval()
-    heads = module.heads
+    num_classes = {name: classes for name in task_names}
+    zoo = SyntheticZoo(model, seed=0)
     autocast: Callable[[], Any]
     if precision == "32":
         autocast = contextlib.nullcontext
@@ -105,12 +114,19 @@ def run(
         dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
         autocast = lambda: torch.autocast(torch_device.type, dtype=dtype)  # noqa: E731
 
-    def adamerging_step() -> None:
-        with autocast():
-            loss = module.training_step(batch, 0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    # The plain step first, alone in the process, for its peak memory: the same architecture and
+    # weights (the zoo's seed) as the module's encoder, the same heads.
+    loaded = zoo.load(num_classes)
+    plain = loaded.encoder.to(torch_device).requires_grad_(True).eval()
+    heads = {name: head.to(torch_device) for name, head in loaded.heads.items()}
+    encoder_bytes = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
+    del loaded
+    size = input_size(plain)
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        name: torch.randn(images_per_task, 3, size, size, generator=generator).to(torch_device) for name in task_names
+    }
+    images = torch.cat(list(batch.values()))
 
     def plain_step() -> None:
         with autocast():
@@ -119,12 +135,27 @@ def run(
         loss.backward()
         plain.zero_grad(set_to_none=True)
 
-    merged_shapes = {name: tensor.shape for name, tensor in module.merger.merged_tensors().items()}
-    merge_grads = [torch.ones(shape, device=torch_device) for shape in merged_shapes.values()]
+    _reset_peak_memory(torch_device)
+    for _ in range(max(1, warmup)):
+        plain_step()
+    plain_peak_bytes = _peak_memory_bytes(torch_device)
 
-    def merge_only() -> None:
-        merged = module.merger.merged_tensors()
-        torch.autograd.backward(list(merged.values()), merge_grads)
+    module = AdaMergingModule(
+        zoo,
+        num_classes=num_classes,
+        granularity=granularity,  # type: ignore[arg-type]
+        task_vector_dtype=task_vector_dtype,  # type: ignore[arg-type]
+    )
+    module.configure_model()
+    module.to(torch_device).train()
+    optimizer = module.configure_optimizers()
+    assert module.merger is not None
+
+    def adamerging_step() -> None:
+        with autocast():
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no Trainer attached
@@ -132,14 +163,24 @@ def run(
     for _ in range(warmup):
         adamerging_step()
         plain_step()
-        merge_only()
-    if torch_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(torch_device)
-    adamerging_times, plain_times, merge_times = [], [], []
+    _reset_peak_memory(torch_device)
+    adamerging_times, plain_times = [], []
     for _ in range(steps):
         adamerging_times.append(_timed(adamerging_step, torch_device))
         plain_times.append(_timed(plain_step, torch_device))
-        merge_times.append(_timed(merge_only, torch_device))
+    peak_bytes = _peak_memory_bytes(torch_device)
+
+    # The merge alone (forward and backward over the task vectors), after the memory was read:
+    # its upstream gradients are the benchmark's, not the step's.
+    merge_grads = [torch.ones_like(tensor) for tensor in module.merger.merged_tensors().values()]
+
+    def merge_only() -> None:
+        merged = module.merger.merged_tensors()
+        torch.autograd.backward(list(merged.values()), merge_grads)
+        optimizer.zero_grad(set_to_none=True)
+
+    merge_only()
+    merge_times = [_timed(merge_only, torch_device) for _ in range(steps)]
 
     eval_batch = images[: max(1, min(len(images), 64))]
     module.eval()
@@ -172,8 +213,11 @@ def run(
         "ratio": adamerging_s / plain_s,
         "merge_s": statistics.median(merge_times),
         "merge_share": statistics.median(merge_times) / adamerging_s,
-        "peak_memory_bytes": _peak_memory_bytes(torch_device),
+        "peak_memory_bytes": peak_bytes,
+        "plain_peak_memory_bytes": plain_peak_bytes,
         "task_vector_bytes": task_vector_bytes,
+        "encoder_bytes": encoder_bytes,
+        "memory_excess_bytes": peak_bytes - plain_peak_bytes - task_vector_bytes - 2 * encoder_bytes,
         "eval_images_per_s": len(eval_batch) / eval_seconds,
         "torch_threads": torch.get_num_threads(),
     }
@@ -190,8 +234,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="32")
     parser.add_argument("--task-vector-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument(
+        "--allocator",
+        choices=("retain", "default"),
+        default="retain",
+        help="retain: keep freed heap memory in the process (lit_adamerging.allocator, as the CLI does); default: glibc as it comes",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    retained = args.allocator == "retain" and retain_freed_memory()
     figures = run(
         model=args.model,
         tasks=args.tasks,
@@ -203,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         precision=args.precision,
         task_vector_dtype=args.task_vector_dtype,
     )
+    figures["allocator"] = "retain" if retained else "default"
     for key, value in figures.items():
         print(f"{key:>20}: {value:.4g}" if isinstance(value, float) else f"{key:>20}: {value}")
     if args.json:

@@ -34,6 +34,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.data import ImageFolderTask, MultiTaskDataModule
 from lit_adamerging.io import write_text_atomic
 from lit_adamerging.lightning.module import AdaMergingModule
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"unknown mode(s) {unknown}; choose from {MODES}")
     if args.steps < 3:
         parser.error("--steps must be at least 3 (the first step is not steady state)")
+    retain_freed_memory()
     with tempfile.TemporaryDirectory() as scratch:
         cache_dir = Path(args.cache_dir or scratch)
         results = [time_fit(args, mode, cache_dir) for mode in modes]

@@ -14,6 +14,7 @@ import yaml
 from jsonargparse import get_loader, set_loader
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.data import MultiTaskDataModule
 from lit_adamerging.lightning import AdaMergingModule
 
@@ -63,6 +64,7 @@ class AdaMergingCLI(LightningCLI):
 
 def main(args: ArgsType = None) -> None:
     install_strict_yaml_loader()
+    retain_freed_memory()
     AdaMergingCLI(
         AdaMergingModule,
         MultiTaskDataModule,

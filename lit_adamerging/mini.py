@@ -42,6 +42,7 @@ import yaml
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.cli import AdaMergingCLI, install_strict_yaml_loader
 from lit_adamerging.data import ImageFolderTask, MultiTaskDataModule
 from lit_adamerging.data.cache import decoded_test_set
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not METHOD_CONFIGS.is_dir():
         sys.exit(f"mini: the method configs are missing ({METHOD_CONFIGS}); run from a source checkout.")
     install_strict_yaml_loader()
+    retain_freed_memory()
     torch.manual_seed(args.seed)
     out = Path(args.out)
     preprocess = task_preprocess(args)

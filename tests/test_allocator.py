@@ -1,0 +1,40 @@
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from lit_adamerging.allocator import retain_freed_memory
+
+# Allocates and frees 40 x 8 MB twice; prints the page faults of the second round.
+ROUNDS = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from lit_adamerging.allocator import retain_freed_memory
+if sys.argv[1] == "retain":
+    assert retain_freed_memory()
+for _ in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    tensors = [torch.ones(2_000_000) for _ in range(40)]
+    del tensors
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def page_faults_of_second_round(mode: str) -> int:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, "-c", ROUNDS, mode], env=env, capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's heap settings")
+def test_freed_memory_is_reused_instead_of_faulted_back_in() -> None:
+    pages = 40 * 8_000_000 // 4096
+    assert page_faults_of_second_round("default") > pages // 2  # glibc hands the 320 MB back and faults it in again
+    assert page_faults_of_second_round("retain") < pages // 20
+
+
+def test_rejects_a_non_positive_threshold() -> None:
+    with pytest.raises(ValueError, match="mmap_threshold_bytes must be positive"):
+        retain_freed_memory(0)
