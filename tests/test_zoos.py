@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import glob
+import re
 from pathlib import Path
 
 import open_clip
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 import lit_adamerging.models.zeroshot as zeroshot
@@ -230,3 +231,66 @@ def test_zoos_report_their_models_preprocessing(tmp_path):
     assert TimmZoo("test_efficientnet", files, pretrained="b.pth").preprocess() == encoder_preprocess("timm:test_efficientnet")
     assert StateDictZoo("timm:test_efficientnet", "b.pth", files, files).preprocess().image_size == 160
     assert SyntheticZoo(f"open_clip:{TINY_CLIP}").preprocess() == Preprocess(32)
+
+
+def poisoned(kind: str, classes: int, width: int) -> tuple[dict[str, torch.Tensor], str]:
+    """A bad head's tensors and the error they must give (shapes and values as the message states them)."""
+    weight, bias = torch.randn(classes, width), torch.zeros(classes)
+    if kind == "nan_weight":
+        weight[classes - 1, 0] = float("nan")
+        return {"weight": weight, "bias": bias}, r"the head weight has NaN or infinite values"
+    if kind == "inf_bias":
+        bias[0] = float("-inf")
+        return {"weight": weight, "bias": bias}, r"the head bias has NaN or infinite values"
+    if kind == "bias_shape":
+        bias = torch.zeros(classes + 1)
+        return {"weight": weight, "bias": bias}, (
+            rf"the head bias has shape \({classes + 1},\), expected \({classes},\).*weight \({classes}, {width}\)"
+        )
+    assert kind == "weight_1d"
+    return {"weight": weight[0], "bias": bias}, rf"the head weight must be 2-D \[classes, features\], got shape \({width},\)"
+
+
+HEAD_FAULTS = ["nan_weight", "inf_bias", "bias_shape", "weight_1d"]
+
+
+@pytest.mark.parametrize("kind", HEAD_FAULTS)
+def test_state_dict_zoo_refuses_bad_head_files(tmp_path, clip_files, kind):
+    clip, pretrained, finetuned, _, _ = clip_files
+    width = clip.visual.output_dim
+    save_file({"weight": torch.randn(3, width), "bias": torch.zeros(3)}, str(tmp_path / "head_a.safetensors"))
+    tensors, message = poisoned(kind, 2, width)
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(tmp_path / "head_b.safetensors"))
+    heads = {"a": str(tmp_path / "head_a.safetensors"), "b": str(tmp_path / "head_b.safetensors")}
+    zoo = StateDictZoo(f"open_clip:{TINY_CLIP}", str(pretrained), finetuned, heads)
+    with pytest.raises(ValueError, match=re.escape(f"{heads['b']} (head of task 'b'): ") + message):
+        zoo.load({"a": 3, "b": 2})
+    assert zoo.load({"a": 3}).heads["a"].num_classes == 3  # the good head alone loads
+
+
+@pytest.mark.parametrize("kind", HEAD_FAULTS)
+def test_timm_zoo_refuses_bad_classifiers(tmp_path, timm_files, kind):
+    _, pretrained, files, _ = timm_files
+    state = load_file(files["b"])
+    width = state["model.classifier.weight"].shape[1]
+    tensors, message = poisoned(kind, 5, width)
+    state.update({f"model.classifier.{key}": value.contiguous() for key, value in tensors.items()})
+    bad = tmp_path / "b_bad.safetensors"
+    save_file(state, str(bad))
+    with pytest.raises(ValueError, match=re.escape(f"{bad} (head of task 'b'): ") + message):
+        TimmZoo("test_efficientnet", {**files, "b": str(bad)}, pretrained=pretrained).load({"a": 3, "b": 5})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_open_clip_zoo_refuses_a_non_finite_cached_zero_shot_head(tmp_path, clip_files, value):
+    _, pretrained, finetuned, _, _ = clip_files
+    cache = tmp_path / "heads"
+    names = {"a": ["cat", "dog", "bird"], "b": ["red", "green"]}
+    zoo = OpenCLIPZoo(TINY_CLIP, finetuned, pretrained=str(pretrained), class_names=names, head_cache_dir=str(cache))
+    zoo.load({"a": 3, "b": 2})
+    (cached,) = cache.glob("a-*.safetensors")
+    weight = load_file(str(cached))["weight"]
+    weight[1, 2] = value
+    save_file({"weight": weight}, str(cached))
+    with pytest.raises(ValueError, match=re.escape(f"{cached} (head of task 'a'): the head weight has NaN or infinite")):
+        zoo.load({"a": 3, "b": 2})

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lit_adamerging.io import save_state_dict
-from lit_adamerging.models.heads import ClassificationHead
+from lit_adamerging.models.heads import ClassificationHead, head_source
 from lit_adamerging.models.prompts import format_prompts
 
 
@@ -88,7 +88,7 @@ def cached_zero_shot_head(
 
         weight = load_file(str(path))["weight"]
         if weight.shape[0] == len(class_names):
-            return ClassificationHead(weight, bias=None, normalize=True)
+            return ClassificationHead(weight, bias=None, normalize=True, source=head_source(path, task))
     head = build_zero_shot_head(clip_model, tokenizer, class_names, templates)
     save_state_dict({"weight": head.weight}, path)
     return head

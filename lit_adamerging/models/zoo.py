@@ -25,7 +25,7 @@ from lit_adamerging.models.checkpoints import (
     select_encoder_weights,
 )
 from lit_adamerging.models.encoders import check_open_clip_model, create_encoder, encoder_preprocess, feature_dim
-from lit_adamerging.models.heads import ClassificationHead
+from lit_adamerging.models.heads import ClassificationHead, head_source
 from lit_adamerging.models.preprocess import Preprocess
 from lit_adamerging.models.prompts import read_class_names
 from lit_adamerging.models.zeroshot import cached_zero_shot_head, text_tower_digest
@@ -191,7 +191,9 @@ class StateDictZoo(ModelZoo):
             head_state = read_checkpoint(self.heads[task], allow_pickle=self.allow_pickle)
             if "weight" not in head_state:
                 raise CheckpointError(f"{self.heads[task]}: the head file of task {task!r} has no 'weight' tensor.")
-            heads[task] = ClassificationHead(head_state["weight"], head_state.get("bias"), self.normalize_features)
+            heads[task] = ClassificationHead(
+                head_state["weight"], head_state.get("bias"), self.normalize_features, head_source(self.heads[task], task)
+            )
         return LoadedZoo(encoder, finetuned, heads)
 
     def preprocess(self) -> Preprocess:
@@ -342,7 +344,8 @@ class TimmZoo(ModelZoo):
         heads = {}
         for task in num_classes:  # the heads now; the backbone weights again, one task at a time, when stacked
             path = self.finetuned[task]
-            heads[task] = ClassificationHead(*_classifier(read_checkpoint(path, allow_pickle=self.allow_pickle), classifier, path))
+            weight, bias = _classifier(read_checkpoint(path, allow_pickle=self.allow_pickle), classifier, path)
+            heads[task] = ClassificationHead(weight, bias, source=head_source(path, task))
         finetuned = LazyStateDicts({
             task: functools.partial(encoder_weights, self.finetuned[task], backbone, allow_pickle=self.allow_pickle)
             for task in num_classes
