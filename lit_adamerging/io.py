@@ -1,29 +1,92 @@
-"""Atomic writes: an interrupted save never leaves a half-written file at the destination."""
+"""Atomic writes: an interrupted save never leaves a half-written file at the destination.
+
+A file is written under a temporary name next to its destination, ``.<name>.<host>.<pid>.<random>.tmp``,
+flushed to disk and renamed over the destination. A writer killed mid-write (``kill -9``, out of
+memory) leaves its temporary file behind; the next write to the same destination removes the ones
+whose writer is gone (written on this host by a process that no longer runs), never one that a
+running process is still writing.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+import re
+import secrets
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+log = logging.getLogger(__name__)
 
-def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(temporary_path)`` next to ``path``, then rename the result over ``path``."""
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to ``path`` for the block to write; renamed over ``path`` if the block succeeds.
+
+    On an error the temporary file is removed. Temporary files of ``path`` left by writers that
+    were killed are removed before the new one is created.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    _remove_stale_temporaries(path)
+    temporary = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0o666 & ~umask, as open() gives
     try:
-        write(temporary)
+        yield temporary
+        handle = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(handle)  # the data reaches the disk before the name does
+        finally:
+            os.close(handle)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(temporary_path)`` next to ``path``, then rename the result over ``path`` (see :func:`atomic_path`)."""
+    with atomic_path(path) as temporary:
+        write(str(temporary))
+    return Path(path)
+
+
+def _temporary_prefix(path: Path) -> str:
+    """``.<name>.<host>.``: the writer's pid, a random part and ``.tmp`` follow."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32]
+    return f".{path.name}.{host}."
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of ``path`` written on this host by processes that no longer run."""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return
+    pattern = re.compile(re.escape(_temporary_prefix(path)) + r"(\d+)\.[0-9a-f]+\.tmp")
+    for entry in os.scandir(path.parent):
+        match = pattern.fullmatch(entry.name)
+        if match is None or _is_running(int(match.group(1))):
+            continue
+        try:
+            size = entry.stat(follow_symlinks=False).st_size
+            os.unlink(entry.path)
+        except FileNotFoundError:  # another process removed it first
+            continue
+        log.info("removed %s (%d bytes), left by an interrupted write of %s", entry.path, size, path)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

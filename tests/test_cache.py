@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
 from lit_adamerging import AdaMergingModule, ImageFolderTask, MultiTaskDataModule, Preprocess, SyntheticZoo, TaskData
-from lit_adamerging.data.cache import DecodedImages
+from lit_adamerging.data.cache import DecodedImages, decoded_test_set
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -138,7 +141,7 @@ def test_interrupted_build_leaves_no_store(tmp_path, trees):
         data.setup("fit")
     names = [p.name for p in (tmp_path / "c").iterdir()]
     assert not any(name.startswith("beta") for name in names)  # nothing half-written is left to be read
-    assert not any(".tmp-" in name for name in names)
+    assert not any(name.endswith(".tmp") for name in names)  # the temporary file is removed on the error
 
 
 def test_disk_store_pickles_as_its_path(tmp_path, trees):
@@ -208,3 +211,105 @@ def test_datamodule_bad_input(tmp_path, trees):
         MultiTaskDataModule(trees, cache="ram")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"num_workers must be 0 or more"):
         MultiTaskDataModule(trees, num_workers=-1)
+
+
+def test_in_place_writes_never_reach_the_store(tmp_path, trees):
+    cache_dir = tmp_path / "c"
+    data = MultiTaskDataModule(trees, cache="disk", cache_dir=str(cache_dir))
+    data.setup("test")
+    reference = MultiTaskDataModule(trees, cache="none")
+    reference.setup("test")
+    want = eval_tensors(reference)
+    stores = sorted(cache_dir.glob("*.u8"))
+    digests = {store: hashlib.sha256(store.read_bytes()).hexdigest() for store in stores}
+    if Path("/proc/self/maps").is_file():  # mapped (not read into memory), privately
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        for store in stores:
+            flags = {line.split()[1] for line in maps if line.endswith(str(store))}
+            assert flags and all(flag.endswith("p") for flag in flags), flags
+    alpha = data._test_sets["alpha"]
+    alpha[0][0].fill_(7)
+    alpha.images[1:3].mul_(0)
+    alpha.images_only().images[3].add_(1)
+    assert bool((alpha.images[0] == 7).all())  # the write did happen, in this process's copy
+    for store in stores:
+        assert hashlib.sha256(store.read_bytes()).hexdigest() == digests[store]
+    # a later run (and its DataLoader workers, which map the store again) reads the original images
+    for workers in (0, 1):
+        again = MultiTaskDataModule(trees, cache="disk", cache_dir=str(cache_dir), num_workers=workers)
+        again.setup("test")
+        for (images, labels), (want_images, want_labels) in zip(eval_tensors(again), want):
+            assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
+def test_cache_dir_that_is_a_file_is_refused_before_decoding(tmp_path, trees, monkeypatch):
+    def no_decoding(self, preprocess=None):
+        raise AssertionError("nothing should be decoded")
+
+    monkeypatch.setattr(ImageFolderTask, "decoded_test_set", no_decoding)
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    for cache_dir in (a_file, a_file / "below"):
+        data = MultiTaskDataModule(trees, cache="disk", cache_dir=str(cache_dir))
+        with pytest.raises(NotADirectoryError, match=rf"cache_dir '{cache_dir}': '{a_file}' is a file, not a folder; give a folder"):
+            data.setup("fit")
+    assert a_file.read_text() == "x"
+
+
+STALLING_BUILD = """
+import sys, time
+from torch.utils.data import Dataset
+from lit_adamerging import ImageFolderTask, Preprocess
+from lit_adamerging.data.cache import decoded_test_set
+
+class Stall(Dataset):
+    def __init__(self, inner):
+        self.inner = inner
+    def __len__(self):
+        return len(self.inner)
+    def __getitem__(self, index):
+        if index == 64:  # the first batch of 64 is in the temporary file by now
+            print("stalled", flush=True)
+            time.sleep(600)
+        return self.inner[index]
+
+class StallingTask(ImageFolderTask):
+    def _images(self, transform):
+        return Stall(super()._images(transform))
+
+root, cache_dir = sys.argv[1:]
+decoded_test_set(StallingTask(root=root, preprocess=Preprocess(image_size=8)), "big", Preprocess(image_size=8), cache_dir)
+"""
+
+
+def start_stalling_builds(root: Path, cache_dir: Path, count: int) -> list[subprocess.Popen]:
+    """``count`` processes building the same store, each stalled after writing its first batch."""
+    command = [sys.executable, "-c", STALLING_BUILD, str(root), str(cache_dir)]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(count)]
+    for process in processes:  # started together: the imports take seconds
+        assert process.stdout.readline().strip() == "stalled"
+    return processes
+
+
+def test_temporary_file_of_a_killed_build_is_removed_by_the_next_build(tmp_path):
+    root = make_tree(tmp_path / "big", 2, 40, seed=3)  # 80 images: more than one batch of 64
+    task = ImageFolderTask(root=str(root), preprocess=Preprocess(image_size=8))
+    cache_dir = tmp_path / "c"
+    killed, live = start_stalling_builds(root, cache_dir, 2)
+    try:
+        (temporary,) = (path for path in cache_dir.iterdir() if f".{killed.pid}." in path.name)
+        assert temporary.name.endswith(".tmp") and temporary.stat().st_size > 0
+        killed.kill()
+        killed.wait()
+        assert temporary.exists()  # what kill -9 leaves behind
+        stored = decoded_test_set(task, "big", task.preprocess, cache_dir)
+        names = sorted(path.name for path in cache_dir.iterdir())
+        assert not temporary.exists()
+        # the store, its JSON, and the file of the writer still at work, which is kept
+        assert len(names) == 3 and sum(f".{live.pid}." in name for name in names) == 1
+    finally:
+        for process in (killed, live):
+            process.kill()
+            process.wait()
+    want = torch.stack([image for image, _ in task.decoded_test_set()])
+    assert torch.equal(stored.images, want) and stored.images.shape[0] == 80

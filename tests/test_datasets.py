@@ -253,6 +253,55 @@ def test_image_folder_unreadable_image(tmp_path: Path) -> None:
         data[names.index("truncated.png")]
 
 
+def scaled_to_8_bits(values: np.ndarray) -> np.ndarray:
+    """The plain 16 -> 8 bit conversion: round(value * 255 / 65535), in floating point."""
+    return np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+
+
+def sixteen_bit_values(size: int, seed: int) -> np.ndarray:
+    values = np.random.default_rng(seed).integers(0, 65536, size=(size, size), dtype=np.uint16)
+    values.flat[:6] = [0, 65535, 128, 129, 32767, 257 * 200 + 128]  # extremes and values next to a rounding step
+    return values
+
+
+def test_16_bit_grayscale_files_are_scaled_not_clipped(tmp_path: Path) -> None:
+    size = 24
+    folder = tmp_path / "ds" / "test" / "a"
+    folder.mkdir(parents=True)
+    png_values, pgm_values = sixteen_bit_values(size, 0), sixteen_bit_values(size, 1)
+    Image.fromarray(png_values).save(folder / "0_png16.png")
+    # 16-bit PGM, a format ImageFolderTask reads under .ppm; Pillow opens it as mode "I"
+    (folder / "1_pgm16.ppm").write_bytes(f"P5 {size} {size} 65535\n".encode() + pgm_values.astype(">u2").tobytes())
+    with Image.open(folder / "0_png16.png") as png, Image.open(folder / "1_pgm16.ppm") as pgm:
+        assert (png.mode, pgm.mode) == ("I;16", "I")
+    task = ImageFolderTask(root=str(tmp_path / "ds"), preprocess=Preprocess(image_size=size))
+    decoded = task.decoded_test_set()
+    normalised = task.test_set()
+    for index, values in enumerate((png_values, pgm_values)):
+        want = torch.from_numpy(scaled_to_8_bits(values)).expand(3, size, size)
+        assert torch.equal(decoded[index][0], want)
+        assert torch.equal(normalised[index][0], task.preprocess.normalize(want))
+        # the clipping this replaces: most pixels far off
+        assert (np.minimum(values, 255) != scaled_to_8_bits(values)).mean() > 0.9
+    # the decoded test-set cache reads through the same path
+    from lit_adamerging.data.cache import decoded_test_set
+
+    stored = decoded_test_set(task, "deep", task.preprocess, tmp_path / "cache")
+    assert torch.equal(stored.images[0], torch.from_numpy(scaled_to_8_bits(png_values)).expand(3, size, size))
+
+
+def test_16_bit_images_in_memory_are_scaled_by_the_preprocessing() -> None:
+    values = sixteen_bit_values(16, 2)
+    want = torch.from_numpy(scaled_to_8_bits(values)).expand(3, 16, 16)
+    decode = Preprocess(image_size=16).decode()
+    big_endian = Image.frombytes("I;16B", (16, 16), values.astype(">u2").tobytes())
+    for image in (Image.fromarray(values), big_endian, Image.fromarray(values.astype(np.int32))):
+        assert image.mode in ("I;16", "I;16B", "I")
+        assert torch.equal(decode(image), want), image.mode
+    with pytest.raises(ValueError, match=r"pixels from 0 to 70000 are not a 16-bit image"):
+        decode(Image.fromarray(np.array([[0, 70000]], dtype=np.int32)))
+
+
 def test_image_folder_class_names_count_mismatch(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "ds", {"a": 1, "b": 1, "c": 1})
     (root / "classes.txt").write_text("alpha\nbeta\n")

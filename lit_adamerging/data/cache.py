@@ -6,10 +6,12 @@ costs far more than indexing a tensor, so each split is decoded once into ``[N, 
 elementwise operation, is applied to whole batches later (on the device, by the data module), and
 gives the same tensors bit for bit as the uncached path.
 
-On disk a store is two files in the cache folder: ``<name>.u8`` (the raw bytes, memory-mapped when
-read, so every process on a machine shares one copy in the page cache) and ``<name>.json`` (count,
-size, labels). Both are written to a temporary file and renamed; the JSON comes last, so its
-presence marks a complete store and an interrupted build leaves nothing behind that gets read.
+On disk a store is two files in the cache folder: ``<name>.u8`` (the raw bytes, memory-mapped
+copy-on-write when read: every process on a machine shares one copy in the page cache, and an
+in-place write to an image changes that process's copy, never the file) and ``<name>.json`` (count,
+size, labels). Both are written atomically (:func:`~lit_adamerging.io.atomic_path`); the JSON comes
+last, so its presence marks a complete store, and an interrupted build leaves nothing behind that
+gets read (its temporary file is removed by the next build).
 The name holds a hash of the task's files (:meth:`ImageFileTask.source_key`), of the geometric
 preprocessing and of the Pillow and torchvision versions: change any and the store is rebuilt.
 """
@@ -20,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,12 +33,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lit_adamerging.data.datasets import ImageFileTask
-from lit_adamerging.io import write_text_atomic
+from lit_adamerging.io import atomic_path, write_text_atomic
 from lit_adamerging.models.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: 16-bit grayscale images scaled to 8 bits, no longer clipped
 
 
 class DecodedImages(Dataset):
@@ -86,7 +87,9 @@ def collate_batch(batch: Any) -> Any:
 
 
 def _map(path: Path, shape: tuple[int, ...]) -> Tensor:
-    return torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
+    # shared=False maps the file MAP_PRIVATE: pages are read lazily and shared until written, and a
+    # write copies the page for this process instead of reaching the file.
+    return torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=torch.uint8).view(shape)
 
 
 def store_name(task_name: str, source_key: str, preprocess: Preprocess) -> str:
@@ -118,27 +121,32 @@ def decoded_test_set(
         images, labels = _decode(task.decoded_test_set(preprocess), task_name, num_workers, writer=None)
         return DecodedImages(images, labels)
     folder = Path(cache_dir).expanduser()
+    _check_folder(folder)
     name = store_name(task_name, task.source_key(), preprocess)
     data_path, meta_path = folder / f"{name}.u8", folder / f"{name}.json"
     stored = _read_store(data_path, meta_path)
     if stored is not None:
         return stored
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = data_path.with_name(f"{data_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as out:
-            shape, labels = _decode(task.decoded_test_set(preprocess), task_name, num_workers, writer=out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, data_path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(data_path) as temporary, open(temporary, "wb") as out:
+        shape, labels = _decode(task.decoded_test_set(preprocess), task_name, num_workers, writer=out)
     meta = {"format": FORMAT_VERSION, "task": task_name, "shape": list(shape), "labels": labels.tolist()}
     write_text_atomic(meta_path, json.dumps(meta))
     log.info("decoded test-set cache of task %r written to %s", task_name, data_path)
     stored = _read_store(data_path, meta_path)
     assert stored is not None
     return stored
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse a cache folder that is, or lies under, a file (before anything is decoded)."""
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise NotADirectoryError(
+                    f"cache_dir {str(folder)!r}: {str(existing)!r} is a file, not a folder; give a folder for "
+                    "the decoded test-set cache (it is created if missing), or use cache='memory'."
+                )
+            return
 
 
 def _decode(dataset: Dataset, task_name: str, num_workers: int, writer: BinaryIO | None) -> tuple[Any, Tensor]:

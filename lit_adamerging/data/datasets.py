@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lit_adamerging.data.tasks import TaskData
-from lit_adamerging.models.preprocess import Preprocess
+from lit_adamerging.models.preprocess import Preprocess, to_rgb
 from lit_adamerging.models.prompts import class_names as _prompt_class_names
 from lit_adamerging.models.prompts import read_class_names
 
@@ -51,6 +51,7 @@ __all__ = [
     "eurosat_split_indices",
     "eurosat_test_indices",
     "fingerprint",
+    "read_rgb",
     "sun397_test_indices",
 ]
 
@@ -128,6 +129,12 @@ class ImageFileTask(TaskData):
 # --------------------------------------------------------------------------------------------- #
 
 
+def read_rgb(path: str | Path) -> Image.Image:
+    """The image file at ``path`` decoded (truncated files fail here) as 8-bit RGB (16-bit grayscale scaled)."""
+    with Image.open(path) as opened:
+        return to_rgb(opened)
+
+
 class _ImageList(Dataset):
     """``(transform(image), label)`` over a list of ``(image path, label)``; names the file it cannot read."""
 
@@ -141,8 +148,7 @@ class _ImageList(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")  # a decoded copy: truncated files fail here
+            image = read_rgb(path)
         except (OSError, ValueError, SyntaxError) as error:
             raise OSError(f"cannot read image file {str(path)!r} (item {index}): {error}") from error
         return self.transform(image), label

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -21,11 +22,31 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, 16-bit grayscale scaled to ``round(value * 255 / 65535)``.
+
+    Pillow opens 16-bit grayscale PNGs as mode ``I;16`` (``I;16B`` from other formats, ``I`` from
+    16-bit PGM) and its own conversion clips those values at 255. A mode ``I`` image with values
+    outside 0..65535 is not a 16-bit image: ValueError.
+    """
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image.convert("RGB")
+    values = np.asarray(image)
+    if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(
+            f"32-bit integer pixels from {values.min()} to {values.max()} are not a 16-bit image; "
+            "convert the file to 8 or 16 bits per channel."
+        )
+    # round(v * 255 / 65535) in integers: v / 257 is never halfway between two integers.
+    eight = (values.astype(np.uint32) * 255 + 32767) // 65535
+    return Image.fromarray(eight.astype(np.uint8)).convert("RGB")
+
+
 class _ConvertRGB:
-    """PIL image -> RGB PIL image (grey, palette and RGBA images become 3 channels). Picklable."""
+    """PIL image -> RGB PIL image with :func:`to_rgb` (grey, 16-bit, palette, RGBA: 3 channels). Picklable."""
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == "RGB" else to_rgb(image)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
