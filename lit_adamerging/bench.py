@@ -87,6 +87,17 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, other systems KiB
 
 
+def _alternate(
+    first: Callable[[], Any], second: Callable[[], Any], steps: int, device: torch.device
+) -> tuple[list[float], list[float]]:
+    """The times of ``steps`` runs of each function, alternating."""
+    first_times, second_times = [], []
+    for _ in range(steps):
+        first_times.append(_timed(first, device))
+        second_times.append(_timed(second, device))
+    return first_times, second_times
+
+
 def run(
     model: str = "open_clip:ViT-B-32",
     tasks: int = 8,
@@ -98,6 +109,7 @@ def run(
     precision: str = "32",
     task_vector_dtype: str = "float32",
     classes: int = 10,
+    cuda_graphs: bool = True,
 ) -> dict[str, Any]:
     """Measure and return the figures (see the module docstring)."""
     if precision not in PRECISIONS:
@@ -153,6 +165,8 @@ def run(
     module.to(torch_device).train()
     optimizer = module.configure_optimizers()
     assert module.merger is not None
+    module.merger.cuda_graphs = cuda_graphs
+    graphed = cuda_graphs and torch_device.type == "cuda"
 
     def adamerging_step() -> None:
         with autocast():
@@ -163,15 +177,21 @@ def run(
 
     module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no Trainer attached
     module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    first_step_s = _timed(adamerging_step, torch_device)  # on CUDA: compilation and graph capture
     for _ in range(warmup):
         adamerging_step()
         plain_step()
     _reset_peak_memory(torch_device)
-    adamerging_times, plain_times = [], []
-    for _ in range(steps):
-        adamerging_times.append(_timed(adamerging_step, torch_device))
-        plain_times.append(_timed(plain_step, torch_device))
+    adamerging_times, plain_times = _alternate(adamerging_step, plain_step, steps, torch_device)
     peak_bytes = _peak_memory_bytes(torch_device)
+    eager_s = eager_ratio = None
+    if graphed:
+        module.merger.cuda_graphs = False
+        adamerging_step()
+        eager_times, eager_plain_times = _alternate(adamerging_step, plain_step, steps, torch_device)
+        eager_s = statistics.median(eager_times)
+        eager_ratio = eager_s / statistics.median(eager_plain_times)
+        module.merger.cuda_graphs = True
 
     # The merge alone (forward and backward over the task vectors), after the memory was read:
     # its upstream gradients are the benchmark's, not the step's.
@@ -214,6 +234,10 @@ def run(
         "adamerging_step_s": adamerging_s,
         "plain_step_s": plain_s,
         "ratio": adamerging_s / plain_s,
+        "cuda_graphs": graphed,
+        "first_step_s": first_step_s,
+        "eager_step_s": eager_s,
+        "eager_ratio": eager_ratio,
         "merge_s": statistics.median(merge_times),
         "merge_share": statistics.median(merge_times) / adamerging_s,
         "peak_memory_bytes": peak_bytes,
@@ -244,6 +268,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="retain: keep freed heap memory in the process (lit_adamerging.allocator, as the CLI does); "
         "default: glibc as it comes",
     )
+    parser.add_argument(
+        "--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="CUDA: run the AdaMerging step without graphs"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     retained = args.allocator == "retain" and retain_freed_memory()
@@ -257,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device=args.device,
         precision=args.precision,
         task_vector_dtype=args.task_vector_dtype,
+        cuda_graphs=args.cuda_graphs,
     )
     figures["allocator"] = "retain" if retained else "default"
     for key, value in figures.items():

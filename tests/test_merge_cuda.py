@@ -5,6 +5,9 @@ Skipped without CUDA; run on a GPU machine with ``python -m pytest -q tests/test
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 
@@ -58,3 +61,120 @@ def test_cuda_merge_and_gradient_match_float64_reference(storage, granularity):
     if granularity == "task":
         expected_grad = expected_grad.sum(1, keepdim=True)
     torch.testing.assert_close(merger.coefficients.raw.grad.double(), expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def _pair_of_mergers(name: str, storage: torch.dtype, granularity: str) -> tuple[MergedEncoder, MergedEncoder]:
+    """The same MergedEncoder twice on the GPU: CUDA graphs on, and off (eager)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = create_encoder(name)
+    pretrained = encoder.state_dict()
+    buffers = {key for key, _ in encoder.named_buffers()}
+    tuned = {
+        task: {
+            k: v + 0.02 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+            for k, v in pretrained.items()
+        }
+        for task in ("a", "b", "c")
+    }
+    stacked = stack_task_vectors(pretrained, tuned, buffers=buffers, buffer_policy="merge", dtype=storage)
+    graphed = MergedEncoder(encoder, stacked, granularity=granularity, init=0.3)
+    eager = copy.deepcopy(graphed)
+    eager.cuda_graphs = False
+    return graphed.cuda(), eager.cuda()
+
+
+@cuda
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize(
+    ("name", "storage", "granularity"),
+    [
+        ("open_clip:test-vit-tiny", torch.float32, "layer"),
+        ("open_clip:test-vit-tiny", torch.bfloat16, "task"),
+        ("open_clip:test-vit-tiny", torch.bfloat16, "layer"),
+        ("timm:test_efficientnet", torch.float32, "layer"),  # batch norm, merged buffers
+    ],
+)
+def test_cuda_graph_steps_match_eager_steps(name, storage, granularity, autocast):
+    graphed, eager = _pair_of_mergers(name, storage, granularity)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    addresses = set()
+    for _ in range(3):  # new images and new coefficients every step, as in training
+        raw = torch.rand(graphed.coefficients.raw.shape, device="cuda", generator=generator)
+        images = torch.randn(6, 3, 32, 32, device="cuda", generator=generator)
+        results = []
+        for merger in (graphed, eager):
+            with torch.no_grad():
+                merger.coefficients.raw.copy_(raw)
+            merger.coefficients.raw.grad = None
+            with torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None):
+                features = merger(images)
+            weights = torch.linspace(-1, 1, features.numel(), device="cuda").view_as(features)
+            (features.float() * weights).sum().backward()
+            results.append((features.detach().float().clone(), merger.coefficients.raw.grad.clone()))
+            if merger is graphed:
+                addresses.add(features.data_ptr())
+        (graph_features, graph_grad), (eager_features, eager_grad) = results
+        tolerance = 1e-5 if autocast is None else 2e-2
+        torch.testing.assert_close(graph_features, eager_features, rtol=tolerance, atol=tolerance * eager_features.abs().max())
+        torch.testing.assert_close(graph_grad, eager_grad, rtol=tolerance, atol=tolerance * eager_grad.abs().max())
+    assert len(graphed._captured) == 1 and len(addresses) == 1  # captured once, then replayed
+    assert not eager._captured
+
+
+@cuda
+def test_cuda_graph_second_forward_before_backward_stays_exact():
+    graphed, eager = _pair_of_mergers("open_clip:test-vit-tiny", torch.float32, "layer")
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    first, second = (torch.randn(4, 3, 32, 32, device="cuda", generator=generator) for _ in range(2))
+    graphed(first).sum().backward()  # captured
+    grads = []
+    for merger in (graphed, eager):
+        merger.coefficients.raw.grad = None
+        with pytest.warns(UserWarning, match="before the first one's backward") if merger is graphed else contextlib.nullcontext():
+            loss = merger(first).pow(2).sum() + merger(second).sum()
+        loss.backward()
+        grads.append(merger.coefficients.raw.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    graphed.coefficients.raw.grad = None
+    graphed(second).sum().backward()  # the graph is used again once the backward ran
+    assert graphed._awaiting_backward == set()
+
+
+@cuda
+def test_moving_the_encoder_drops_its_graphs_and_keeps_one_copy_of_the_weights():
+    graphed, _ = _pair_of_mergers("open_clip:test-vit-tiny", torch.float32, "task")
+    graphed(torch.randn(2, 3, 32, 32, device="cuda")).sum().backward()
+    assert graphed._captured
+    graphed.cpu()
+    assert not graphed._captured
+    block = graphed.pretrained.get_buffer("0")
+    name = graphed.group_names[0][0]
+    assert graphed.encoder.state_dict(keep_vars=True)[name].data_ptr() == block[0].data_ptr()
+
+
+@cuda
+def test_gpu_fit_with_graphs_learns_what_the_eager_fit_learns():
+    import lightning.pytorch as pl
+
+    from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticTask, SyntheticZoo
+
+    learned, captures = [], []
+    for graphs in (True, False):
+        data = MultiTaskDataModule(
+            {"a": SyntheticTask(num_classes=5), "b": SyntheticTask(num_classes=3, seed=1)}, batch_size=4, cache="memory"
+        )
+        module = AdaMergingModule(SyntheticZoo("open_clip:test-vit-tiny"), num_classes=data.num_classes)
+        module.configure_model()
+        module.merger.cuda_graphs = graphs
+        trainer = pl.Trainer(
+            max_steps=5, accelerator="gpu", devices=1, precision="32-true", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )
+        trainer.fit(module, data)
+        learned.append(module.merger.coefficients.raw.detach().cpu())
+        captures.append(len(module.merger._captured))
+    assert captures == [1, 0]
+    assert not torch.allclose(learned[0], torch.full_like(learned[0], 0.3))  # it learned something
+    torch.testing.assert_close(learned[0], learned[1], rtol=1e-5, atol=1e-5)

@@ -624,6 +624,59 @@ def test_merged_batch_norm_buffers_train_without_gradient(make_tiny_zoo, granula
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)
 
 
+def _shares_pretrained_blocks(merged_encoder: MergedEncoder) -> bool:
+    """Whether every merged tensor of the encoder is a view of its row in the grouped pretrained blocks."""
+    state = merged_encoder.encoder.state_dict(keep_vars=True)
+    return all(
+        state[name].data_ptr() == merged_encoder.pretrained.get_buffer(str(index))[row].data_ptr()
+        for index, names in enumerate(merged_encoder.group_names)
+        for row, name in enumerate(names)
+    )
+
+
+@pytest.mark.parametrize(("name", "policy"), [(CLIP, "pretrained"), (TIMM, "merge")], ids=["clip", "timm-bn"])
+def test_pretrained_weights_are_stored_once_in_grouped_blocks(make_tiny_zoo, name, policy):
+    encoder, finetuned = make_tiny_zoo(name, perturb_buffers=True)
+    pretrained = {key: value.clone() for key, value in encoder.state_dict().items()}
+    stacked = stack_task_vectors(pretrained, finetuned, buffers=buffer_names(encoder), buffer_policy=policy)
+    merged_encoder = MergedEncoder(encoder, stacked)
+    assert _shares_pretrained_blocks(merged_encoder)
+    for key, value in merged_encoder.encoder.state_dict().items():  # same values as before the re-layout
+        assert torch.equal(value, pretrained[key])
+    x = images(seed=3)
+    expected = merged_encoder(x).detach()
+    # a cast and a copy re-create the encoder's tensors: they are tied to the new blocks again
+    merged_encoder.double()
+    assert _shares_pretrained_blocks(merged_encoder)
+    torch.testing.assert_close(merged_encoder(x.double()).float(), expected, rtol=1e-4, atol=1e-5)
+    copied = copy.deepcopy(merged_encoder.float())
+    assert _shares_pretrained_blocks(copied)
+    torch.testing.assert_close(copied(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_same_shape_tensors_of_different_dtypes_merge_in_separate_groups():
+    encoder = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    encoder[1].double()
+    tuned = {t: {k: v + 1.0 for k, v in encoder.state_dict().items()} for t in ("a", "b")}
+    stacked = stack_task_vectors(encoder.state_dict(), tuned)
+    merged_encoder = MergedEncoder(copy.deepcopy(encoder), stacked, granularity="task", init=0.5)
+    assert _shares_pretrained_blocks(merged_encoder)
+    merged = merged_encoder.merged_tensors()
+    for key, value in encoder.state_dict().items():
+        assert merged[key].dtype == value.dtype
+        torch.testing.assert_close(merged[key], value + 1.0)
+
+
+def test_forward_error_leaves_encoder_weights_in_place(make_tiny_zoo):
+    encoder, finetuned = make_tiny_zoo(CLIP)
+    merged_encoder = MergedEncoder(encoder, stack_task_vectors(encoder.state_dict(), finetuned))
+    before = {key: value for key, value in encoder.state_dict(keep_vars=True).items()}
+    with pytest.raises(RuntimeError):
+        merged_encoder(torch.zeros(2, 5))  # wrong input shape: the encoder raises mid-forward
+    after = encoder.state_dict(keep_vars=True)
+    assert all(after[key] is before[key] for key in before)  # the pretrained tensors, not merged ones
+
+
 def test_merged_encoder_argument_errors():
     encoder = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="no task vectors"):

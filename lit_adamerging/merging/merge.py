@@ -2,20 +2,26 @@
 
 :func:`merge` is one autograd node for the whole encoder. Tensors of the same shape and dtype
 (the same matrix in every transformer block, every LayerNorm vector) are stored together as one
-group ``[G, T, *shape]`` (:func:`group_names`), so the merge costs a few batched products
-per group rather than kernels per tensor: on a GPU, one fused kernel per group forward
-(:func:`weighted_sum`) and one backward (:func:`row_dots`), compiled by ``torch.compile`` so they
-read bf16/fp16 task vectors as stored, without an fp32 copy; on a CPU, an ``addmv`` per tensor in
-cache-sized slices. The arithmetic is fp32 even under autocast. Nothing per task is looped over
-in Python.
-:class:`MergedEncoder` ties it together with learnable :class:`MergingCoefficients` and runs the
-encoder through :func:`torch.func.functional_call`.
+group ``[G, T, *shape]`` (:func:`group_names`), their pretrained values as one block ``[G, *shape]``,
+so the merge costs a few batched products per group rather than kernels per tensor: on a GPU,
+one fused kernel per group forward (:func:`weighted_sum`) and one backward (:func:`row_dots`),
+compiled by ``torch.compile`` so they read bf16/fp16 task vectors as stored, without an fp32
+copy; on a CPU, an ``addmv`` per tensor in cache-sized slices. The arithmetic is fp32 even under autocast. Nothing per task is looped
+over in Python.
+
+:class:`MergedEncoder` ties it together with learnable :class:`MergingCoefficients`. Everything
+that does not change between steps is built once: the grouped pretrained blocks (the encoder's
+own tensors are views of them, so nothing is stored twice), the coefficient columns of each group
+and the parameter slots the merged tensors are swapped into. On CUDA, a training forward and its
+backward (merge and encoder) are captured once as CUDA graphs and replayed every step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -26,6 +32,10 @@ Granularity = Literal["task", "layer"]
 # On CPU, products over [T, n] run in slices of this many entries so the vector they read or write
 # (and any upcast of bf16/fp16 task vectors) stays in cache: about 2x faster when n is large.
 _CPU_SLICE = 1 << 18
+
+# At most this many CUDA graph pairs (one per input shape and autocast setting) per MergedEncoder:
+# each keeps a step's activations in its own memory pool. Other shapes run eagerly.
+_MAX_CAPTURES = 4
 
 
 def group_names(task_vectors: Mapping[str, Tensor]) -> list[list[str]]:
@@ -90,80 +100,81 @@ def _compiled(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return run
 
 
-def _merge_one(base: Tensor, stacked: Tensor, coefficients: Tensor, dtype: torch.dtype) -> Tensor:
-    """CPU: ``base + sum_k coefficients[k] * stacked[k]`` in ``dtype``, in cache-sized slices; returned in ``base.dtype``."""
-    flat = stacked.reshape(stacked.shape[0], -1)
-    base_flat = base.reshape(-1)
-    out = torch.empty(flat.shape[1], dtype=dtype)
-    for start in range(0, flat.shape[1], _CPU_SLICE):
-        stop = start + _CPU_SLICE
-        torch.addmv(base_flat[start:stop].to(dtype), flat[:, start:stop].t().to(dtype), coefficients, out=out[start:stop])
-    return out.view(base.shape).to(base.dtype)
+def _merge_group(base: Tensor, group: Tensor, weights: Tensor) -> Tensor:
+    """``[G, n]``: ``base [G, n] + sum_k weights[:, k] * group[:, k]`` for ``group [G, T, n]``, in ``weights.dtype``."""
+    dtype = weights.dtype
+    if group.device.type != "cpu":
+        return _compiled(weighted_sum)(group, weights, base.to(dtype))
+    out = torch.empty(base.shape, dtype=dtype)
+    for row, stacked, column, base_row in zip(out, group, weights, base):
+        for start in range(0, stacked.shape[1], _CPU_SLICE):
+            stop = start + _CPU_SLICE
+            torch.addmv(base_row[start:stop].to(dtype), stacked[:, start:stop].t().to(dtype), column, out=row[start:stop])
+    return out
 
 
-def _merge_group(bases: Sequence[Tensor], group: Tensor, columns: Tensor, dtype: torch.dtype) -> list[Tensor]:
-    """The merged tensors of one group: ``group [G, T, *shape]``, ``columns [G, T]`` (their coefficients)."""
-    if group.device.type == "cpu":
-        return [_merge_one(base, stacked, column, dtype) for base, stacked, column in zip(bases, group, columns)]
-    flat = group.reshape(group.shape[0], group.shape[1], -1)
-    stacked_bases = torch.stack([base.reshape(-1) for base in bases]).to(dtype)
-    merged = _compiled(weighted_sum)(flat, columns, stacked_bases)
-    return [row.view(base.shape).to(base.dtype) for row, base in zip(merged, bases)]
-
-
-def _group_grad(group: Tensor, grads: Sequence[Tensor | None], dtype: torch.dtype) -> Tensor:
-    """``[G, T]``: entry ``[g, k]`` is ``<group[g, k], grads[g]>`` over all entries (0 for a missing grad)."""
-    flat = group.reshape(group.shape[0], group.shape[1], -1)
-    if group.device.type == "cpu":
-        out = torch.zeros(flat.shape[:2], dtype=dtype)
-        for row, stacked, grad in zip(out, flat, grads):
-            if grad is None:
-                continue
-            grad = grad.reshape(-1).to(dtype)
-            for start in range(0, stacked.shape[1], _CPU_SLICE):
-                stop = start + _CPU_SLICE
-                row.addmv_(stacked[:, start:stop].to(dtype), grad[start:stop])
-        return out
-    zeros = torch.zeros(flat.shape[2], dtype=dtype, device=flat.device)
-    stacked_grads = torch.stack([zeros if grad is None else grad.reshape(-1).to(dtype) for grad in grads])
-    return _compiled(row_dots)(flat, stacked_grads)
+def _group_grad(group: Tensor, grads: Tensor) -> Tensor:
+    """``[G, T]``: entry ``[g, k]`` is ``<group[g, k], grads[g]>`` for ``group [G, T, n]``, ``grads [G, n]``."""
+    if group.device.type != "cpu":
+        return _compiled(row_dots)(group, grads)
+    out = torch.zeros(group.shape[:2], dtype=grads.dtype)
+    for row, stacked, grad in zip(out, group, grads):
+        for start in range(0, stacked.shape[1], _CPU_SLICE):
+            stop = start + _CPU_SLICE
+            row.addmv_(stacked[:, start:stop].to(grads.dtype), grad[start:stop])
+    return out
 
 
 class _Merge(torch.autograd.Function):
     """Every merged tensor in one autograd node; fp32 (at least) with autocast off.
 
-    Inputs: ``columns`` (per group, the coefficient columns of its tensors), ``coefficients [T, P]``,
-    then the P base tensors in column order, then the groups ``[G, T, *shape]``. The backward reads
-    the task vectors as stored (no upcast copy is kept between the passes).
+    Inputs: ``columns`` (per group, a long tensor of its tensors' coefficient columns, on the
+    groups' device), ``coefficients [T, P]``, the pretrained blocks ``[G, *shape]``, then the task
+    vector groups ``[G, T, *shape]``. Outputs: the merged tensors, group by group, each a view of
+    its group's result. The backward reads the task vectors as stored (no upcast copy is kept
+    between the passes) and makes no host-device copy, so it can be captured in a CUDA graph.
     """
 
     @staticmethod
-    def forward(ctx: Any, columns: tuple[tuple[int, ...], ...], coefficients: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
-        count = coefficients.shape[1]
-        bases, groups = tensors[:count], tensors[count:]
+    def forward(ctx: Any, columns: Sequence[Tensor], coefficients: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+        bases, groups = tensors[: len(columns)], tensors[len(columns) :]
         ctx.save_for_backward(*groups)
         ctx.columns = columns
+        ctx.num_columns = coefficients.shape[1]
         ctx.dtype = dtype = torch.promote_types(coefficients.dtype, torch.float32)
-        merged: list[Tensor | None] = [None] * count
+        merged: list[Tensor] = []
         with torch.autocast(coefficients.device.type, enabled=False):
             weights = coefficients.to(dtype).t()  # [P, T]
-            for group, indices in zip(groups, columns):
-                outputs = _merge_group([bases[i] for i in indices], group, weights[list(indices)], dtype)
-                for index, output in zip(indices, outputs):
-                    merged[index] = output
-        return tuple(merged)  # type: ignore[arg-type]
+            for base, group, index in zip(bases, groups, columns):
+                flat = _merge_group(base.reshape(base.shape[0], -1), group.reshape(*group.shape[:2], -1), weights.index_select(0, index))
+                merged.extend(row.view(base.shape[1:]).to(base.dtype) for row in flat)
+        return tuple(merged)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         groups = ctx.saved_tensors
-        nothing = (None,) * (len(grads) + len(groups))
+        nothing = (None,) * (len(groups) * 2)
         if not ctx.needs_input_grad[1]:
             return (None, None, *nothing)
-        rows = torch.zeros(len(grads), groups[0].shape[1], dtype=ctx.dtype, device=groups[0].device)
-        with torch.autocast(rows.device.type, enabled=False):
-            for group, indices in zip(groups, ctx.columns):
-                rows[list(indices)] = _group_grad(group, [grads[i] for i in indices], ctx.dtype)
+        first, dtype = groups[0], ctx.dtype
+        rows = torch.zeros(ctx.num_columns, first.shape[1], dtype=dtype, device=first.device)
+        with torch.autocast(first.device.type, enabled=False):
+            start = 0
+            for group, index in zip(groups, ctx.columns):
+                count = group.shape[0]
+                flat = group.reshape(count, group.shape[1], -1)
+                stacked = torch.stack([
+                    torch.zeros(flat.shape[2], dtype=dtype, device=flat.device) if grad is None else grad.reshape(-1).to(dtype)
+                    for grad in grads[start : start + count]
+                ])
+                rows.index_copy_(0, index, _group_grad(flat, stacked))
+                start += count
         return (None, rows.t(), *nothing)
+
+
+def _column_indices(names: Sequence[Sequence[str]], order: Sequence[str], device: torch.device) -> list[Tensor]:
+    position = {name: index for index, name in enumerate(order)}
+    return [torch.tensor([position[name] for name in group], dtype=torch.long, device=device) for group in names]
 
 
 def merge_groups(
@@ -182,7 +193,6 @@ def merge_groups(
             f"coefficients must have shape [T, {len(order)}] (one column per merged tensor), "
             f"got {tuple(coefficients.shape)}."
         )
-    position = {name: index for index, name in enumerate(order)}
     for group_names, group in zip(names, groups):
         for name in group_names:
             if group.shape[2:] != base[name].shape or group.shape[1] != coefficients.shape[0]:
@@ -190,10 +200,11 @@ def merge_groups(
                     f"cannot merge {name!r}: base {tuple(base[name].shape)}, stacked {tuple(group.shape[1:])}, "
                     f"coefficients {tuple(coefficients.shape)}; expected stacked [T, *base.shape] and coefficients [T, P]."
                 )
-    columns = tuple(tuple(position[name] for name in group_names) for group_names in names)
-    bases = [base[name].detach() for name in order]
-    merged = _Merge.apply(columns, coefficients, *bases, *(group.detach() for group in groups))
-    return dict(zip(order, merged))
+    blocks = [torch.stack([base[name].detach() for name in group_names]) for group_names in names]
+    columns = _column_indices(names, order, coefficients.device)
+    merged = _Merge.apply(columns, coefficients, *blocks, *(group.detach() for group in groups))
+    by_name = dict(zip((name for group_names in names for name in group_names), merged))
+    return {name: by_name[name] for name in order}
 
 
 def merge(base: Mapping[str, Tensor], task_vectors: Mapping[str, Tensor], coefficients: Tensor) -> dict[str, Tensor]:
@@ -258,7 +269,17 @@ class MergedEncoder(nn.Module):
     non-persistent buffers (never saved in a state dict), grouped by shape, and the
     :class:`MergingCoefficients`. ``task_vectors`` is ``{name: [T, *shape]}`` in coefficient-column
     order; the groups share memory with it when it comes from :func:`stack_task_vectors`, else they
-    are copies (drop the dict afterwards to free its memory).
+    are copies (drop the dict afterwards to free its memory). The encoder's merged tensors are
+    re-laid out as views of grouped pretrained blocks ``[G, *shape]`` (also after ``.to()``), so
+    the merge reads them without stacking them again each step.
+
+    With ``cuda_graphs`` (the default), a forward on CUDA with gradients enabled (a training step)
+    is captured once per input shape and autocast setting, merge and encoder, forward and
+    backward, as CUDA graphs (:func:`torch.cuda.make_graphed_callables`), then replayed: a step
+    then costs a few host calls instead of hundreds per tensor and layer. The returned features
+    are the graph's output buffer, overwritten by the next training forward of that shape: use
+    them within the step. The encoder must then be capturable (no host synchronisation, no
+    data-dependent control flow in its forward); set ``cuda_graphs=False`` for one that is not.
 
     Example:
         >>> encoder = nn.Linear(3, 2)
@@ -276,6 +297,7 @@ class MergedEncoder(nn.Module):
         granularity: Granularity = "layer",
         init: float = 0.3,
         clamp: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__()
         if not task_vectors:
@@ -294,30 +316,99 @@ class MergedEncoder(nn.Module):
         self.tensor_names: list[str] = list(task_vectors)
         buffers = {name for name, _ in encoder.named_buffers()}
         self.merged_buffer_names: frozenset[str] = frozenset(n for n in self.tensor_names if n in buffers)
-        # Same-shape tensors stored together, [G, T, *shape] per group: a few batched products per
-        # step instead of kernels per tensor.
-        self.group_names, groups = group_task_vectors(task_vectors)
+        # Same-shape tensors stored together, [G, T, *shape] per group (and their pretrained values
+        # [G, *shape], hence also one dtype of those): a few batched products per step instead of
+        # kernels per tensor.
+        self.group_names = [
+            members
+            for group in group_names(task_vectors)
+            for members in _split_by(group, lambda name: state[name].dtype)
+        ]
         self.task_vectors = nn.Module()
-        for index, group in enumerate(groups):
+        self.pretrained = nn.Module()
+        self.columns = nn.Module()
+        columns = _column_indices(self.group_names, self.tensor_names, torch.device("cpu"))
+        for index, names in enumerate(self.group_names):
+            group = _block_or_stack([task_vectors[name] for name in names])
             self.task_vectors.register_buffer(str(index), group, persistent=False)
+            self.pretrained.register_buffer(str(index), torch.stack([state[name].detach() for name in names]), persistent=False)
+            self.columns.register_buffer(str(index), columns[index].to(group.device), persistent=False)
+        del state
+        self._merged_order = [name for names in self.group_names for name in names]
+        self._slots = [_slot(encoder, name) for name in self._merged_order]
+        self._tie_pretrained()
         self.coefficients = MergingCoefficients(num_tasks, len(self.tensor_names), granularity, init, clamp)
+        self.cuda_graphs = cuda_graphs
+        self._captured: dict[tuple[Any, ...], Callable[..., Tensor]] = {}
+        self._awaiting_backward: set[tuple[Any, ...]] = set()
 
     @property
     def num_tasks(self) -> int:
         return self.coefficients.raw.shape[0]
 
-    def _groups(self) -> list[Tensor]:
-        return [getattr(self.task_vectors, str(index)) for index in range(len(self.group_names))]
+    def _blocks(self, holder: nn.Module) -> list[Tensor]:
+        return [getattr(holder, str(index)) for index in range(len(self.group_names))]
+
+    def _tie_pretrained(self) -> None:
+        """Make the encoder's merged tensors views of the pretrained blocks (one copy of ``theta_0``)."""
+        views = (row for block in self._blocks(self.pretrained) for row in block.unbind(0))
+        for (owner, key, is_buffer), view in zip(self._slots, views):
+            if is_buffer:
+                owner._buffers[key] = view
+            else:
+                owner._parameters[key].data = view
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> MergedEncoder:
+        # A move or cast re-creates the encoder's tensors one by one: tie them to the moved blocks
+        # again, and drop CUDA graphs that point at the old memory.
+        super()._apply(fn, recurse)
+        self._tie_pretrained()
+        self._captured.clear()
+        self._awaiting_backward.clear()
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_captured": {}, "_awaiting_backward": set()}  # CUDA graphs are neither copied nor pickled
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._tie_pretrained()  # a copy (deepcopy, pickle) gets its own blocks: the encoder views them again
 
     def stacked_task_vectors(self) -> dict[str, Tensor]:
         """``{tensor name: Tensor[T, *shape]}`` (views of the stored groups) in coefficient-column order."""
-        views = {name: group[j] for names, group in zip(self.group_names, self._groups()) for j, name in enumerate(names)}
+        views = {name: group[j] for names, group in zip(self.group_names, self._blocks(self.task_vectors)) for j, name in enumerate(names)}
         return {name: views[name] for name in self.tensor_names}
 
+    def _merge(self, coefficients: Tensor) -> dict[str, Tensor]:
+        """The merged tensors for ``coefficients [T, P]``, by name, in group order."""
+        merged = _Merge.apply(
+            self._blocks(self.columns), coefficients, *self._blocks(self.pretrained), *self._blocks(self.task_vectors)
+        )
+        return dict(zip(self._merged_order, merged))
+
     def merged_tensors(self) -> dict[str, Tensor]:
-        """The merged tensors by name, differentiable in the coefficients."""
-        base = self.encoder.state_dict(keep_vars=True)
-        return merge_groups(base, self.group_names, self._groups(), self.coefficients(), self.tensor_names)
+        """The merged tensors by name (coefficient-column order), differentiable in the coefficients."""
+        merged = self._merge(self.coefficients())
+        return {name: merged[name] for name in self.tensor_names}
+
+    @contextlib.contextmanager
+    def _swapped(self, tensors: Mapping[str, Tensor]) -> Iterator[None]:
+        """The encoder with ``tensors`` in place of its merged parameters and buffers (buffers detached:
+        batch norm takes no gradient through its running statistics)."""
+        saved: list[Tensor] = []
+        try:
+            for (owner, key, is_buffer), name in zip(self._slots, self._merged_order):
+                table = owner._buffers if is_buffer else owner._parameters
+                saved.append(table[key])
+                table[key] = tensors[name].detach() if is_buffer else tensors[name]
+            yield
+        finally:
+            for (owner, key, is_buffer), tensor in zip(self._slots, saved):
+                (owner._buffers if is_buffer else owner._parameters)[key] = tensor
+
+    def _encode(self, images: Tensor, tensors: Mapping[str, Tensor]) -> Tensor:
+        with self._swapped(tensors):
+            return self.encoder(images)
 
     def forward(self, images: Tensor, merged: Mapping[str, Tensor] | None = None) -> Tensor:
         """Encode ``images`` with the merged weights (``merged`` reuses tensors merged earlier).
@@ -325,10 +416,57 @@ class MergedEncoder(nn.Module):
         Merged buffers (``buffer_policy="merge"``) are detached: batch norm takes no gradient
         through its running statistics, so they follow the coefficients without training them.
         """
-        tensors = dict(self.merged_tensors() if merged is None else merged)
-        for name in self.merged_buffer_names.intersection(tensors):
-            tensors[name] = tensors[name].detach()
-        return torch.func.functional_call(self.encoder, tensors, (images,))
+        if merged is not None:
+            return self._encode(images, merged)
+        if self._graphable(images):
+            return self._graphed(images)
+        return self._encode(images, self._merge(self.coefficients()))
+
+    def _graphable(self, images: Tensor) -> bool:
+        return (
+            self.cuda_graphs
+            and images.is_cuda
+            and torch.is_grad_enabled()
+            and self.coefficients.raw.requires_grad
+            and not torch.cuda.is_current_stream_capturing()
+            and not torch.compiler.is_compiling()
+        )
+
+    def _graphed(self, images: Tensor) -> Tensor:
+        coefficients = self.coefficients()
+        device = images.device.type
+        key = (tuple(images.shape), images.dtype, images.device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        graphed = self._captured.get(key)
+        if graphed is None and len(self._captured) < _MAX_CAPTURES:
+            graphed = self._captured[key] = self._capture(coefficients, images)
+        if graphed is None or key in self._awaiting_backward:
+            if graphed is not None:
+                # A replay would overwrite the outputs and saved state the earlier forward's backward needs.
+                warnings.warn(
+                    "MergedEncoder: a second training forward of the same shape before the first one's backward "
+                    "runs without its CUDA graph (slower, still exact); call backward once per forward.",
+                    stacklevel=3,
+                )
+            return self._encode(images, self._merge(coefficients))
+        features = graphed(coefficients, images)
+        self._awaiting_backward.add(key)
+        features.register_hook(functools.partial(_backward_reached, self._awaiting_backward, key))
+        return features
+
+    def _capture(self, coefficients: Tensor, images: Tensor) -> Callable[..., Tensor]:
+        """The merge and the encoder, forward and backward, as CUDA graphs for inputs like these."""
+
+        def step(coefficients: Tensor, images: Tensor) -> Tensor:
+            return self._encode(images, self._merge(coefficients))
+
+        device = images.device.type
+        # Capture records the autocast casts in use; its weight-cast cache must be off for that.
+        with torch.autocast(
+            device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device), cache_enabled=False
+        ):
+            return torch.cuda.make_graphed_callables(
+                step, (coefficients.detach().clone().requires_grad_(True), images.detach().clone())
+            )
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, Tensor]:
@@ -339,3 +477,25 @@ class MergedEncoder(nn.Module):
             for name, tensor in self.encoder.state_dict().items()
         }
 
+
+def _backward_reached(awaiting: set[tuple[Any, ...]], key: tuple[Any, ...], grad: Tensor) -> None:
+    awaiting.discard(key)
+
+
+def _split_by(names: Sequence[str], key: Callable[[str], Any]) -> list[list[str]]:
+    """``names`` split into lists of equal ``key``, in order of first appearance."""
+    parts: dict[Any, list[str]] = {}
+    for name in names:
+        parts.setdefault(key(name), []).append(name)
+    return list(parts.values())
+
+
+def _slot(module: nn.Module, name: str) -> tuple[nn.Module, str, bool]:
+    """``(owning module, attribute, is a buffer)`` of the parameter or buffer ``name`` of ``module``."""
+    path, _, key = name.rpartition(".")
+    owner = module.get_submodule(path)
+    if key in owner._buffers:
+        return owner, key, True
+    if key in owner._parameters:
+        return owner, key, False
+    raise ValueError(f"{name!r} is neither a parameter nor a buffer of the encoder.")
