@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -100,6 +101,19 @@ def test_cuda_graph_steps_match_eager_steps(name, storage, granularity, autocast
     graphed, eager = _pair_of_mergers(name, storage, granularity)
     generator = torch.Generator(device="cuda").manual_seed(1)
     addresses = set()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _compare_steps(graphed, eager, generator, autocast, addresses)
+    (graph,) = graphed._captured.values()
+    if graph is None:  # the encoder could not be captured: it said so and ran eagerly (still exact, above)
+        print(f"{name} {storage} {granularity} {autocast}: not captured: {[str(w.message) for w in caught]}")
+        assert any("could not be captured" in str(w.message) for w in caught)
+    else:
+        assert len(addresses) == 1  # captured once, then replayed
+    assert not eager._captured
+
+
+def _compare_steps(graphed, eager, generator, autocast, addresses):
     for _ in range(3):  # new images and new coefficients every step, as in training
         raw = torch.rand(graphed.coefficients.raw.shape, device="cuda", generator=generator)
         images = torch.randn(6, 3, 32, 32, device="cuda", generator=generator)
@@ -119,8 +133,40 @@ def test_cuda_graph_steps_match_eager_steps(name, storage, granularity, autocast
         tolerance = 1e-5 if autocast is None else 2e-2
         torch.testing.assert_close(graph_features, eager_features, rtol=tolerance, atol=tolerance * eager_features.abs().max())
         torch.testing.assert_close(graph_grad, eager_grad, rtol=tolerance, atol=tolerance * eager_grad.abs().max())
-    assert len(graphed._captured) == 1 and len(addresses) == 1  # captured once, then replayed
-    assert not eager._captured
+
+
+class _Synchronising(torch.nn.Module):
+    """An encoder that reads a value back to the host mid-forward: no CUDA graph can hold it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y * 2 if y.abs().max().item() > 1e9 else y
+
+
+@cuda
+def test_encoder_that_cannot_be_captured_runs_eagerly_after_a_warning():
+    encoder = _Synchronising()
+    tuned = {t: {k: v + 0.1 * (i + 1) for k, v in encoder.state_dict().items()} for i, t in enumerate(("a", "b"))}
+    stacked = stack_task_vectors(encoder.state_dict(), tuned)
+    graphed = MergedEncoder(encoder, stacked, init=0.3).cuda()
+    eager = copy.deepcopy(graphed)
+    eager.cuda_graphs = False
+    x = torch.randn(5, 4, device="cuda")
+    with pytest.warns(UserWarning, match="could not be captured as a CUDA graph"):
+        graphed(x).sum().backward()
+    for _ in range(2):  # later steps: eager, no new attempt, no warning, exact
+        graphed.coefficients.raw.grad = eager.coefficients.raw.grad = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            features = graphed(x)
+        features.pow(2).sum().backward()
+        eager(x).pow(2).sum().backward()
+        torch.testing.assert_close(graphed.coefficients.raw.grad, eager.coefficients.raw.grad)
+    assert list(graphed._captured.values()) == [None]
 
 
 @cuda

@@ -278,8 +278,8 @@ class MergedEncoder(nn.Module):
     backward, as CUDA graphs (:func:`torch.cuda.make_graphed_callables`), then replayed: a step
     then costs a few host calls instead of hundreds per tensor and layer. The returned features
     are the graph's output buffer, overwritten by the next training forward of that shape: use
-    them within the step. The encoder must then be capturable (no host synchronisation, no
-    data-dependent control flow in its forward); set ``cuda_graphs=False`` for one that is not.
+    them within the step. An encoder whose forward cannot be captured (a host synchronisation,
+    data-dependent control flow) runs eagerly after a warning; ``cuda_graphs=False`` skips the try.
 
     Example:
         >>> encoder = nn.Linear(3, 2)
@@ -339,7 +339,7 @@ class MergedEncoder(nn.Module):
         self._tie_pretrained()
         self.coefficients = MergingCoefficients(num_tasks, len(self.tensor_names), granularity, init, clamp)
         self.cuda_graphs = cuda_graphs
-        self._captured: dict[tuple[Any, ...], Callable[..., Tensor]] = {}
+        self._captured: dict[tuple[Any, ...], Callable[..., Tensor] | None] = {}
         self._awaiting_backward: set[tuple[Any, ...]] = set()
 
     @property
@@ -436,9 +436,9 @@ class MergedEncoder(nn.Module):
         coefficients = self.coefficients()
         device = images.device.type
         key = (tuple(images.shape), images.dtype, images.device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        if key not in self._captured and len(self._captured) < _MAX_CAPTURES:
+            self._captured[key] = self._capture(coefficients, images)
         graphed = self._captured.get(key)
-        if graphed is None and len(self._captured) < _MAX_CAPTURES:
-            graphed = self._captured[key] = self._capture(coefficients, images)
         if graphed is None or key in self._awaiting_backward:
             if graphed is not None:
                 # A replay would overwrite the outputs and saved state the earlier forward's backward needs.
@@ -453,20 +453,33 @@ class MergedEncoder(nn.Module):
         features.register_hook(functools.partial(_backward_reached, self._awaiting_backward, key))
         return features
 
-    def _capture(self, coefficients: Tensor, images: Tensor) -> Callable[..., Tensor]:
-        """The merge and the encoder, forward and backward, as CUDA graphs for inputs like these."""
+    def _capture(self, coefficients: Tensor, images: Tensor) -> Callable[..., Tensor] | None:
+        """The merge and the encoder, forward and backward, as CUDA graphs for inputs like these;
+        ``None`` (with a warning) if the encoder cannot be captured: those inputs then run eagerly."""
 
         def step(coefficients: Tensor, images: Tensor) -> Tensor:
             return self._encode(images, self._merge(coefficients))
 
         device = images.device.type
-        # Capture records the autocast casts in use; its weight-cast cache must be off for that.
-        with torch.autocast(
-            device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device), cache_enabled=False
-        ):
-            return torch.cuda.make_graphed_callables(
-                step, (coefficients.detach().clone().requires_grad_(True), images.detach().clone())
+        stream = torch.cuda.current_stream(images.device)
+        try:
+            # Capture records the autocast casts in use; its weight-cast cache must be off for that.
+            with torch.autocast(
+                device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device), cache_enabled=False
+            ):
+                return torch.cuda.make_graphed_callables(
+                    step, (coefficients.detach().clone().requires_grad_(True), images.detach().clone())
+                )
+        except RuntimeError as error:  # an operation of the encoder that a graph cannot hold
+            torch.cuda.set_stream(stream)  # a failed capture leaves its side stream current
+            torch.cuda.synchronize(images.device)
+            warnings.warn(
+                f"MergedEncoder: the training step could not be captured as a CUDA graph for inputs of shape "
+                f"{tuple(images.shape)} ({type(error).__name__}: {str(error).splitlines()[0]}); it runs eagerly. "
+                "Set cuda_graphs=False to skip the attempt.",
+                stacklevel=4,
             )
+            return None
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, Tensor]:
