@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
+import random
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -153,30 +156,88 @@ def test_missing_ok_keys_are_taken_from_the_encoder(clip, expected_visual):
 
 
 # ----------------------------------------------------------------------------------- pickled objects
-def test_pickled_module_needs_allow_pickle(tmp_path, clip, expected_visual):
+SAVE_FORMATS = {  # torch.save's default; pickle protocol 4, which torch's weights-only reader cannot parse; pre-1.6
+    "zip": ({}, r"the file holds pickled Python objects \(it references open_clip\.model\.CLIP\)"),
+    "zip-protocol-4": ({"pickle_protocol": 4}, r"torch's weights-only reader cannot read the file"),
+    "legacy": ({"_use_new_zipfile_serialization": False}, r"the file holds pickled Python objects"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("save_format", list(SAVE_FORMATS))
+def test_pickled_module_needs_allow_pickle(tmp_path, clip, expected_visual, save_format):
+    save_kwargs, refusal = SAVE_FORMATS[save_format]
     path = tmp_path / "whole_module.pt"
-    torch.save(clip, path)
-    with pytest.raises(CheckpointError, match=r"whole_module\.pt.*pickled Python objects.*allow_pickle: true"):
+    torch.save(clip, path, **save_kwargs)
+    with pytest.raises(CheckpointError, match=rf"whole_module\.pt: {refusal}.*allow_pickle: true"):
         read_checkpoint(path)
     loaded = read_checkpoint(path, allow_pickle=True)
+    assert_same(loaded, clip.state_dict())
     assert_same(select_encoder_weights(loaded, expected_visual, source=str(path)), clip.visual.state_dict())
 
 
 MODELING_SOURCE = '''
+"""Laid out like the task_vectors release's src/modeling.py when it saved finetuned.pt and the heads."""
 import torch
+from torchvision import transforms
+
+
+def to_rgb(image):
+    """A plain function in the preprocessing, as open_clip's transforms of that time had."""
+    return image.convert("RGB")
+
+
+def preprocess(is_train):
+    crop = transforms.RandomResizedCrop(32, scale=(0.9, 1.0)) if is_train else transforms.CenterCrop(32)
+    return transforms.Compose([
+        transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC),
+        crop,
+        to_rgb,
+        transforms.ToTensor(),
+        transforms.Normalize((0.48, 0.46, 0.41), (0.27, 0.26, 0.28)),
+    ])
+
+
+class Vocabulary:
+    """A tokenizer-like object: tables of strings, ids and bytes."""
+
+    def __init__(self):
+        self.encoder = {"a</w>": 0, "b</w>": 1, "ab</w>": 2}
+        self.decoder = {index: token for token, index in self.encoder.items()}
+        self.ranks = {("a", "b</w>"): 0}
+        self.byte_table = bytes(range(32))
 
 
 class ImageEncoder(torch.nn.Module):
-    """Like task_vectors' src.modeling.ImageEncoder: a whole open_clip CLIP under .model."""
+    """A whole open_clip CLIP under .model, its text transformer deleted, with the preprocessing."""
 
-    def __init__(self, model, preprocess):
+    def __init__(self, model):
         super().__init__()
         self.model = model
-        self.train_preprocess = preprocess
+        self.train_preprocess = preprocess(True)
+        self.val_preprocess = preprocess(False)
+        self.tokenizer = Vocabulary()
         self.cache_dir = "/somewhere/else"
+        del self.model.transformer
 
     def forward(self, images):
         return self.model.encode_image(images)
+
+
+class ClassificationHead(torch.nn.Linear):
+    """A zero-shot head: a Linear layer that may normalise its input."""
+
+    def __init__(self, normalize, weights, biases):
+        super().__init__(weights.shape[1], weights.shape[0])
+        self.normalize = normalize
+        with torch.no_grad():
+            self.weight.copy_(weights)
+            self.bias.copy_(biases)
+
+    def forward(self, features):
+        if self.normalize:
+            features = features / features.norm(dim=-1, keepdim=True)
+        return super().forward(features)
 
 
 class Holder:
@@ -188,19 +249,21 @@ class Holder:
 '''
 
 
-def test_pickled_object_of_a_class_whose_source_is_gone(tmp_path, clip, expected_visual):
+def test_task_vectors_release_layout(tmp_path, clip, expected_visual):
+    """finetuned.pt and head files as the release wrote them: torch.save of module trees whose classes are gone."""
     package = tmp_path / "code" / "src"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "modeling.py").write_text(MODELING_SOURCE)
-    path = tmp_path / "finetuned.pt"
     assert "src" not in sys.modules
     sys.path.insert(0, str(package.parent))
     try:
-        from src.modeling import Holder, ImageEncoder  # type: ignore[import-not-found]
+        from src.modeling import ClassificationHead, Holder, ImageEncoder  # type: ignore[import-not-found]
 
-        image_encoder = ImageEncoder(clip, open_clip.image_transform(32, is_train=False))
-        torch.save(image_encoder, path)
+        image_encoder = ImageEncoder(copy.deepcopy(clip))
+        head = ClassificationHead(True, torch.randn(5, 16), torch.randn(5))
+        torch.save(image_encoder, tmp_path / "finetuned.pt")
+        torch.save(head, tmp_path / "head_Cars.pt")
         torch.save(Holder(image_encoder), tmp_path / "holder.pt")
     finally:
         sys.path.remove(str(package.parent))
@@ -209,15 +272,17 @@ def test_pickled_object_of_a_class_whose_source_is_gone(tmp_path, clip, expected
     with pytest.raises(ModuleNotFoundError):
         __import__("src.modeling")
 
+    path = tmp_path / "finetuned.pt"
     with pytest.raises(CheckpointError, match=r"finetuned\.pt.*src\.modeling\.ImageEncoder.*allow_pickle"):
         read_checkpoint(path)
     loaded = read_checkpoint(path, allow_pickle=True)
     assert "src" not in sys.modules
-    assert any(key.startswith("model.visual.") for key in loaded) and "model.logit_scale" in loaded
-    selected = select_encoder_weights(loaded, expected_visual, source=str(path))
-    assert_same(selected, clip.visual.state_dict())
+    assert_same(loaded, image_encoder.state_dict())  # every weight, in order; the text transformer is gone
+    assert not any(key.startswith("model.transformer.") for key in loaded)
+    assert_same(select_encoder_weights(loaded, expected_visual, source=str(path)), clip.visual.state_dict())
+    assert_same(read_checkpoint(tmp_path / "head_Cars.pt", allow_pickle=True), head.state_dict())
     held = read_checkpoint(tmp_path / "holder.pt", allow_pickle=True)  # .model of a plain object
-    assert_same(select_encoder_weights(held, expected_visual, source="holder.pt"), clip.visual.state_dict())
+    assert_same(held, image_encoder.state_dict())
 
 
 # -------------------------------------------------------------------------------- Hugging Face folders
@@ -318,10 +383,37 @@ def test_file_without_tensors(tmp_path):
 def test_corrupt_file(tmp_path, suffix):
     path = tmp_path / f"corrupt{suffix}"
     path.write_bytes(b"definitely not a checkpoint" * 3)
-    with pytest.raises(CheckpointError, match=rf"corrupt\{suffix}: not a readable"):
-        read_checkpoint(path)
-    with pytest.raises(CheckpointError, match=rf"corrupt\{suffix}: not a readable"):
-        read_checkpoint(path, allow_pickle=True)
+    for allow_pickle in (False, True):
+        with pytest.raises(CheckpointError, match=rf"corrupt\{suffix}: not a readable") as error:
+            read_checkpoint(path, allow_pickle=allow_pickle)
+        assert "allow_pickle" not in str(error.value)
+
+
+def _truncated(path: Path, keep: float) -> bytes:
+    torch.save({"weight": torch.ones(1000)}, path)
+    data = path.read_bytes()
+    return data[: int(len(data) * keep)]
+
+
+NOT_CHECKPOINTS = {  # file contents -> what the error says about them
+    **{f"random-{seed}": (lambda path, seed=seed: random.Random(seed).randbytes(4096), r"\(\w+Error: ") for seed in range(4)},
+    "truncated-zip": (lambda path: _truncated(path, 0.5), r"failed finding central directory"),
+    "zip-without-its-end": (lambda path: _truncated(path, 0.99), r"\(\w+Error: "),
+    "empty": (lambda path: b"", r"the file is empty"),
+    "raw-pickle": (lambda path: pickle.dumps({"weight": [1.0, 2.0]}), r"\(\w+Error: "),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("allow_pickle", [False, True])
+@pytest.mark.parametrize("kind", list(NOT_CHECKPOINTS))
+def test_not_a_checkpoint_is_not_told_to_allow_pickle(tmp_path, kind, allow_pickle):
+    contents, reason = NOT_CHECKPOINTS[kind]
+    path = tmp_path / "model.pt"
+    path.write_bytes(contents(path))
+    with pytest.raises(CheckpointError, match=rf"model\.pt: not a readable PyTorch checkpoint .*{reason}") as error:
+        read_checkpoint(path, allow_pickle=allow_pickle)
+    assert "allow_pickle" not in str(error.value)
 
 
 def test_folder_that_is_not_a_model(tmp_path):

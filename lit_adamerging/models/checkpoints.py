@@ -6,9 +6,14 @@
 * ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` files written by ``torch.save``: a plain state dict, or a
   container holding one under ``state_dict`` (Lightning), ``model_state_dict``, ``model``,
   ``module`` (DeepSpeed) or ``ema``;
-* with ``allow_pickle=True`` only, files holding pickled Python objects, such as whole
-  ``nn.Module`` objects (``torch.save(model)``, e.g. the task_vectors release, whose
-  ``src.modeling.ImageEncoder`` objects load without that project's source tree);
+* with ``allow_pickle=True`` only, ``torch.save`` files holding pickled Python objects, such as whole
+  ``nn.Module`` objects (``torch.save(model)``, e.g. the task_vectors release's ``finetuned.pt``, whose
+  ``src.modeling.ImageEncoder`` objects load without that project's source tree). No code from such a
+  file runs: tensors, storages, dtypes, ``torch.Size``, ``OrderedDict`` and sets are rebuilt; every
+  other class is replaced by an inert stand-in holding only its pickled state (a module's weights are
+  read from it), even when the class could be imported; and a file that calls anything else
+  (``eval``, ``os.system``, ``getattr``, a function of any module) or refers to a module that runs code
+  (``os``, ``subprocess``, ``builtins``, ``importlib``, ``pickle``, ``functools``, ...) is refused;
 * a Hugging Face CLIP folder (``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``,
   possibly sharded) of a ``CLIPVisionModel``, ``CLIPVisionModelWithProjection`` or ``CLIPModel``:
   its image tower, renamed to open_clip's ``VisionTransformer`` keys.
@@ -29,10 +34,17 @@ Example:
 
 from __future__ import annotations
 
+import _compat_pickle
+import copyreg
+import inspect
 import json
 import pickle
 import re
+import sys
 import types
+import warnings
+import zipfile
+from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -65,8 +77,15 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str
     Args:
         path: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` file, or a Hugging Face
             CLIP model folder.
-        allow_pickle: also accept files holding pickled Python objects (whole modules, custom
-            classes). Loading such a file can run arbitrary code: only for trusted files.
+        allow_pickle: also accept ``torch.save`` files holding pickled Python objects (whole modules,
+            custom classes), which ``torch.load(weights_only=True)`` refuses. They are read without
+            running any code from the file: tensors, storages, dtypes, ``torch.Size``,
+            ``torch.device``, ``OrderedDict`` and sets are rebuilt; every other class becomes an inert
+            stand-in keeping only its pickled state (a pickled module's weights are read from it),
+            even when the class could be imported; any other call (``eval``, ``os.system``,
+            ``getattr``, a function of any module), and any name from a module that runs code
+            (``os``, ``subprocess``, ``builtins``, ``importlib``, ``pickle``, ``functools``, ...), is
+            refused with a :class:`CheckpointError` naming it.
 
     Returns:
         The state dict as saved (keys keep their prefixes; see :func:`select_encoder_weights`). For
@@ -78,8 +97,9 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str
 
     Raises:
         FileNotFoundError: nothing exists at ``path``.
-        CheckpointError: the file type is unsupported, the file is unreadable, holds no tensors, or
-            holds pickled objects while ``allow_pickle`` is false.
+        CheckpointError: the file type is unsupported, the file is unreadable, holds no tensors,
+            holds pickled objects while ``allow_pickle`` is false, or (with ``allow_pickle``) would
+            call something that could run code.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -122,15 +142,12 @@ def _read_torch_file(path: Path, *, allow_pickle: bool) -> dict[str, Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if allow_pickle:
-            loaded = _load_pickled(path)
-        else:
+        if not allow_pickle:
             raise _refusal(path, error) from error
+        # Only pickles get here: TorchScript and legacy tar archives fail above with a RuntimeError.
+        loaded = _load_pickled(path)
     except Exception as error:  # zip/EOF/key errors of corrupt or foreign files
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({error.__class__.__name__}: {error}); "
-            "the file may be truncated or not written by torch.save."
-        ) from error
+        raise _unreadable(path, error) from error
     state = _extract_state_dict(loaded)
     if state is None:
         raise CheckpointError(
@@ -140,24 +157,45 @@ def _read_torch_file(path: Path, *, allow_pickle: bool) -> dict[str, Tensor]:
     return state
 
 
-def _refusal(path: Path, error: Exception) -> CheckpointError:
-    """The error for a file that ``torch.load(weights_only=True)`` refused."""
-    message = str(error)
-    lines = [line.strip() for line in message.split("WeightsUnpickler error:")[-1].splitlines() if line.strip()]
-    reason = lines[0] if lines else error.__class__.__name__
-    if not re.search(r"GLOBAL|reduce|new object|Can only build", message):
-        return CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({reason}); the file may be truncated or not written by "
-            "torch.save. If it holds pickled Python objects from a trusted source, set `allow_pickle: true` on "
-            "the zoo (Python: `allow_pickle=True`)."
-        )
-    found = re.search(r"GLOBAL ([\w.]+)", message)
-    reference = f" (it references {found.group(1)})" if found else ""
+def _reason(error: Exception) -> str:
+    """The informative first sentence of a torch.load error (``weights_only`` ones are long)."""
+    message = str(error).split("WeightsUnpickler error:")[-1].strip()
+    first = message.splitlines()[0].split(". ")[0].strip() if message else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    reason = "the file is empty" if path.stat().st_size == 0 else _reason(error)
     return CheckpointError(
-        f"{path}: the file holds pickled Python objects{reference}, not just tensors, and loading it can run "
-        "arbitrary code. If the file comes from a trusted source, set `allow_pickle: true` on the zoo "
-        "(Python: `allow_pickle=True`); otherwise convert it to a plain state dict (.safetensors) where it "
-        "was made."
+        f"{path}: not a readable PyTorch checkpoint ({reason}); the file may be truncated or not written by "
+        "torch.save."
+    )
+
+
+_LEGACY_HEADER = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how torch.save < 1.6 files begin
+
+
+def _written_by_torch_save(path: Path) -> bool:
+    if zipfile.is_zipfile(path):
+        return True
+    with path.open("rb") as file:
+        return file.read(len(_LEGACY_HEADER)) == _LEGACY_HEADER
+
+
+def _refusal(path: Path, error: Exception) -> CheckpointError:
+    """The error for a file that ``torch.load(weights_only=True)`` refused, when ``allow_pickle`` is false."""
+    if not _written_by_torch_save(path):  # random bytes, or a plain pickle: allow_pickle would not help
+        return _unreadable(path, error)
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if found:
+        what = f"the file holds pickled Python objects (it references {found.group(1)}), not just tensors"
+    else:  # e.g. pickle protocol 4, which that reader does not parse
+        what = f"torch's weights-only reader cannot read the file ({_reason(error)})"
+    return CheckpointError(
+        f"{path}: {what}. If it comes from a source you trust, set `allow_pickle: true` on the zoo (Python: "
+        "`allow_pickle=True`) to read its tensors: other classes are then stood in for without running their "
+        "code, and anything that could run code is refused. Better, convert it to a plain state dict "
+        "(.safetensors) where it was made."
     )
 
 
@@ -166,6 +204,10 @@ def _describe(obj: Any) -> str:
         keys = list(obj)
         more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
         return f"dict with top-level keys {keys[:10]}{more}"
+    if isinstance(obj, _StandIn):
+        return f"{obj.cls.name} object"
+    if isinstance(obj, _Global):
+        return f"reference to {obj.name}"
     return f"{type(obj).__module__}.{type(obj).__qualname__} object"
 
 
@@ -174,21 +216,16 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _extract_state_dict(obj: Any, depth: int = 0) -> dict[str, Tensor] | None:
-    """The state dict in a loaded object: a dict of tensors, a container of one, or a module."""
+    """The state dict in a loaded object: a dict of tensors, a container of one, or a pickled module."""
     if depth > 4:
         return None
+    if isinstance(obj, _StandIn):
+        weights = _module_weights(obj)
+        if weights:
+            return weights
+        obj = obj.items or obj.attributes  # a dict subclass's items, or an object's attributes
     if _is_state_dict(obj):
         return {str(key): value for key, value in obj.items()}
-    if isinstance(obj, nn.Module):
-        try:
-            state = obj.state_dict()
-        except Exception:  # noqa: BLE001 - a stand-in that never got its state
-            state = {}
-        if state:
-            return {key: value.detach() for key, value in state.items()}
-        obj = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
-    elif not isinstance(obj, Mapping) and isinstance(getattr(obj, "__dict__", None), dict):
-        obj = vars(obj)
     if isinstance(obj, Mapping):
         for key in CONTAINER_KEYS:
             if key in obj:
@@ -199,86 +236,265 @@ def _extract_state_dict(obj: Any, depth: int = 0) -> dict[str, Tensor] | None:
 
 
 # ------------------------------------------------------------------------------ pickled Python objects
-class _StandIn(nn.Module):
-    """Takes the place of a pickled class whose module cannot be imported.
+# With allow_pickle, files that torch.load(weights_only=True) refuses are read by torch.load with
+# _SafeUnpickler. A pickle may call only the tensor and container constructors in _ALLOWED. Any other
+# name it refers to is never imported: it becomes a _Global; calling a _Global that names a class (or
+# whose module is not imported, so that nothing of it can run) makes an inert _StandIn, calling any
+# other name is refused, and names from _CODE_MODULES are refused outright, classes included.
+# The pure-Python unpickler is the base because there every opcode that calls something (REDUCE,
+# NEWOBJ, NEWOBJ_EX, INST, OBJ, BUILD -> __setstate__, EXT* -> copyreg's registry) can be overridden;
+# torch.load subclasses it, routes persistent ids to its storages and storage names to dtype holders,
+# and sends every other name through find_class.
+class _Refused(Exception):
+    """Something in a pickle that could run code; becomes a CheckpointError naming the file."""
 
-    It accepts any pickled state; when that state is an ``nn.Module``'s ``__dict__`` (with
-    ``_parameters``, ``_buffers``, ``_modules``) the stand-in behaves as that module for
-    ``state_dict()``. It cannot be run.
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it to spell ``bytes``, for that codec only."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise _Refused(f"_codecs.encode with the codec {encoding!r}")
+    return text.encode("latin1")
+
+
+def _rebuild_from_type(func: Any, new_type: Any, args: tuple[Any, ...], state: Any) -> Tensor:
+    """torch's ``_rebuild_from_type_v2`` for tensors and parameters, without their Python attributes.
+
+    Attributes are not weights, and one named like a method (``detach``) would hide it.
     """
+    if new_type is not Tensor and new_type is not nn.Parameter:
+        raise _Refused(f"rebuilding a tensor as {new_type!r}")
+    tensor = _SafeUnpickler.call(func, args, {})
+    return tensor if type(tensor) is new_type else tensor.as_subclass(new_type)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
-        self.__dict__["_stand_in_args"] = (args, kwargs)
 
-    def __setstate__(self, state: Any) -> None:
+def _rebuild_parameter(data: Tensor, requires_grad: bool, hooks: Any, state: Any = None) -> nn.Parameter:
+    """torch's ``_rebuild_parameter(_with_state)``, without the Python attributes in ``state``."""
+    return torch._utils._rebuild_parameter(data, requires_grad, hooks)
+
+
+_ALLOWED: dict[str, Any] = {
+    "collections.OrderedDict": OrderedDict,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "_codecs.encode": _latin1,
+    "torch.Size": torch.Size,
+    "torch.device": torch.device,
+    "torch.Tensor": Tensor,
+    "torch.nn.parameter.Parameter": nn.Parameter,
+    "torch.storage.UntypedStorage": torch.UntypedStorage,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
+    "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_tensor_v3": torch._utils._rebuild_tensor_v3,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+}
+_ALLOWED_IDS = frozenset(id(value) for value in _ALLOWED.values())
+
+# Modules that exist to run code, import modules, call by name or reach the system: a checkpoint has
+# no business naming anything of theirs (their classes too: subprocess.Popen, functools.partial, ...).
+_CODE_MODULES = frozenset({
+    "builtins", "os", "posix", "nt", "sys", "subprocess", "_posixsubprocess", "pty", "signal", "shutil",
+    "socket", "_socket", "webbrowser", "importlib", "pkgutil", "runpy", "code", "codeop", "pdb", "pickle",
+    "_pickle", "marshal", "copyreg", "shelve", "dill", "cloudpickle", "operator", "_operator", "functools",
+    "_functools", "types", "ctypes", "_ctypes", "multiprocessing", "_multiprocessing", "threading", "_thread",
+    "io", "_io",
+})
+_UNKNOWN = object()
+
+
+def _static_lookup(module: str, name: str) -> Any:
+    """``module.name`` if that module is already imported, found without running any code; else ``_UNKNOWN``."""
+    found: Any = sys.modules.get(module, _UNKNOWN)
+    for part in name.split("."):
+        if found is _UNKNOWN or found is None:
+            return _UNKNOWN
+        found = inspect.getattr_static(found, part, _UNKNOWN)
+    return found
+
+
+class _Global:
+    """A name a pickle refers to, never imported; called, it makes a stand-in, if it names a class."""
+
+    __slots__ = ("name", "is_class")
+
+    def __init__(self, name: str, is_class: bool) -> None:
+        self.name = name
+        self.is_class = is_class
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _StandIn:
+        if not self.is_class:
+            raise _Refused(f"a call of {self.name}")
+        return _StandIn(self, args, kwargs)
+
+    @property
+    def __name__(self) -> str:  # read by torch's pre-1.6 format loader, which checks each module class's source
+        return self.name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class _StandIn:
+    """An object of a pickled class: the class's name, its pickled arguments and state, none of its code."""
+
+    __slots__ = ("cls", "args", "attributes", "items", "elements")  # no __dict__: nothing can shadow a method
+
+    def __init__(self, cls: _Global, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.cls = cls
+        self.args = (args, kwargs)
+        self.attributes: dict[Any, Any] = {}
+        self.items: dict[Any, Any] = {}  # a pickled dict subclass's items
+        self.elements: list[Any] = []  # a pickled list subclass's elements
+
+    def restore(self, state: Any) -> None:
+        """Take what pickle's BUILD passes to ``__setstate__``: attributes, a (dict, slots) pair, or else."""
         if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
-            state = {**(state[0] or {}), **(state[1] or {})}  # (__dict__, slots) pairs
-        if not isinstance(state, dict):
-            state = {"_stand_in_state": state}
-        if "_parameters" not in state:
-            nn.Module.__init__(self)
-        nn.Module.__setstate__(self, state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.attributes.update(state)
+        else:
+            self.attributes["__state__"] = state
 
-    def __setitem__(self, key: Any, value: Any) -> None:  # pickled dict subclasses
-        self.__dict__.setdefault("_stand_in_items", {})[key] = value
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items[key] = value
 
-    def append(self, value: Any) -> None:  # pickled list subclasses
-        self.__dict__.setdefault("_stand_in_list", []).append(value)
+    def append(self, value: Any) -> None:
+        self.elements.append(value)
 
     def extend(self, values: Any) -> None:
-        self.__dict__.setdefault("_stand_in_list", []).extend(values)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            f"{type(self).__module__}.{type(self).__qualname__} was loaded without its source code; "
-            "only its weights can be used."
-        )
+        self.elements.extend(values)
 
 
-_STAND_INS: dict[tuple[str, str], type] = {}
+def _module_weights(root: _StandIn) -> dict[str, Tensor]:
+    """What ``state_dict()`` returns for a pickled ``nn.Module``, read from its stand-in tree (no hooks run)."""
+    weights: dict[str, Tensor] = {}
+
+    def visit(module: _StandIn, prefix: str, path: frozenset[int]) -> None:
+        attributes = module.attributes
+        transient = attributes.get("_non_persistent_buffers_set")
+        transient = transient if isinstance(transient, (set, frozenset)) else frozenset()
+        for group in ("_parameters", "_buffers"):
+            tensors = attributes.get(group)
+            if isinstance(tensors, Mapping):
+                for name, value in tensors.items():
+                    if not isinstance(name, str) or not isinstance(value, Tensor):
+                        continue
+                    if group == "_parameters" or name not in transient:  # state_dict() skips transient buffers
+                        weights[prefix + name] = value.detach()
+        children = attributes.get("_modules")
+        if isinstance(children, Mapping):
+            for name, child in children.items():
+                if isinstance(name, str) and isinstance(child, _StandIn) and id(child) not in path:
+                    visit(child, f"{prefix}{name}.", path | {id(child)})
+
+    visit(root, "", frozenset({id(root)}))
+    return weights
 
 
-def _stand_in(module: str, name: str) -> type:
-    key = (module, name)
-    if key not in _STAND_INS:
-        _STAND_INS[key] = type(name.rpartition(".")[2], (_StandIn,), {"__module__": module, "__qualname__": name})
-    return _STAND_INS[key]
+class _Opcodes(dict):
+    def __missing__(self, opcode: int) -> Any:  # what the C unpickler says; the Python one raises a KeyError
+        raise pickle.UnpicklingError(f"invalid load key {bytes([opcode])!r}")
 
 
-class _LenientUnpickler(pickle.Unpickler):
-    """An unpickler that replaces classes it cannot import by :class:`_StandIn` subclasses."""
+class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler, whose opcodes can be overridden
+    dispatch = _Opcodes(pickle._Unpickler.dispatch)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._globals: dict[str, _Global] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except Exception:  # noqa: BLE001 - missing module or name, or a module that fails to import
-            return _stand_in(module, name)
+        if self.proto < 3 and self.fix_imports:  # Python 2 names, as protocol 2 (torch.save's) spells them
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
+        qualified = f"{module}.{name}"
+        if qualified in _ALLOWED:
+            return _ALLOWED[qualified]
+        if module == "torch" and isinstance(vars(torch).get(name), torch.dtype):
+            return vars(torch)[name]
+        if module.partition(".")[0] in _CODE_MODULES:
+            raise _Refused(qualified)
+        if qualified not in self._globals:
+            found = _static_lookup(module, name)
+            self._globals[qualified] = _Global(qualified, found is _UNKNOWN or issubclass(type(found), type))
+        return self._globals[qualified]
+
+    def get_extension(self, code: int) -> None:  # EXT1/2/4: by copyreg's registry, not its cache of objects
+        key = copyreg._inverted_registry.get(code)
+        if key is None:
+            raise pickle.UnpicklingError(f"unregistered extension code {code}")
+        self.append(self.find_class(*key))
+
+    @staticmethod
+    def call(func: Any, args: Any, kwargs: Any) -> Any:
+        """Call ``func`` if it is allowed, or a name (which makes a stand-in if it names a class)."""
+        if type(func) is _Global or id(func) in _ALLOWED_IDS:
+            return func(*args, **kwargs)
+        raise _Refused(f"a call of a {type(func).__qualname__} object")
+
+    def _instantiate(self, klass: Any, args: Any) -> None:  # INST and OBJ
+        self.append(self.call(klass, args, {}))
+
+    def _new(self, cls: Any, args: Any, kwargs: Any) -> Any:
+        if type(cls) is _Global:
+            return cls(*args, **kwargs)
+        if id(cls) in _ALLOWED_IDS and isinstance(cls, type):
+            return cls.__new__(cls, *args, **kwargs)
+        raise _Refused(f"creating a {type(cls).__qualname__} object")
+
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        self.stack[-1] = self.call(self.stack[-1], args, {})
+
+    def load_newobj(self) -> None:
+        args = self.stack.pop()
+        self.stack[-1] = self._new(self.stack[-1], args, {})
+
+    def load_newobj_ex(self) -> None:
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        self.stack[-1] = self._new(self.stack[-1], args, kwargs)
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if type(inst) is _StandIn:
+            inst.restore(state)
+        elif type(inst) is OrderedDict and type(state) is dict and set(state) <= {"_metadata"}:
+            inst.__dict__.update(state)  # a state dict's _metadata; other attributes could hide its methods
+        else:
+            raise _Refused(f"setting the state of a {type(inst).__qualname__} object")
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    dispatch[pickle.BUILD[0]] = load_build
 
 
-def _lenient_load(file: Any, **kwargs: Any) -> Any:
-    return _LenientUnpickler(file, **kwargs).load()
+def _safe_load(file: Any, **kwargs: Any) -> Any:
+    return _SafeUnpickler(file, **kwargs).load()
 
 
-_LENIENT_PICKLE = types.SimpleNamespace(
-    Unpickler=_LenientUnpickler,
-    load=_lenient_load,
-    loads=pickle.loads,
-    Pickler=pickle.Pickler,
-    dump=pickle.dump,
-    dumps=pickle.dumps,
-    __name__="lit_adamerging_lenient_pickle",
-)
+_SAFE_PICKLE = types.SimpleNamespace(__name__="lit_adamerging_safe_pickle", Unpickler=_SafeUnpickler, load=_safe_load)
 
 
 def _load_pickled(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_LENIENT_PICKLE)
-    except Exception as error:
+        with warnings.catch_warnings():  # the pre-1.6 format's source check has no source to compare for a name
+            warnings.filterwarnings("ignore", "Couldn't retrieve source code for container")
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_SAFE_PICKLE)
+    except _Refused as refused:
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint, even with allow_pickle ({error.__class__.__name__}: "
-            f"{error}); the file may be truncated or not written by torch.save."
-        ) from error
+            f"{path}: refused {refused}, which could run code. allow_pickle rebuilds only tensors and containers "
+            "and stands in for other classes without running their code; anything else is refused. Do not use "
+            "this file; if it comes from a trusted source, convert it to a plain state dict (.safetensors) where "
+            "it was made."
+        ) from refused
+    except Exception as error:
+        raise _unreadable(path, error) from error
 
 
 # ---------------------------------------------------------------------------- Hugging Face CLIP folders
