@@ -395,16 +395,22 @@ def _truncated(path: Path, keep: float) -> bytes:
     return data[: int(len(data) * keep)]
 
 
+def _torchscript(path: Path) -> bytes:
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(path))
+    return path.read_bytes()
+
+
 NOT_CHECKPOINTS = {  # file contents -> what the error says about them
     **{f"random-{seed}": (lambda path, seed=seed: random.Random(seed).randbytes(4096), r"\(\w+Error: ") for seed in range(4)},
     "truncated-zip": (lambda path: _truncated(path, 0.5), r"failed finding central directory"),
     "zip-without-its-end": (lambda path: _truncated(path, 0.99), r"\(\w+Error: "),
     "empty": (lambda path: b"", r"the file is empty"),
     "raw-pickle": (lambda path: pickle.dumps({"weight": [1.0, 2.0]}), r"\(\w+Error: "),
+    "torchscript": (lambda path: _torchscript(path), r"TorchScript archives"),  # never handed to torch.jit.load
 }
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol", "ignore:.*TorchScript archive", "ignore::FutureWarning")
 @pytest.mark.parametrize("allow_pickle", [False, True])
 @pytest.mark.parametrize("kind", list(NOT_CHECKPOINTS))
 def test_not_a_checkpoint_is_not_told_to_allow_pickle(tmp_path, kind, allow_pickle):
