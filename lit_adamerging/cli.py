@@ -3,7 +3,14 @@
 Example::
 
     lit-adamerging fit --config configs/tiny.yaml
-    lit-adamerging test --config configs/tiny.yaml --ckpt_path runs/tiny/.../last.ckpt
+    lit-adamerging test --config configs/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt
+
+Checkpoints are data, not configuration. LightningCLI itself would merge a checkpoint's stored
+hyperparameters over the user's config; here what the user passes decides, and a checkpoint made
+with other settings (zoo, tasks, method: :data:`~lit_adamerging.lightning.module.CHECKPOINT_SETTINGS`)
+stops the run with an error listing them. ``--settings_from_checkpoint=true`` takes the zoo and the
+method from the checkpoint instead, except the zoo's ``allow_pickle`` and ``head_cache_dir``,
+which always come from the user's config; the tasks always come from ``data.tasks``.
 """
 
 from __future__ import annotations
@@ -17,6 +24,15 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.data import MultiTaskDataModule
 from lit_adamerging.lightning import AdaMergingModule
+from lit_adamerging.lightning.module import (
+    CHECKPOINT_SETTINGS,
+    USER_ONLY_ZOO_ARGS,
+    check_checkpoint_settings,
+    read_adamerging_checkpoint,
+)
+
+# ckpt_path values the Trainer resolves itself (no file named on the command line).
+LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc")
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -56,10 +72,71 @@ def install_strict_yaml_loader() -> None:
 
 
 class AdaMergingCLI(LightningCLI):
-    """LightningCLI whose task list is given once, in ``data.tasks``, and linked to the model."""
+    """LightningCLI whose task list is given once, in ``data.tasks``, and whose checkpoints never configure the run.
+
+    With ``--ckpt_path`` the checkpoint is read with ``weights_only=True`` (a file that is not an
+    AdaMerging checkpoint is named as such) and its stored settings are compared with the
+    user's once the model is built, before any weights are loaded (see the module docstring).
+    """
+
+    _checkpoint: dict[str, Any] | None = None
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_argument(
+            "--settings_from_checkpoint", type=bool, default=False,
+            help="Take the zoo and the merging method from the --ckpt_path checkpoint instead of requiring your config "
+                 "to match them. The zoo's allow_pickle and head_cache_dir still come from your config, the tasks "
+                 "from data.tasks; a zoo class outside lit_adamerging is only accepted if your config names it.",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Read the checkpoint (to check it later); replace Lightning's merge of its hyperparameters over the config."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path, from_checkpoint = config.get("ckpt_path"), config.get("settings_from_checkpoint")
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_ALIASES or str(ckpt_path).startswith("registry"):
+            if from_checkpoint:
+                raise ValueError("--settings_from_checkpoint=true needs --ckpt_path to name the checkpoint's file.")
+            return  # a checkpoint the Trainer finds itself is still checked, by AdaMergingModule.on_load_checkpoint
+        self._checkpoint = read_adamerging_checkpoint(ckpt_path)
+        if from_checkpoint:
+            settings = self._settings_from_checkpoint(config.model, self._checkpoint.get("hyper_parameters", {}))
+            self.config = self.parser.parse_object({subcommand: {"model": settings}}, self.config)
+
+    @staticmethod
+    def _settings_from_checkpoint(user: Any, stored: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's zoo and method settings, without the zoo's user-only arguments.
+
+        Parsed over the user's config, those arguments keep the user's values (jsonargparse carries
+        an argument over to another zoo class that has it), or the class's defaults.
+        """
+        settings = {key: stored[key] for key in CHECKPOINT_SETTINGS if key in stored and key != "num_classes"}
+        if "zoo" not in settings:
+            return settings
+        zoo = settings["zoo"]
+        if not isinstance(zoo, dict) or not isinstance(zoo.get("class_path"), str):
+            raise ValueError(f"the checkpoint's stored zoo is not a configuration ({zoo!r}); give the zoo in your config.")
+        user_class = user.zoo.class_path if user.get("zoo") is not None else None
+        if zoo["class_path"] != user_class and not zoo["class_path"].startswith("lit_adamerging."):
+            raise ValueError(
+                f"the checkpoint names the zoo class {zoo['class_path']!r}, which is neither one of lit_adamerging's nor "
+                "the one in your config; a class to import is only taken from your config."
+            )
+        init_args = zoo.get("init_args") or {}
+        settings["zoo"] = {
+            "class_path": zoo["class_path"],
+            "init_args": {key: value for key, value in init_args.items() if key not in USER_ONLY_ZOO_ARGS},
+        }
+        return settings
+
+    def after_instantiate_classes(self) -> None:
+        """Compare the checkpoint's settings with the run's now, before any weights or data are loaded."""
+        if self._checkpoint is not None:
+            ckpt_path = self.config[self.config.subcommand].ckpt_path
+            check_checkpoint_settings(self._checkpoint.get("hyper_parameters", {}), self.model.hparams, str(ckpt_path))
 
 
 def main(args: ArgsType = None) -> None:

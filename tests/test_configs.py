@@ -60,3 +60,15 @@ def test_paper_configs(model, method):
     for task, classes in cli.model.num_classes.items():
         assert len(prompts.class_names(task)) == classes
     assert cli.model.hparams.granularity == EXPECTED[method][0]
+
+
+@pytest.mark.parametrize("configs", [("tiny.yaml",), ("paper/trainer.yaml", "paper/data.yaml", "paper/vit_b32.yaml")])
+def test_shipped_checkpoints_are_the_latest_fits(configs):
+    # A second fit in the same folder must replace last.ckpt (not write last-v1.ckpt beside it),
+    # so the README's `test --ckpt_path .../last.ckpt` evaluates the run just fitted.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cli = instantiate(*(CONFIGS / config for config in configs))
+    (checkpoint,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert checkpoint.save_last is True and checkpoint.save_top_k == 0
+    assert checkpoint._enable_version_counter is False

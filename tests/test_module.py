@@ -347,6 +347,36 @@ def test_label_outside_head_raises_naming_task(tmp_path):
         make_trainer(tmp_path).test(module, datamodule=data, verbose=False)
 
 
+def test_evaluation_matches_loaders_to_heads_by_task_name(tmp_path):
+    # Two tasks with the same class count, so another task's head would score the images without
+    # any error; num_classes lists them in the other order than the data module.
+    tasks = {"alpha": SyntheticTask(num_classes=4, num_images=40, image_size=32, seed=1),
+             "beta": SyntheticTask(num_classes=4, num_images=40, image_size=32, seed=2)}
+    data = MultiTaskDataModule(tasks, eval_batch_size=16)
+    zoo = SyntheticZoo(CLIP, seed=0)
+    reversed_classes = {"beta": 4, "alpha": 4}
+    module = make_module(zoo, num_classes=reversed_classes)
+    raw = set_coefficients(module, seed=3)  # rows in the module's order: beta, alpha
+    trainer = make_trainer(tmp_path)
+    trainer.test(module, datamodule=data, verbose=False)
+
+    reference = Reference(zoo, reversed_classes)
+    coefficients = raw.clamp(0, 1)
+    right = {t: naive_accuracy(reference, coefficients, tasks[t], t) for t in tasks}
+    images = {t: tasks[t].test_set().tensors for t in tasks}
+    swapped = {t: (reference.logits(coefficients, images[t][0], other).argmax(-1) == images[t][1]).float().mean().item()
+               for t, other in (("alpha", "beta"), ("beta", "alpha"))}
+    assert right != pytest.approx(swapped, abs=1e-6)  # the heads tell the tasks apart: the check below can fail
+    for task, value in right.items():
+        assert trainer.callback_metrics[f"test/acc/{task}"].item() == pytest.approx(value, abs=1e-6)
+
+    # Other tasks, or other class counts, than the data's are refused, naming the task.
+    with pytest.raises(ValueError, match=r"task 'alpha' is in the data but not in the model's num_classes"):
+        make_trainer(tmp_path).test(make_module(zoo, num_classes={"beta": 4}), datamodule=data, verbose=False)
+    with pytest.raises(ValueError, match=r"task 'beta' has 3 classes in the model's num_classes but 4 in the data"):
+        make_trainer(tmp_path).test(make_module(zoo, num_classes={"alpha": 4, "beta": 3}), datamodule=data, verbose=False)
+
+
 def test_per_task_accuracy_rejects_bad_top_k():
     with pytest.raises(ValueError, match="top_k"):
         PerTaskAccuracy(top_k=0)
@@ -509,9 +539,10 @@ def test_checkpoint_is_small_coefficients_only_and_reloads(tmp_path):
     lazy.configure_model()
     torch.testing.assert_close(lazy.merger.coefficients.raw.detach(), trained, rtol=0, atol=0)
 
-    # The coefficients must fit the model: layer-wise coefficients into a task-wise module.
-    with pytest.raises(ValueError, match=r"shape \(2, 32\) but this model needs \(2, 1\)"):
+    # The checkpoint's settings decide: overriding one that changes the result is refused, naming it.
+    with pytest.raises(ValueError, match=r"(?s)other settings.*model.granularity: checkpoint 'layer', yours 'task'"):
         AdaMergingModule.load_from_checkpoint(path, zoo=zoo, granularity="task", weights_only=True)
+    # The coefficients must fit the model: layer-wise coefficients into a task-wise module.
     unbuilt = make_module(zoo, granularity="task")
     unbuilt.load_state_dict(state["state_dict"])
     with pytest.raises(ValueError, match=r"shape \(2, 32\) but this model needs \(2, 1\)"):
@@ -520,11 +551,33 @@ def test_checkpoint_is_small_coefficients_only_and_reloads(tmp_path):
     built.configure_model()
     with pytest.raises(ValueError, match=r"shape \(2, 32\) but this model needs \(1, 32\)"):
         built.load_state_dict(state["state_dict"])
-    with pytest.raises(ValueError, match="shape"):
+    # Through a Trainer, a checkpoint made for other tasks is refused before its coefficients are used.
+    with pytest.raises(ValueError, match=r"model.num_classes.beta: checkpoint 3, yours '<not set>'"):
         make_trainer(tmp_path / "t").test(built, datamodule=MultiTaskDataModule({"alpha": make_tasks()["alpha"]}),
                                           ckpt_path=str(path), verbose=False, weights_only=True)
     with pytest.raises(KeyError, match=COEFFICIENTS_KEY):
         built.load_state_dict({"something.else": torch.zeros(1)})
+
+
+def test_python_checkpoint_needs_the_zoo_and_its_settings(tmp_path):
+    zoo = SyntheticZoo(CLIP, seed=0)
+    module = make_module(zoo)
+    set_coefficients(module)
+    trainer = make_trainer(tmp_path)
+    trainer.strategy.connect(module)
+    path = tmp_path / "python.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(TypeError, match=r"needs zoo=<a ModelZoo>.*Pass the ModelZoo the coefficients were learned with"):
+        AdaMergingModule.load_from_checkpoint(path)
+    # A module made with another method is refused by the Trainer, listing each difference.
+    other = make_module(zoo, granularity="task", ties_k=0.2)
+    with pytest.raises(ValueError, match=r"(?s)model.granularity: checkpoint 'layer', yours 'task'.*"
+                                         r"model.ties_k: checkpoint None, yours 0.2"):
+        make_trainer(tmp_path).test(other, datamodule=MultiTaskDataModule(make_tasks()), ckpt_path=str(path),
+                                    verbose=False)
+    # The optimiser's settings do not change what the coefficients mean: another lr loads them.
+    again = AdaMergingModule.load_from_checkpoint(path, zoo=zoo, lr=0.5)
+    torch.testing.assert_close(again.coefficients(), module.coefficients(), rtol=0, atol=0)
 
 
 def test_resume_matches_straight_fit(tmp_path):
@@ -674,6 +727,57 @@ def test_export_merged_encoder_loads_strictly_and_gives_same_logits(tmp_path):
     with torch.no_grad():
         for task in NUM_CLASSES:
             torch.testing.assert_close(module.heads[task](fresh(images)), module(images, task), rtol=1e-5, atol=1e-5)
+
+
+class InfiniteImages(TaskData):
+    """A task whose images hold +inf: the merged encoder's features for them, and so its entropy, are not finite."""
+
+    @property
+    def num_classes(self) -> int:
+        return 3
+
+    def test_set(self, preprocess=None) -> Dataset:
+        return TensorDataset(torch.full((8, 3, 32, 32), float("inf")), torch.zeros(8, dtype=torch.long))
+
+
+def test_non_finite_loss_stops_the_fit_naming_the_task_and_saves_nothing(tmp_path):
+    tasks = {"alpha": make_tasks()["alpha"], "beta": InfiniteImages()}
+    checkpoints = tmp_path / "ckpt"
+    export = tmp_path / "merged.safetensors"
+    module = RecordingModule(SyntheticZoo(CLIP, seed=0), num_classes=NUM_CLASSES)
+    trainer = make_trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[
+        ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=1, save_last=True), ExportMergedEncoder(str(export))])
+    with pytest.raises(FloatingPointError, match=r"training step 1: the loss is not finite: the entropy of task\(s\) \['beta'\]"):
+        trainer.fit(module, datamodule=MultiTaskDataModule(tasks, batch_size=4))
+    assert len(module.seen) == 1  # stopped before a second step
+    assert not list(checkpoints.glob("*.ckpt")) and not export.exists()
+
+
+def test_export_refuses_a_non_finite_merged_encoder(tmp_path):
+    module = make_module()
+    set_coefficients(module)
+    with torch.no_grad():
+        module.merger.coefficients.raw[1, 4] = float("nan")
+    export = tmp_path / "merged.safetensors"
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite values in 1 tensor\(s\).*not exported"):
+        make_trainer(tmp_path, callbacks=[ExportMergedEncoder(str(export))]).test(
+            module, datamodule=MultiTaskDataModule(make_tasks()), verbose=False)
+    assert not export.exists() and not list(tmp_path.glob(".merged*"))
+
+
+def test_export_path_that_cannot_be_written_fails_before_training(tmp_path):
+    (tmp_path / "some_file.txt").write_text("not a folder")
+    cases = {
+        str(tmp_path / "some_file.txt" / "deeper" / "merged.safetensors"): "some_file.txt is a file, not a folder",
+        str(tmp_path / "folder.pt"): "is a folder",
+    }
+    (tmp_path / "folder.pt").mkdir()
+    for path, message in cases.items():
+        module = RecordingModule(SyntheticZoo(CLIP, seed=0), num_classes=NUM_CLASSES)
+        with pytest.raises(ValueError, match=message):
+            make_trainer(tmp_path, max_steps=2, callbacks=[ExportMergedEncoder(path)]).fit(
+                module, datamodule=MultiTaskDataModule(make_tasks(), batch_size=4))
+        assert not hasattr(module, "seen")  # no training step ran
 
 
 def test_export_rejects_unknown_suffix():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -152,6 +154,8 @@ class ExportMergedEncoder(pl.Callback):
 
     The file has the original encoder's keys (open_clip: ``model.visual``'s; timm: the backbone's),
     so ``encoder.load_state_dict(safetensors.torch.load_file(path))`` works without this library.
+    Whether ``path`` can be written is checked when the run starts, not after the last step; a
+    merged encoder holding NaN or infinite values is never written (an error names its tensors).
 
     Args:
         path: ``.safetensors`` (default choice) or ``.pt``/``.pth``; written atomically.
@@ -162,9 +166,31 @@ class ExportMergedEncoder(pl.Callback):
             raise ValueError(f"export path {path!r} must end in .safetensors, .pt or .pth.")
         self.path = path
 
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        """Fail now if the export path cannot be written: it is a folder, or lies under a file or a read-only folder."""
+        path = Path(self.path).expanduser().absolute()
+        if path.is_dir():
+            raise ValueError(f"export path {self.path!r} is a folder; give a file name ending in .safetensors, .pt or .pth.")
+        existing = path.parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ValueError(
+                f"export path {self.path!r} cannot be written: {existing} is a file, not a folder. Choose another path."
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"export path {self.path!r} cannot be written: the folder {existing} is not writable.")
+
     def _export(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if trainer.is_global_zero:
-            save_state_dict(pl_module.merger.merged_state_dict(), self.path)
+            state = pl_module.merger.merged_state_dict()
+            bad = [key for key, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+            if bad:
+                raise FloatingPointError(
+                    f"the merged encoder holds NaN or infinite values in {len(bad)} tensor(s) ({bad[:5]}); it was not "
+                    f"exported to {self.path}. Check the coefficients, the fine-tuned weights and the training loss."
+                )
+            save_state_dict(state, self.path)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._export(trainer, pl_module)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import functools
+import math
+import pickle
+import re
 import warnings
 from collections.abc import Mapping
-from typing import Any, Literal
+from pathlib import Path
+from typing import IO, Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from torch import Tensor, nn
 
 from lit_adamerging.lightning.callbacks import PerTaskAccuracy
@@ -27,8 +32,132 @@ from lit_adamerging.models.zoo import LazyStateDicts, ModelZoo
 StorageDtype = Literal["float32", "bfloat16", "float16"]
 COEFFICIENTS_KEY = "merger.coefficients.raw"
 
+# The settings a checkpoint's coefficients only make sense with: the zoo (its class and init args),
+# the tasks and the method. The optimiser's (lr, betas) do not change what the coefficients mean.
+CHECKPOINT_SETTINGS = (
+    "zoo", "num_classes", "granularity", "init", "clamp", "ties_k", "ties_normalize", "buffer_policy", "task_vector_dtype",
+)
+# Zoo arguments that never change the result and that a checkpoint must never set (loading pickles,
+# where cached heads are read): they always come from the user.
+USER_ONLY_ZOO_ARGS = ("allow_pickle", "head_cache_dir")
+
 # The frozen encoder and heads run in eval mode on purpose (see AdaMergingModule.train).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+def read_adamerging_checkpoint(source: str | Path | IO[bytes]) -> dict[str, Any]:
+    """The contents of a checkpoint written by :class:`AdaMergingModule` (``weights_only``: runs no code).
+
+    ``source`` is a path or URL (as Lightning takes them) or a seekable binary file (read from its
+    position, then put back there). Raises a ``ValueError`` naming the file when it is something
+    else: a fine-tuned model's weights, a ``.safetensors`` file, a pickled object, a folder.
+    """
+    name = str(source) if isinstance(source, (str, Path)) else str(getattr(source, "name", "<file object>"))
+    advice = (
+        "--ckpt_path (and load_from_checkpoint) take the .ckpt file `lit-adamerging fit` writes "
+        "(e.g. runs/tiny/checkpoints/last.ckpt); fine-tuned weights go in the zoo (model.zoo.init_args.finetuned)."
+    )
+    if isinstance(source, (str, Path)):
+        filesystem = get_filesystem(name)
+        if not filesystem.isfile(name):
+            what = "a folder" if filesystem.isdir(name) else "no such file"
+            raise ValueError(f"{name} is not an AdaMerging checkpoint: {what}. {advice}")
+        with filesystem.open(name, "rb") as handle:
+            checkpoint = _load_weights_only(handle, name, advice)
+    else:
+        checkpoint = _load_weights_only(source, name, advice)
+    state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, Mapping) or "pytorch-lightning_version" not in checkpoint:
+        keys = list(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{name} is not an AdaMerging checkpoint: it is not a Lightning checkpoint (top level: {keys}). {advice}")
+    if COEFFICIENTS_KEY not in state_dict:
+        raise ValueError(
+            f"{name} is not an AdaMerging checkpoint: it holds no merging coefficients ({COEFFICIENTS_KEY!r}; "
+            f"its state dict has {list(state_dict)[:5]}). {advice}"
+        )
+    return checkpoint
+
+
+def _load_weights_only(handle: IO[bytes], name: str, advice: str) -> Any:
+    """``torch.load(handle, weights_only=True)``, its failures said in terms of what the file is; ``handle`` is put back."""
+    position = handle.tell()
+    head = handle.read(9)
+    handle.seek(position)
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if len(head) == 9 and head[8:9] == b"{":
+        raise ValueError(f"{name} is not an AdaMerging checkpoint: it is a safetensors file (tensors only). {advice}")
+    try:
+        return torch.load(handle, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        text = str(error)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        if found:  # torch's advice (weights_only=False) is not for this file
+            reason = f"it holds pickled Python objects ({found.group(1)}), not a checkpoint's plain data; it was not unpickled"
+        else:
+            reason = f"torch.load cannot read it ({(detail.group(1) if detail else text.strip() or type(error).__name__)[:200]})"
+        raise ValueError(f"{name} is not an AdaMerging checkpoint: {reason}. {advice}") from None
+    finally:
+        handle.seek(position)
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}"))
+        return flat
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def checkpoint_settings_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """One line per setting of :data:`CHECKPOINT_SETTINGS` where a checkpoint's hyperparameters and the current ones differ.
+
+    A setting missing on either side is not compared (a checkpoint made from Python stores no
+    zoo; a module made from Python has no zoo configuration). Nested values are compared key by
+    key, a key on one side only being a difference, and the tasks' order too. The zoo's
+    :data:`USER_ONLY_ZOO_ARGS` are never compared.
+    """
+    ignored = {f"model.zoo.init_args.{name}" for name in USER_ONLY_ZOO_ARGS}
+    lines = []
+    for key in CHECKPOINT_SETTINGS:
+        if key not in stored or key not in current:
+            continue
+        before, after = _flatten(stored[key], f"model.{key}"), _flatten(current[key], f"model.{key}")
+        for name in [*before, *(name for name in after if name not in before)]:
+            if name in ignored:
+                continue
+            missing = "<not set>"
+            if before.get(name, missing) != after.get(name, missing):
+                lines.append(f"  {name}: checkpoint {before.get(name, missing)!r}, yours {after.get(name, missing)!r}")
+        if key == "num_classes" and isinstance(stored[key], Mapping) and isinstance(current[key], Mapping):
+            if set(stored[key]) == set(current[key]) and list(stored[key]) != list(current[key]):
+                lines.append(f"  model.num_classes (task order): checkpoint {list(stored[key])}, yours {list(current[key])}")
+    return lines
+
+
+def check_checkpoint_settings(stored: Mapping[str, Any], current: Mapping[str, Any], source: str) -> None:
+    """Raise a ``ValueError`` listing every setting that changes the result where ``stored`` and ``current`` differ."""
+    lines = checkpoint_settings_differences(stored, current)
+    if lines:
+        raise ValueError(
+            f"the checkpoint {source} was made with other settings than the ones given now, and these change what "
+            "its coefficients mean:\n" + "\n".join(lines) + "\n"
+            "Give the settings the checkpoint was made with (the tasks come from data.tasks, in the same order), or "
+            "ask for the checkpoint's settings explicitly: `lit-adamerging ... --settings_from_checkpoint=true` "
+            "(zoo and method; allow_pickle and head_cache_dir still come from your config), or from Python "
+            "AdaMergingModule.load_from_checkpoint(path, zoo=...) without overriding them."
+        )
+
+
+def _zoo_expression(zoo: Any) -> str | None:
+    """``zoo``'s stored configuration as a Python call, leaving out :data:`USER_ONLY_ZOO_ARGS`; ``None`` if there is none."""
+    if not isinstance(zoo, Mapping) or not isinstance(zoo.get("class_path"), str):
+        return None
+    module, _, name = zoo["class_path"].rpartition(".")
+    init_args = zoo.get("init_args") or {}
+    arguments = ", ".join(f"{key}={value!r}" for key, value in init_args.items() if key not in USER_ONLY_ZOO_ARGS)
+    return f"from {module} import {name}; zoo = {name}({arguments})"
 
 
 class AdaMergingModule(pl.LightningModule):
@@ -37,6 +166,15 @@ class AdaMergingModule(pl.LightningModule):
     The encoder, task vectors and heads are loaded from ``zoo`` in :meth:`configure_model` (once,
     on the right process), so constructing the module is cheap. A checkpoint holds only the
     coefficients and the hyperparameters: the frozen weights are rebuilt from the zoo.
+
+    A checkpoint is data, never configuration: loading one (``trainer.fit/test(..., ckpt_path=)``,
+    :meth:`load_from_checkpoint`) stops with an error listing every setting of
+    :data:`CHECKPOINT_SETTINGS` (zoo, tasks and their order, method) where it differs from this
+    module's, and :meth:`load_from_checkpoint` needs the zoo from the caller.
+
+    Evaluation matches loaders to heads by task name: under a :class:`MultiTaskDataModule` its
+    tasks may come in another order than ``num_classes``, but must be the same tasks with the same
+    class counts.
 
     The data-free baselines are the same module, evaluated without fitting: task arithmetic is
     ``granularity="task", init=0.3``; weight averaging is ``init=None`` (``1/T``); TIES-merging
@@ -92,6 +230,46 @@ class AdaMergingModule(pl.LightningModule):
         self.heads = nn.ModuleDict()
         self._pending_coefficients: Tensor | None = None
         self._eval_tensors: dict[str, Tensor] | None = None
+        self._loader_tasks: list[str] | None = None  # the evaluation loaders' tasks, in loader order
+        self._last_entropies: tuple[int, Tensor] | None = None  # (step, entropy per task), checked one step later
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path | IO,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> AdaMergingModule:
+        """The module with a checkpoint's settings and coefficients, its frozen weights from ``zoo=``.
+
+        ``zoo`` is required: a checkpoint never chooses which files are read nor whether pickles
+        may be loaded, even when it stores the zoo's configuration (CLI checkpoints do). The error
+        without it shows that configuration as Python, to check and pass:
+        ``AdaMergingModule.load_from_checkpoint(path, zoo=OpenCLIPZoo(...))``. The other settings
+        come from the checkpoint; a setting of :data:`CHECKPOINT_SETTINGS` passed here that
+        differs from the checkpoint's is an error.
+        """
+        stored = read_adamerging_checkpoint(checkpoint_path).get("hyper_parameters", {})
+        if not isinstance(kwargs.get("zoo"), ModelZoo):
+            zoo = _zoo_expression(stored.get("zoo"))
+            hint = (
+                f"It stores this zoo configuration; check that these are the files you mean, then pass it:\n    {zoo}\n"
+                "(allow_pickle is left out: add allow_pickle=True only for pickled files you trust.)"
+                if zoo else "Pass the ModelZoo the coefficients were learned with."
+            )
+            raise TypeError(
+                f"AdaMergingModule.load_from_checkpoint({str(checkpoint_path)!r}) needs zoo=<a ModelZoo>: a checkpoint "
+                f"holds the coefficients and settings, never which model files to read. {hint}"
+            )
+        # Lightning writes these arguments over the checkpoint's before on_load_checkpoint sees them.
+        check_checkpoint_settings(stored, {k: v for k, v in kwargs.items() if k != "zoo"}, str(checkpoint_path))
+        return super().load_from_checkpoint(  # type: ignore[return-value]
+            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
+            weights_only=weights_only, **kwargs,
+        )
 
     @property
     def task_names(self) -> list[str]:
@@ -101,6 +279,27 @@ class AdaMergingModule(pl.LightningModule):
                 "(the CLI links it from the data module's tasks)."
             )
         return list(self.num_classes)
+
+    def setup(self, stage: str) -> None:
+        """Match the data module's tasks to this model's by name (its evaluation loaders come in its task order)."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if not isinstance(data_classes, Mapping):
+            self._loader_tasks = None
+            return
+        ours = dict(self.num_classes or {})
+        problems = [f"task {task!r} is in the data but not in the model's num_classes" for task in data_classes if task not in ours]
+        problems += [f"task {task!r} is in the model's num_classes but not in the data" for task in ours if task not in data_classes]
+        problems += [
+            f"task {task!r} has {ours[task]} classes in the model's num_classes but {data_classes[task]} in the data"
+            for task in data_classes if task in ours and ours[task] != data_classes[task]
+        ]
+        if problems:
+            raise ValueError(
+                "the model's num_classes and the data module's tasks differ: " + "; ".join(problems)
+                + ". Pass num_classes=datamodule.num_classes (the CLI links it)."
+            )
+        self._loader_tasks = list(data_classes)
 
     def eval_preprocess(self) -> Preprocess | None:
         """The encoder's eval preprocessing (from the zoo, no weights loaded); the data module reads images with it."""
@@ -187,7 +386,12 @@ class AdaMergingModule(pl.LightningModule):
             target.copy_(raw)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_last_entropies()  # never save coefficients a non-finite loss has updated
         checkpoint["state_dict"] = {COEFFICIENTS_KEY: checkpoint["state_dict"][COEFFICIENTS_KEY]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint made with other settings (see :func:`check_checkpoint_settings`)."""
+        check_checkpoint_settings(checkpoint.get("hyper_parameters", {}), self.hparams, "being loaded")
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load the coefficients (the only learned state); other keys are ignored.
@@ -213,7 +417,27 @@ class AdaMergingModule(pl.LightningModule):
         features = self._built_merger()(images, self._eval_tensors)
         return self.heads[task](features)
 
+    def _check_last_entropies(self) -> None:
+        """Raise if the last training step's loss was not finite, naming the task(s) whose entropy was not.
+
+        Checked one step later (and before saving, evaluating or ending the fit), so that reading
+        the value does not make every step wait for the device.
+        """
+        if self._last_entropies is None:
+            return
+        step, entropies = self._last_entropies
+        self._last_entropies = None
+        values = entropies.tolist()
+        bad = {task: value for task, value in zip(self.task_names, values) if not math.isfinite(value)}
+        if bad:
+            raise FloatingPointError(
+                f"training step {step}: the loss is not finite: the entropy of task(s) {list(bad)} is {list(bad.values())}. "
+                "Their images, heads or fine-tuned weights hold NaN or infinite values, or the encoder overflows "
+                "(with precision 16-mixed, try bf16-mixed or 32-true). Nothing was saved or exported from this step on."
+            )
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._check_last_entropies()
         tasks = self.task_names
         missing = [task for task in tasks if task not in batch]
         if missing:
@@ -223,7 +447,9 @@ class AdaMergingModule(pl.LightningModule):
         entropies = {
             task: entropy(self.heads[task](chunk)).mean() for task, chunk in zip(tasks, features.split(sizes))
         }
-        loss = torch.stack(list(entropies.values())).sum()
+        stacked = torch.stack(list(entropies.values()))
+        self._last_entropies = (self.global_step + 1, stacked.detach())
+        loss = stacked.sum()
         total = sum(sizes)
         self.log("train/loss", loss, prog_bar=True, batch_size=total)
         self.log_dict({f"train/entropy/{task}": value for task, value in entropies.items()}, batch_size=total)
@@ -234,7 +460,11 @@ class AdaMergingModule(pl.LightningModule):
             self._built_merger().coefficients.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas)
         )
 
+    def on_train_end(self) -> None:
+        self._check_last_entropies()
+
     def _merge_for_evaluation(self) -> None:
+        self._check_last_entropies()
         with torch.no_grad():
             self._eval_tensors = {k: v.detach() for k, v in self._built_merger().merged_tensors().items()}
 
@@ -243,7 +473,7 @@ class AdaMergingModule(pl.LightningModule):
 
     def _evaluation_step(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> dict[str, Any]:
         images, labels = batch
-        task = self.task_names[dataloader_idx]
+        task = (self._loader_tasks or self.task_names)[dataloader_idx]
         return {"task": task, "logits": self(images, task), "labels": labels}
 
     def on_validation_start(self) -> None:
