@@ -201,12 +201,19 @@ def test_moving_the_encoder_drops_its_graphs_and_keeps_one_copy_of_the_weights()
 
 
 @cuda
-def test_gpu_fit_with_graphs_learns_what_the_eager_fit_learns():
+def test_gpu_fit_with_graphs_takes_the_eager_fit_steps():
     import lightning.pytorch as pl
 
     from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticTask, SyntheticZoo
 
-    learned, captures = [], []
+    class Gradients(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: list[torch.Tensor] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self.seen.append(pl_module.merger.coefficients.raw.grad.detach().cpu().clone())
+
+    runs = []
     for graphs in (True, False):
         data = MultiTaskDataModule(
             {"a": SyntheticTask(num_classes=5), "b": SyntheticTask(num_classes=3, seed=1)}, batch_size=4, cache="memory"
@@ -214,13 +221,19 @@ def test_gpu_fit_with_graphs_learns_what_the_eager_fit_learns():
         module = AdaMergingModule(SyntheticZoo("open_clip:test-vit-tiny"), num_classes=data.num_classes)
         module.configure_model()
         module.merger.cuda_graphs = graphs
+        gradients = Gradients()
         trainer = pl.Trainer(
-            max_steps=5, accelerator="gpu", devices=1, precision="32-true", logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+            max_steps=3, accelerator="gpu", devices=1, precision="32-true", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[gradients],
         )
         trainer.fit(module, data)
-        learned.append(module.merger.coefficients.raw.detach().cpu())
-        captures.append(len(module.merger._captured))
-    assert captures == [1, 0]
-    assert not torch.allclose(learned[0], torch.full_like(learned[0], 0.3))  # it learned something
-    torch.testing.assert_close(learned[0], learned[1], rtol=1e-5, atol=1e-5)
+        runs.append((gradients.seen, module.merger.coefficients.raw.detach().cpu(), list(module.merger._captured.values())))
+    (graph_grads, graph_raw, graphs_made), (eager_grads, eager_raw, eager_graphs) = runs
+    assert len(graphs_made) == 1 and graphs_made[0] is not None and eager_graphs == []  # captured inside the Trainer
+    assert len(graph_grads) == len(eager_grads) == 3
+    # The first step starts from the same coefficients: the same gradient. Adam turns a near-zero gradient
+    # into a full step of either sign, so later steps start from coefficients up to 2 * lr apart.
+    torch.testing.assert_close(graph_grads[0], eager_grads[0], rtol=1e-5, atol=1e-5 * eager_grads[0].abs().max())
+    for graph_grad, eager_grad in zip(graph_grads[1:], eager_grads[1:]):
+        torch.testing.assert_close(graph_grad, eager_grad, rtol=5e-2, atol=5e-2 * eager_grad.abs().max())
+    assert (graph_raw - eager_raw).abs().max() <= 3 * 2 * 1e-3 + 1e-6
