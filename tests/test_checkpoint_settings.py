@@ -193,6 +193,11 @@ def test_a_file_that_is_not_an_adamerging_checkpoint_is_named(layer_wise, tmp_pa
     torch.save(state, tmp_path / "other_module.ckpt")
     with pytest.raises(ValueError, match=r"holds no merging coefficients \('merger.coefficients.raw'"):
         read_adamerging_checkpoint(tmp_path / "other_module.ckpt")
+    state = torch.load(checkpoint_of(layer_wise), weights_only=True)
+    state["hyper_parameters"] = ["zoo", "allow_pickle"]
+    torch.save(state, tmp_path / "edited.ckpt")
+    with pytest.raises(ValueError, match=r"edited.ckpt: its 'hyper_parameters' are not a mapping"):
+        AdaMergingModule.load_from_checkpoint(tmp_path / "edited.ckpt", zoo=SyntheticZoo(seed=0))
 
 
 def test_repeated_fit_then_test_evaluates_the_latest_fit(fitted):

@@ -168,7 +168,7 @@ class ExportMergedEncoder(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
         """Fail now if the export path cannot be written: it is a folder, or lies under a file or a read-only folder."""
-        path = Path(self.path).expanduser().absolute()
+        path = Path(self.path).absolute()
         if path.is_dir():
             raise ValueError(f"export path {self.path!r} is a folder; give a file name ending in .safetensors, .pt or .pth.")
         existing = path.parent

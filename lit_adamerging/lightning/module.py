@@ -75,6 +75,8 @@ def read_adamerging_checkpoint(source: str | Path | IO[bytes]) -> dict[str, Any]
             f"{name} is not an AdaMerging checkpoint: it holds no merging coefficients ({COEFFICIENTS_KEY!r}; "
             f"its state dict has {list(state_dict)[:5]}). {advice}"
         )
+    if not isinstance(checkpoint.get("hyper_parameters", {}), Mapping):
+        raise ValueError(f"{name}: its 'hyper_parameters' are not a mapping; the file is damaged or was edited.")
     return checkpoint
 
 
