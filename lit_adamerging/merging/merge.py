@@ -6,8 +6,9 @@ group ``[G, T, *shape]`` (:func:`group_names`), their pretrained values as one b
 so the merge costs a few batched products per group rather than kernels per tensor: on a GPU,
 one fused kernel per group forward (:func:`weighted_sum`) and one backward (:func:`row_dots`),
 compiled by ``torch.compile`` so they read bf16/fp16 task vectors as stored, without an fp32
-copy; on a CPU, an ``addmv`` per tensor in cache-sized slices. The arithmetic is fp32 even under autocast. Nothing per task is looped
-over in Python.
+copy; on a CPU, a batched product per group of small tensors and an ``addmv`` per large tensor
+in cache-sized slices. The arithmetic is fp32 even under
+autocast. Nothing per task is looped over in Python.
 
 :class:`MergedEncoder` ties it together with learnable :class:`MergingCoefficients`. Everything
 that does not change between steps is built once: the grouped pretrained blocks (the encoder's
@@ -30,7 +31,8 @@ from torch import Tensor, nn
 Granularity = Literal["task", "layer"]
 
 # On CPU, products over [T, n] run in slices of this many entries so the vector they read or write
-# (and any upcast of bf16/fp16 task vectors) stays in cache: about 2x faster when n is large.
+# (and any upcast of bf16/fp16 task vectors) stays in cache: about 2x faster when n is large. A
+# group whose tensors are together no larger runs as one batched product (one call, not G).
 _CPU_SLICE = 1 << 18
 
 # At most this many CUDA graph pairs (one per input shape and autocast setting) per MergedEncoder:
@@ -105,6 +107,8 @@ def _merge_group(base: Tensor, group: Tensor, weights: Tensor) -> Tensor:
     dtype = weights.dtype
     if group.device.type != "cpu":
         return _compiled(weighted_sum)(group, weights, base.to(dtype))
+    if group.shape[0] * group.shape[2] <= _CPU_SLICE:  # small tensors: one batched product, not G
+        return torch.baddbmm(base.to(dtype).unsqueeze(1), weights.unsqueeze(1), group.to(dtype)).squeeze(1)
     out = torch.empty(base.shape, dtype=dtype)
     for row, stacked, column, base_row in zip(out, group, weights, base):
         for start in range(0, stacked.shape[1], _CPU_SLICE):
@@ -113,16 +117,23 @@ def _merge_group(base: Tensor, group: Tensor, weights: Tensor) -> Tensor:
     return out
 
 
-def _group_grad(group: Tensor, grads: Tensor) -> Tensor:
-    """``[G, T]``: entry ``[g, k]`` is ``<group[g, k], grads[g]>`` for ``group [G, T, n]``, ``grads [G, n]``."""
-    if group.device.type != "cpu":
-        return _compiled(row_dots)(group, grads)
-    out = torch.zeros(group.shape[:2], dtype=grads.dtype)
-    for row, stacked, grad in zip(out, group, grads):
-        for start in range(0, stacked.shape[1], _CPU_SLICE):
-            stop = start + _CPU_SLICE
-            row.addmv_(stacked[:, start:stop].to(grads.dtype), grad[start:stop])
-    return out
+def _group_grad(group: Tensor, grads: Sequence[Tensor | None], dtype: torch.dtype) -> Tensor:
+    """``[G, T]`` in ``dtype``: entry ``[g, k]`` is ``<group[g, k], grads[g]>`` for ``group [G, T, n]`` (0 for a missing grad)."""
+    if group.device.type == "cpu" and group.shape[0] * group.shape[2] > _CPU_SLICE:  # no [G, n] copy of the grads
+        out = torch.zeros(group.shape[:2], dtype=dtype)
+        for row, stacked, grad in zip(out, group, grads):
+            if grad is None:
+                continue
+            grad = grad.reshape(-1).to(dtype)
+            for start in range(0, stacked.shape[1], _CPU_SLICE):
+                stop = start + _CPU_SLICE
+                row.addmv_(stacked[:, start:stop].to(dtype), grad[start:stop])
+        return out
+    zeros = torch.zeros(group.shape[2], dtype=dtype, device=group.device)
+    stacked_grads = torch.stack([zeros if grad is None else grad.reshape(-1).to(dtype) for grad in grads])
+    if group.device.type == "cpu":  # small tensors: one batched product, not G
+        return torch.bmm(stacked_grads.unsqueeze(1), group.to(dtype).transpose(1, 2)).squeeze(1)
+    return _compiled(row_dots)(group, stacked_grads)
 
 
 class _Merge(torch.autograd.Function):
@@ -163,11 +174,7 @@ class _Merge(torch.autograd.Function):
             for group, index in zip(groups, ctx.columns):
                 count = group.shape[0]
                 flat = group.reshape(count, group.shape[1], -1)
-                stacked = torch.stack([
-                    torch.zeros(flat.shape[2], dtype=dtype, device=flat.device) if grad is None else grad.reshape(-1).to(dtype)
-                    for grad in grads[start : start + count]
-                ])
-                rows.index_copy_(0, index, _group_grad(flat, stacked))
+                rows.index_copy_(0, index, _group_grad(flat, grads[start : start + count], dtype))
                 start += count
         return (None, rows.t(), *nothing)
 
