@@ -8,8 +8,16 @@
 """
 
 from lit_adamerging.merging.baselines import task_arithmetic, ties_merging, weight_averaging
+from lit_adamerging.merging.merge import (
+    Granularity,
+    MergedEncoder,
+    MergingCoefficients,
+    group_names,
+    group_task_vectors,
+    merge,
+    merge_groups,
+)
 from lit_adamerging.merging.objective import entropy
-from lit_adamerging.merging.merge import Granularity, MergedEncoder, MergingCoefficients, group_names, group_task_vectors, merge, merge_groups
 from lit_adamerging.merging.task_vectors import (
     BUFFER_POLICIES,
     BufferPolicy,

@@ -113,12 +113,17 @@ def _merge_group(base: Tensor, group: Tensor, weights: Tensor) -> Tensor:
     for row, stacked, column, base_row in zip(out, group, weights, base):
         for start in range(0, stacked.shape[1], _CPU_SLICE):
             stop = start + _CPU_SLICE
-            torch.addmv(base_row[start:stop].to(dtype), stacked[:, start:stop].t().to(dtype), column, out=row[start:stop])
+            torch.addmv(
+                base_row[start:stop].to(dtype), stacked[:, start:stop].t().to(dtype), column, out=row[start:stop]
+            )
     return out
 
 
 def _group_grad(group: Tensor, grads: Sequence[Tensor | None], dtype: torch.dtype) -> Tensor:
-    """``[G, T]`` in ``dtype``: entry ``[g, k]`` is ``<group[g, k], grads[g]>`` for ``group [G, T, n]`` (0 for a missing grad)."""
+    """``[G, T]`` in ``dtype``: entry ``[g, k]`` is ``<group[g, k], grads[g]>`` for ``group [G, T, n]``.
+
+    A missing gradient (``None``) counts as zeros.
+    """
     if group.device.type == "cpu" and group.shape[0] * group.shape[2] > _CPU_SLICE:  # no [G, n] copy of the grads
         out = torch.zeros(group.shape[:2], dtype=dtype)
         for row, stacked, grad in zip(out, group, grads):
@@ -157,7 +162,9 @@ class _Merge(torch.autograd.Function):
         with torch.autocast(coefficients.device.type, enabled=False):
             weights = coefficients.to(dtype).t()  # [P, T]
             for base, group, index in zip(bases, groups, columns):
-                flat = _merge_group(base.reshape(base.shape[0], -1), group.reshape(*group.shape[:2], -1), weights.index_select(0, index))
+                flat = _merge_group(
+                    base.reshape(base.shape[0], -1), group.reshape(*group.shape[:2], -1), weights.index_select(0, index)
+                )
                 merged.extend(row.view(base.shape[1:]).to(base.dtype) for row in flat)
         return tuple(merged)
 
@@ -205,7 +212,8 @@ def merge_groups(
             if group.shape[2:] != base[name].shape or group.shape[1] != coefficients.shape[0]:
                 raise ValueError(
                     f"cannot merge {name!r}: base {tuple(base[name].shape)}, stacked {tuple(group.shape[1:])}, "
-                    f"coefficients {tuple(coefficients.shape)}; expected stacked [T, *base.shape] and coefficients [T, P]."
+                    f"coefficients {tuple(coefficients.shape)}; expected stacked [T, *base.shape] and "
+                    "coefficients [T, P]."
                 )
     blocks = [torch.stack([base[name].detach() for name in group_names]) for group_names in names]
     columns = _column_indices(names, order, coefficients.device)
@@ -326,10 +334,9 @@ class MergedEncoder(nn.Module):
         # Same-shape tensors stored together, [G, T, *shape] per group (and their pretrained values
         # [G, *shape], hence also one dtype of those): a few batched products per step instead of
         # kernels per tensor.
+        dtypes = {name: state[name].dtype for name in self.tensor_names}
         self.group_names = [
-            members
-            for group in group_names(task_vectors)
-            for members in _split_by(group, lambda name: state[name].dtype)
+            members for group in group_names(task_vectors) for members in _split_by(group, dtypes.__getitem__)
         ]
         self.task_vectors = nn.Module()
         self.pretrained = nn.Module()
@@ -338,9 +345,9 @@ class MergedEncoder(nn.Module):
         for index, names in enumerate(self.group_names):
             group = _block_or_stack([task_vectors[name] for name in names])
             self.task_vectors.register_buffer(str(index), group, persistent=False)
-            self.pretrained.register_buffer(str(index), torch.stack([state[name].detach() for name in names]), persistent=False)
+            pretrained = torch.stack([state[name].detach() for name in names])
+            self.pretrained.register_buffer(str(index), pretrained, persistent=False)
             self.columns.register_buffer(str(index), columns[index].to(group.device), persistent=False)
-        del state
         self._merged_order = [name for names in self.group_names for name in names]
         self._slots = [_slot(encoder, name) for name in self._merged_order]
         self._tie_pretrained()
@@ -375,7 +382,8 @@ class MergedEncoder(nn.Module):
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_captured": {}, "_awaiting_backward": set()}  # CUDA graphs are neither copied nor pickled
+        # CUDA graphs are neither copied nor pickled.
+        return {**self.__dict__, "_captured": {}, "_awaiting_backward": set()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -383,7 +391,11 @@ class MergedEncoder(nn.Module):
 
     def stacked_task_vectors(self) -> dict[str, Tensor]:
         """``{tensor name: Tensor[T, *shape]}`` (views of the stored groups) in coefficient-column order."""
-        views = {name: group[j] for names, group in zip(self.group_names, self._blocks(self.task_vectors)) for j, name in enumerate(names)}
+        views = {
+            name: group[j]
+            for names, group in zip(self.group_names, self._blocks(self.task_vectors))
+            for j, name in enumerate(names)
+        }
         return {name: views[name] for name in self.tensor_names}
 
     def _merge(self, coefficients: Tensor) -> dict[str, Tensor]:
@@ -442,7 +454,8 @@ class MergedEncoder(nn.Module):
     def _graphed(self, images: Tensor) -> Tensor:
         coefficients = self.coefficients()
         device = images.device.type
-        key = (tuple(images.shape), images.dtype, images.device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        key = (tuple(images.shape), images.dtype, images.device, *autocast)
         if key not in self._captured and len(self._captured) < _MAX_CAPTURES:
             self._captured[key] = self._capture(coefficients, images)
         graphed = self._captured.get(key)
@@ -472,7 +485,10 @@ class MergedEncoder(nn.Module):
         try:
             # Capture records the autocast casts in use; its weight-cast cache must be off for that.
             with torch.autocast(
-                device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device), cache_enabled=False
+                device,
+                dtype=torch.get_autocast_dtype(device),
+                enabled=torch.is_autocast_enabled(device),
+                cache_enabled=False,
             ):
                 return torch.cuda.make_graphed_callables(
                     step, (coefficients.detach().clone().requires_grad_(True), images.detach().clone())

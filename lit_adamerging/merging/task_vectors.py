@@ -90,7 +90,8 @@ def stack_task_vectors(
 
     Returns:
         ``{key: Tensor[T, *shape]}`` in the key order of ``pretrained``, tasks in the order of ``finetuned``;
-        same-shape tensors are views of one ``[G, T, *shape]`` block (see :func:`~lit_adamerging.merging.merge.group_task_vectors`).
+        same-shape tensors are views of one ``[G, T, *shape]`` block
+        (see :func:`~lit_adamerging.merging.merge.group_task_vectors`).
 
     Example:
         >>> base = {"w": torch.zeros(2), "b": torch.ones(1)}
@@ -129,7 +130,9 @@ def stack_task_vectors(
     return stacked
 
 
-def _fill_row(stacked: dict[str, Tensor], row: int, pretrained: Mapping[str, Tensor], state: Mapping[str, Tensor], task: str) -> None:
+def _fill_row(
+    stacked: dict[str, Tensor], row: int, pretrained: Mapping[str, Tensor], state: Mapping[str, Tensor], task: str
+) -> None:
     for key, rows in stacked.items():
         base = pretrained[key]
         _check_finite(state[key], f"task {task!r}, key {key!r}")
@@ -154,7 +157,9 @@ def empty_stacked(like: Mapping[str, Tensor], num_tasks: int, dtype: torch.dtype
     return {key: views[key] for key in like}
 
 
-def _check_buffers_equal(pretrained: Mapping[str, Tensor], state: Mapping[str, Tensor], task: str, buffers: Collection[str]) -> None:
+def _check_buffers_equal(
+    pretrained: Mapping[str, Tensor], state: Mapping[str, Tensor], task: str, buffers: Collection[str]
+) -> None:
     for key in buffers:
         if pretrained[key].is_floating_point() and not torch.equal(state[key], pretrained[key]):
             raise TaskVectorError(
