@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lit_adamerging import bench
+from lit_adamerging.benchmarks import step
 from lit_adamerging.models.encoders import create_encoder
 
 MODEL = "open_clip:test-vit-tiny"
@@ -17,7 +17,7 @@ ISSUE_KEYS = (  # the keys issue 6 asks --json to hold
 @pytest.mark.parametrize(("granularity", "dtype", "element_size"), [("layer", "float32", 4), ("task", "bfloat16", 2)])
 def test_bench_writes_consistent_figures(tmp_path, granularity: str, dtype: str, element_size: int) -> None:
     out = tmp_path / "figures" / "bench.json"
-    printed = bench.main([
+    printed = step.main([
         "--model", MODEL, "--tasks", "3", "--images-per-task", "2", "--steps", "2", "--granularity", granularity,
         "--task-vector-dtype", dtype, "--json", str(out),
     ])
@@ -45,4 +45,4 @@ def test_bench_writes_consistent_figures(tmp_path, granularity: str, dtype: str,
 @pytest.mark.parametrize(("argument", "message"), [("tasks", "tasks must be at least 1"), ("steps", "steps must be at least 1")])
 def test_bench_rejects_empty_runs(argument: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        bench.run(model=MODEL, **{argument: 0})
+        step.run(model=MODEL, **{argument: 0})

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_adamerging import mini
+from lit_adamerging.benchmarks import mini
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 TASKS = ("mnist", "fashion_mnist")

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from lit_adamerging import mini
+from lit_adamerging.benchmarks import mini
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 REPOSITORY = NOTEBOOKS.parent

@@ -21,7 +21,7 @@ datasets in ``../shared/datasets`` play the eight tasks.
 
 Example::
 
-    python -m lit_adamerging.mini --out runs/mini
+    lit-adamerging-mini --out runs/mini
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from lit_adamerging.lightning import AdaMergingModule
 from lit_adamerging.models import efficientnet_lite0
 from lit_adamerging.models.preprocess import Preprocess
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 METHOD_CONFIGS = REPOSITORY / "configs" / "methods"
 DEFAULT_DATA_ROOT = REPOSITORY.parent / "shared" / "datasets"
 DEFAULT_TASKS = ("mnist", "fashion_mnist", "cifar10", "gtsrb")
@@ -265,7 +265,7 @@ def write_into_readme(path: Path, table: str, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lit_adamerging.mini", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lit-adamerging-mini", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder of ImageFolder datasets")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated dataset folder names")
     parser.add_argument("--out", default="runs/mini", help="results, zoo and cache folder")
@@ -330,10 +330,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"{method}: avg {100 * results['methods'][method]['avg']:.1f} ({results['methods'][method]['seconds']:.0f} s)")
     print(results_table(results), end="")
     if args.readme:
-        command = " ".join(["python -m lit_adamerging.mini", *(argv if argv is not None else sys.argv[1:])])
+        command = " ".join(["lit-adamerging-mini", *(argv if argv is not None else sys.argv[1:])])
         write_into_readme(Path(args.readme), results_table(results), command)
     return results
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The ``lit-adamerging-mini`` console script: :func:`main` on this process's arguments."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    command()

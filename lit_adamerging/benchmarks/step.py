@@ -17,7 +17,7 @@ those, near zero when nothing is copied.
 
 Example::
 
-    python -m lit_adamerging.bench --model open_clip:ViT-B-32 --tasks 8 --images-per-task 2 --steps 5
+    python -m lit_adamerging.benchmarks.step --model open_clip:ViT-B-32 --tasks 8 --images-per-task 2 --steps 5
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m lit_adamerging.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lit_adamerging.benchmarks.step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="open_clip:ViT-B-32", help="open_clip:<name> or timm:<name>")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--images-per-task", type=int, default=2)

@@ -16,7 +16,7 @@ stores), ``disk-warm`` reuses them.
 
 Example::
 
-    python -m lit_adamerging.bench_fit --data-root ../shared/datasets --tasks mnist,fashion_mnist,cifar10,gtsrb \\
+    python -m lit_adamerging.benchmarks.fit --data-root ../shared/datasets --tasks mnist,fashion_mnist,cifar10,gtsrb \\
         --model timm:efficientnet_lite0 --image-size 64 --steps 30
 """
 
@@ -106,8 +106,8 @@ def time_fit(args: argparse.Namespace, mode: str, cache_dir: Path) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    parser = argparse.ArgumentParser(prog="python -m lit_adamerging.benchmarks.fit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[3] / "shared" / "datasets"))
     parser.add_argument("--tasks", default="mnist,fashion_mnist,cifar10,gtsrb")
     parser.add_argument("--model", default="timm:efficientnet_lite0", help="open_clip:<name> or timm:<name>")
     parser.add_argument("--image-size", type=int, default=None, help="default: the model's own preprocessing")
