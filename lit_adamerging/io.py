@@ -4,7 +4,7 @@ A file is written under a temporary name next to its destination, ``.<name>.<hos
 flushed to disk and renamed over the destination. A writer killed mid-write (``kill -9``, out of
 memory) leaves its temporary file behind; the next write to the same destination removes the ones
 whose writer is gone (written on this host by a process that no longer runs), never one that a
-running process is still writing.
+running process is still writing. :func:`atomic_directory` does the same for a whole folder.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
-    temporary = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    temporary = _temporary_name(path)
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0o666 & ~umask, as open() gives
     try:
         yield temporary
@@ -49,11 +50,46 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """A new empty folder next to ``path`` for the block to fill; renamed to ``path`` if the block succeeds.
+
+    Readers see either no ``path`` or the complete folder. On an error the temporary folder is
+    removed; those left by writers that were killed are removed before the new one is created.
+
+    Raises:
+        FileExistsError: ``path`` exists (and is not an empty folder) when the block ends; the
+            temporary folder is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    temporary = _temporary_name(path)
+    temporary.mkdir()
+    try:
+        yield temporary
+        if hasattr(os, "sync"):  # the files reach the disk before the folder's name does
+            os.sync()
+        try:
+            os.rename(temporary, path)
+        except OSError as error:
+            if not path.exists():
+                raise
+            raise FileExistsError(f"{path} already exists; the folder written next to it was discarded.") from error
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
 def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)`` next to ``path``, then rename the result over ``path`` (see :func:`atomic_path`)."""
     with atomic_path(path) as temporary:
         write(str(temporary))
     return Path(path)
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f"{_temporary_prefix(path)}{os.getpid()}.{secrets.token_hex(8)}.tmp")
 
 
 def _temporary_prefix(path: Path) -> str:
@@ -72,6 +108,10 @@ def _remove_stale_temporaries(path: Path) -> None:
         if match is None or _is_running(int(match.group(1))):
             continue
         try:
+            if entry.is_dir(follow_symlinks=False):  # left by atomic_directory
+                shutil.rmtree(entry.path)
+                log.info("removed the folder %s, left by an interrupted write of %s", entry.path, path)
+                continue
             size = entry.stat(follow_symlinks=False).st_size
             os.unlink(entry.path)
         except FileNotFoundError:  # another process removed it first
