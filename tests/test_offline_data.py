@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from lit_adamerging.data import offline
+from lit_adamerging.data.datasets import ImageFolderTask
 from lit_adamerging.data.offline import (
     DATA_ENV,
     MARKER,
@@ -34,6 +35,7 @@ from lit_adamerging.data.offline import (
     find_data_root,
     has_dataset,
 )
+from lit_adamerging.models.preprocess import Preprocess
 from lit_adamerging.models.prompts import class_names
 
 NAMES = ("mnist", "fashion_mnist", "cifar10", "gtsrb")
@@ -71,7 +73,7 @@ def _fake_mnist(raw: Path, folder: str, rng: np.random.Generator) -> dict[str, l
     result = {}
     for split, prefix, count in (("train", "train", 20), ("test", "t10k", 12)):
         images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=count, dtype=np.uint8)
+        labels = rng.permutation(np.arange(count) % 10).astype(np.uint8)  # every digit in each split
         _write_idx(raw / folder / "raw" / f"{prefix}-images-idx3-ubyte", images)
         _write_idx(raw / folder / "raw" / f"{prefix}-labels-idx1-ubyte", labels)
         result[split] = [(image, int(label)) for image, label in zip(images, labels, strict=True)]
@@ -194,6 +196,16 @@ def test_downloaded_tree_is_the_offline_layout_with_the_source_pixels(
         matched[split] = by_pixels
     assert not set(matched["train"]) & set(matched["test"])  # the splits share no image
     assert has_dataset(cache, name, require_marker=True)
+
+
+def test_the_library_reads_a_downloaded_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = fake_raw("mnist", tmp_path, monkeypatch)
+    download_datasets(["mnist"], tmp_path, sizes={"mnist": (20, 12)})  # whole splits: every class has images
+    for split in ("train", "test"):
+        task = ImageFolderTask(root=str(tmp_path / "mnist"), split=split, preprocess=Preprocess(image_size=28))
+        assert task.class_names() == class_names("mnist")
+        data = task.test_set()
+        assert sorted(int(data[i][1]) for i in range(len(data))) == sorted(label for _, label in source[split])
 
 
 def test_gtsrb_class_folders_and_names_match_the_offline_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
