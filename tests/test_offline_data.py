@@ -194,7 +194,7 @@ def test_downloaded_tree_is_the_offline_layout_with_the_source_pixels(
         assert len(set(indices.values())) == size  # no source image twice
         assert [indices[i] for i in range(size)] == sorted(indices.values())  # file order = split order
         matched[split] = by_pixels
-    assert not set(matched["train"]) & set(matched["test"])  # the splits share no image
+    assert not set(matched["train"]) & set(matched["test"])  # so each lookup above proves the PNG's split
     assert has_dataset(cache, name, require_marker=True)
 
 
