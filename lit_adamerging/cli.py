@@ -4,6 +4,16 @@ Example::
 
     lit-adamerging fit --config configs/tiny.yaml
     lit-adamerging test --config configs/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt
+    lit-adamerging test --config configs/tiny.yaml --method task_arithmetic
+
+Methods by name: ``--method NAME`` applies the preset of :mod:`lit_adamerging.methods`
+(``granularity``, ``init``, ``ties_k``, ``ties_normalize`` of the model) where it stands on the
+command line, as ``--config`` with that preset's file would. What comes after it wins: a later
+``--model.init=0.5`` or ``--config`` sets those keys again. What comes before it loses to it: an
+earlier ``--config`` (``configs/tiny.yaml`` sets a method of its own) is how ``--method`` is meant
+to be used, but an explicit ``--model.<key>`` for one of the preset's keys before ``--method`` is
+refused with an error (it would be dropped). ``--method`` belongs on the command line: a config
+file with a ``method:`` key is refused (write the settings themselves there).
 
 Checkpoints are data, not configuration. LightningCLI itself would merge a checkpoint's stored
 hyperparameters over the user's config; here what the user passes decides, and a checkpoint made
@@ -15,11 +25,13 @@ which always come from the user's config; the tasks always come from ``data.task
 
 from __future__ import annotations
 
+import argparse
+import sys
 from typing import Any
 
 import yaml
-from jsonargparse import get_loader, set_loader
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from jsonargparse import ActionConfigFile, get_loader, set_loader
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.data import MultiTaskDataModule
@@ -28,8 +40,10 @@ from lit_adamerging.lightning.module import (
     CHECKPOINT_SETTINGS,
     USER_ONLY_ZOO_ARGS,
     check_checkpoint_settings,
+    intended_warnings_ignored,
     read_adamerging_checkpoint,
 )
+from lit_adamerging.methods import method_config, method_names, method_settings
 
 # ckpt_path values the Trainer resolves itself (no file named on the command line).
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc")
@@ -71,10 +85,37 @@ def install_strict_yaml_loader() -> None:
     set_loader("yaml", strict_yaml_load, exceptions=(yaml.YAMLError,))
 
 
+class _MethodPreset(argparse.Action):
+    """``--method NAME``: the preset file of :mod:`lit_adamerging.methods`, applied where it stands like ``--config``."""
+
+    def __call__(self, parser: Any, cfg: Any, values: Any, option_string: str | None = None) -> None:
+        ActionConfigFile.apply_config(parser, cfg, "config", str(method_config(values)))
+
+
+def _check_method_order(args: list[str]) -> None:
+    """Refuse ``--model.<key>`` before a ``--method`` whose preset sets that key again (it would be dropped)."""
+    given: dict[str, str] = {}  # preset key -> the option that gave it
+    for index, arg in enumerate(args):
+        option, _, inline = arg.partition("=")
+        if option.startswith("--model."):
+            given[option.removeprefix("--model.")] = option
+        elif option == "--method":
+            name = inline or (args[index + 1] if index + 1 < len(args) else "")
+            if name not in method_names():
+                continue  # the parser names the valid methods
+            overridden = [given[key] for key in method_settings(name) if key in given]
+            if overridden:
+                raise ValueError(
+                    f"{', '.join(overridden)} comes before --method {name}, whose preset sets it again, so it would be "
+                    f"dropped; give {', '.join(overridden)} after --method {name}."
+                )
+
+
 class AdaMergingCLI(LightningCLI):
     """LightningCLI whose task list is given once, in ``data.tasks``, and whose checkpoints never configure the run.
 
-    With ``--ckpt_path`` the checkpoint is read with ``weights_only=True`` (a file that is not an
+    ``--method NAME`` picks a merging method by name (see the module docstring for how it combines
+    with ``--config`` and ``--model.*``). With ``--ckpt_path`` the checkpoint is read with ``weights_only=True`` (a file that is not an
     AdaMerging checkpoint is named as such) and its stored settings are compared with the
     user's once the model is built, before any weights are loaded (see the module docstring).
     """
@@ -89,6 +130,26 @@ class AdaMergingCLI(LightningCLI):
                  "to match them. The zoo's allow_pickle and head_cache_dir still come from your config, the tasks "
                  "from data.tasks; a zoo class outside lit_adamerging is only accepted if your config names it.",
         )
+        parser.add_argument(
+            "--method", action=_MethodPreset, choices=method_names(), default=argparse.SUPPRESS,
+            help="A merging method by name: applies that preset's model settings (granularity, init, ties_k, "
+                 "ties_normalize) here, as --config of its file would; arguments after it override it, a "
+                 "--model.<key> it sets may not come before it. Command line only.",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as LightningCLI does, after checking ``--method``'s place; a config file's ``method:`` key is refused."""
+        if args is None or isinstance(args, list):
+            _check_method_order(sys.argv[1:] if args is None else [str(arg) for arg in args])
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if "method" in config:
+            raise ValueError(
+                f"a config file sets 'method: {config['method']}'; --method is a command-line option. Give it on the "
+                "command line, or write the method's settings in the file (model.granularity, model.init, "
+                "model.ties_k, model.ties_normalize; see lit_adamerging.methods)."
+            )
 
     def _parse_ckpt_path(self) -> None:
         """Read the checkpoint (to check it later); replace Lightning's merge of its hyperparameters over the config."""
@@ -142,12 +203,13 @@ class AdaMergingCLI(LightningCLI):
 def main(args: ArgsType = None) -> None:
     install_strict_yaml_loader()
     retain_freed_memory()
-    AdaMergingCLI(
-        AdaMergingModule,
-        MultiTaskDataModule,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    with intended_warnings_ignored():
+        AdaMergingCLI(
+            AdaMergingModule,
+            MultiTaskDataModule,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Every shipped config parses and instantiates through the CLI (no weights or data needed)."""
+"""Every shipped config and method preset parses and instantiates through the CLI (no weights or data needed)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import pytest
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.data import MultiTaskDataModule
 from lit_adamerging.lightning import AdaMergingModule
-from lit_adamerging.models import OpenCLIPZoo, prompts
+from lit_adamerging.methods import method_names, method_settings
+from lit_adamerging.models import OpenCLIPZoo, SyntheticZoo, prompts
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-METHODS = sorted(path.stem for path in (CONFIGS / "methods").glob("*.yaml"))
+TINY = str(CONFIGS / "tiny.yaml")
+METHOD_KEYS = ("granularity", "init", "ties_k", "ties_normalize")
 EXPECTED = {  # granularity, init, ties_k, ties_normalize
     "weight_averaging": ("task", None, None, False),
     "task_arithmetic": ("task", 0.3, None, False),
@@ -27,31 +29,80 @@ EXPECTED = {  # granularity, init, ties_k, ties_normalize
 PAPER_TASKS = ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 
 
-def instantiate(*configs: Path) -> AdaMergingCLI:
-    args = [arg for config in configs for arg in ("--config", str(config))]
+def cli_with(*args: str) -> AdaMergingCLI:
     with mock.patch.object(sys, "argv", ["lit-adamerging"]):  # pytest's own arguments are not the CLI's
-        return AdaMergingCLI(AdaMergingModule, MultiTaskDataModule, run=False, args=args,
+        return AdaMergingCLI(AdaMergingModule, MultiTaskDataModule, run=False, args=list(args),
                              save_config_kwargs={"overwrite": True})
 
 
-def test_every_method_config_is_listed():
-    assert METHODS == sorted(EXPECTED)
+def instantiate(*configs: Path) -> AdaMergingCLI:
+    return cli_with(*(arg for config in configs for arg in ("--config", str(config))))
 
 
-@pytest.mark.parametrize("method", METHODS)
+def method_of(cli: AdaMergingCLI) -> tuple:
+    return tuple(cli.model.hparams[key] for key in METHOD_KEYS)
+
+
+def test_every_method_is_listed():
+    assert list(method_names()) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
 def test_tiny_config_with_each_method(method):
-    cli = instantiate(CONFIGS / "tiny.yaml", CONFIGS / "methods" / f"{method}.yaml")
-    hparams = cli.model.hparams
-    assert (hparams.granularity, hparams.init, hparams.ties_k, hparams.ties_normalize) == EXPECTED[method]
+    cli = cli_with("--config", TINY, "--method", method)
+    assert method_of(cli) == EXPECTED[method]
     assert cli.model.num_classes == {"alpha": 5, "beta": 10, "gamma": 3}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_method_settings_from_python(method):
+    settings = method_settings(method)
+    assert settings == dict(zip(METHOD_KEYS, EXPECTED[method]))
+    module = AdaMergingModule(SyntheticZoo("open_clip:test-vit-tiny"), num_classes={"a": 2}, **settings)
+    assert tuple(module.hparams[key] for key in METHOD_KEYS) == EXPECTED[method]
+    settings["init"] = 0.9  # a fresh dict every call: changing one changes no other
+    assert method_settings(method) == dict(zip(METHOD_KEYS, EXPECTED[method]))
+
+
+def test_method_composes_with_config_and_model_arguments_in_order(tmp_path):
+    # After --method, a --model.* argument or a --config sets the preset's keys again; other keys are kept.
+    cli = cli_with("--config", TINY, "--method", "ties_merging", "--model.init=0.5", "--model.lr=0.01")
+    assert method_of(cli) == ("task", 0.5, 0.2, True) and cli.model.hparams.lr == 0.01
+    (tmp_path / "k.yaml").write_text("model:\n  ties_k: 0.4\n")
+    cli = cli_with("--config", TINY, "--method", "ties_merging", "--config", str(tmp_path / "k.yaml"))
+    assert method_of(cli) == ("task", 0.3, 0.4, True)
+    # Before it: a config (tiny.yaml is layer-wise from 0.3) loses to the preset ...
+    assert method_of(cli_with("--config", TINY, "--method", "weight_averaging")) == ("task", None, None, False)
+    # ... a config given after the preset wins over it ...
+    assert method_of(cli_with("--method", "task_wise", "--config", TINY)) == ("layer", 0.3, None, False)
+    # ... and a --model.<key> the preset sets again is refused, not silently dropped; other --model.* are fine.
+    with pytest.raises(ValueError, match="--model.init comes before --method task_arithmetic, whose preset sets it"):
+        cli_with("--config", TINY, "--model.init=0.5", "--method", "task_arithmetic")
+    cli = cli_with("--config", TINY, "--model.lr", "0.02", "--method", "task_arithmetic")
+    assert method_of(cli) == EXPECTED["task_arithmetic"] and cli.model.hparams.lr == 0.02
+
+
+def test_unknown_method_names_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        cli_with("--config", TINY, "--method", "magic")
+    error = capsys.readouterr().err
+    assert "invalid choice: 'magic'" in error and all(name in error for name in EXPECTED)
+    with pytest.raises(ValueError, match="unknown merging method 'magic'; choose one of: layer_wise, layer_wise_pp"):
+        method_settings("magic")
+
+
+def test_method_in_a_config_file_is_refused(tmp_path):
+    (tmp_path / "method.yaml").write_text("method: layer_wise\n")
+    with pytest.raises(ValueError, match="a config file sets 'method: layer_wise'; --method is a command-line option"):
+        cli_with("--config", TINY, "--config", str(tmp_path / "method.yaml"))
 
 
 @pytest.mark.parametrize("model", ["vit_b32", "vit_b16", "vit_l14"])
 @pytest.mark.parametrize("method", ["task_arithmetic", "layer_wise_pp"])
 def test_paper_configs(model, method):
     paper = CONFIGS / "paper"
-    cli = instantiate(paper / "trainer.yaml", paper / "data.yaml", paper / f"{model}.yaml",
-                      CONFIGS / "methods" / f"{method}.yaml")
+    configs = (paper / "trainer.yaml", paper / "data.yaml", paper / f"{model}.yaml")
+    cli = cli_with(*(arg for config in configs for arg in ("--config", str(config))), "--method", method)
     zoo = cli.model.zoo
     assert isinstance(zoo, OpenCLIPZoo) and zoo.pretrained == "openai"
     assert list(zoo.finetuned) == PAPER_TASKS == cli.datamodule.task_names

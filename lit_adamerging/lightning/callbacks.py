@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,11 +14,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_adamerging.io import save_state_dict
 
 if TYPE_CHECKING:
-    from lit_adamerging.lightning.module import AdaMergingModule
+    from matplotlib.figure import Figure
 
-# The accuracies are already gathered across processes by torchmetrics' compute(); syncing the
-# logged value again (what this warning asks for) would average identical numbers.
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/acc/.*sync_dist=True")
+    from lit_adamerging.lightning.module import AdaMergingModule
 
 
 class PerTaskAccuracy(pl.Callback):
@@ -132,20 +129,20 @@ class CoefficientLogger(pl.Callback):
                 writer.add_figure("coefficients/heatmap", figure, global_step=trainer.global_step)
 
 
-def coefficient_heatmap(coefficients: torch.Tensor, task_names: list[str]) -> Any:
-    """A matplotlib figure of the ``[tasks, tensors]`` coefficient matrix."""
-    import matplotlib
+def coefficient_heatmap(coefficients: torch.Tensor, task_names: list[str]) -> Figure:
+    """A matplotlib figure of the ``[tasks, tensors]`` coefficient matrix.
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    A plain :class:`~matplotlib.figure.Figure`, made without pyplot: no backend is chosen or switched
+    and no figure is left open (a notebook still shows it, TensorBoard draws it with Agg).
+    """
+    from matplotlib.figure import Figure
 
-    figure, axes = plt.subplots(figsize=(max(6.0, coefficients.shape[1] * 0.06), 1.0 + 0.4 * len(task_names)))
+    figure = Figure(figsize=(max(6.0, coefficients.shape[1] * 0.06), 1.0 + 0.4 * len(task_names)), layout="tight")
+    axes = figure.subplots()
     image = axes.imshow(coefficients.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     axes.set_yticks(range(len(task_names)), task_names)
     axes.set_xlabel("merged tensor (encoder order)")
     figure.colorbar(image, ax=axes, label="coefficient")
-    figure.tight_layout()
-    plt.close(figure)
     return figure
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import pickle
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -41,8 +42,28 @@ CHECKPOINT_SETTINGS = (
 # where cached heads are read): they always come from the user.
 USER_ONLY_ZOO_ARGS = ("allow_pickle", "head_cache_dir")
 
-# The frozen encoder and heads run in eval mode on purpose (see AdaMergingModule.train).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Lightning's warnings about what AdaMerging does on purpose: the frozen encoder and heads run in
+# eval mode during training (see AdaMergingModule.train), and PerTaskAccuracy logs accuracies that
+# torchmetrics' compute() has already gathered across processes (syncing the logged value again, as
+# the second one asks, would average identical numbers).
+INTENDED_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    r"It is recommended to use `self.log\('(val|test)/acc/.*sync_dist=True",
+)
+
+
+@contextlib.contextmanager
+def intended_warnings_ignored() -> Iterator[None]:
+    """Hide Lightning's warnings about what AdaMerging does on purpose (:data:`INTENDED_WARNINGS`), inside the block only.
+
+    The ``lit-adamerging`` command runs in it; a script may wrap its own Trainer calls the same way
+    (``with intended_warnings_ignored(): trainer.fit(model, datamodule=data)``). Other warnings are
+    shown as before, and the process's warning filters are restored when the block ends.
+    """
+    with warnings.catch_warnings():
+        for message in INTENDED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 def read_adamerging_checkpoint(source: str | Path | IO[bytes]) -> dict[str, Any]:
@@ -181,6 +202,10 @@ class AdaMergingModule(pl.LightningModule):
     The data-free baselines are the same module, evaluated without fitting: task arithmetic is
     ``granularity="task", init=0.3``; weight averaging is ``init=None`` (``1/T``); TIES-merging
     adds ``ties_k=0.2, ties_normalize=True``. AdaMerging++ is AdaMerging with ``ties_k=0.2``.
+    Each method by name: ``**method_settings(name)`` (:mod:`lit_adamerging.methods`).
+
+    Lightning warns at the start of ``fit`` that modules are in eval mode: that is intended (see
+    :meth:`train`); :func:`intended_warnings_ignored` hides it.
 
     Args:
         zoo: where the pretrained encoder, the fine-tuned encoders and the heads come from.
