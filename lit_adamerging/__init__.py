@@ -1,25 +1,40 @@
-"""lit_adamerging: AdaMerging (Yang et al., ICLR 2024) as a PyTorch Lightning library."""
+"""lit_adamerging: AdaMerging (Yang et al., ICLR 2024) as a PyTorch Lightning library.
 
-from lit_adamerging.data import ImageFolderTask, MultiTaskDataModule, SyntheticTask, TaskData, TorchvisionTask
-from lit_adamerging.lightning import AdaMergingModule, CoefficientLogger, ExportMergedEncoder, PerTaskAccuracy
-from lit_adamerging.models import ModelZoo, OpenCLIPZoo, Preprocess, StateDictZoo, SyntheticZoo, TimmZoo
+The names below are imported on first use, so ``import lit_adamerging.merging`` (pure torch)
+does not import Lightning, open_clip or timm.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lit_adamerging._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaMergingModule",
-    "CoefficientLogger",
-    "ExportMergedEncoder",
-    "ImageFolderTask",
-    "ModelZoo",
-    "OpenCLIPZoo",
-    "MultiTaskDataModule",
-    "PerTaskAccuracy",
-    "Preprocess",
-    "StateDictZoo",
-    "SyntheticTask",
-    "SyntheticZoo",
-    "TimmZoo",
-    "TorchvisionTask",
-    "TaskData",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "lit_adamerging.data.datamodule": ["MultiTaskDataModule"],
+    "lit_adamerging.data.datasets": ["ImageFolderTask", "TorchvisionTask"],
+    "lit_adamerging.data.tasks": ["SyntheticTask", "TaskData"],
+    "lit_adamerging.lightning.callbacks": ["CoefficientLogger", "ExportMergedEncoder", "PerTaskAccuracy"],
+    "lit_adamerging.lightning.module": ["AdaMergingModule"],
+    "lit_adamerging.models.preprocess": ["Preprocess"],
+    "lit_adamerging.models.zoo": ["ModelZoo", "OpenCLIPZoo", "StateDictZoo", "SyntheticZoo", "TimmZoo"],
+})
+
+if TYPE_CHECKING:
+    from lit_adamerging.data.datamodule import MultiTaskDataModule as MultiTaskDataModule
+    from lit_adamerging.data.datasets import ImageFolderTask as ImageFolderTask
+    from lit_adamerging.data.datasets import TorchvisionTask as TorchvisionTask
+    from lit_adamerging.data.tasks import SyntheticTask as SyntheticTask
+    from lit_adamerging.data.tasks import TaskData as TaskData
+    from lit_adamerging.lightning.callbacks import CoefficientLogger as CoefficientLogger
+    from lit_adamerging.lightning.callbacks import ExportMergedEncoder as ExportMergedEncoder
+    from lit_adamerging.lightning.callbacks import PerTaskAccuracy as PerTaskAccuracy
+    from lit_adamerging.lightning.module import AdaMergingModule as AdaMergingModule
+    from lit_adamerging.models.preprocess import Preprocess as Preprocess
+    from lit_adamerging.models.zoo import ModelZoo as ModelZoo
+    from lit_adamerging.models.zoo import OpenCLIPZoo as OpenCLIPZoo
+    from lit_adamerging.models.zoo import StateDictZoo as StateDictZoo
+    from lit_adamerging.models.zoo import SyntheticZoo as SyntheticZoo
+    from lit_adamerging.models.zoo import TimmZoo as TimmZoo

@@ -12,6 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from lit_adamerging.models import LazyStateDicts, create_encoder
+from lit_adamerging.models.encoders import register_open_clip_configs
+
+register_open_clip_configs()  # some tests build test-vit-tiny with open_clip itself
 
 TINY_CLIP = "open_clip:test-vit-tiny"
 TINY_TIMM = "timm:test_efficientnet"

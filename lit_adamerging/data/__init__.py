@@ -1,23 +1,29 @@
-"""Data: task datasets (synthetic, image folders, torchvision and the paper's datasets) and the multi-task DataModule."""
+"""Data: task datasets (synthetic, image folders, torchvision and the paper's datasets) and the multi-task DataModule.
 
-from lit_adamerging.data.datamodule import MultiTaskDataModule
-from lit_adamerging.data.datasets import (
-    ImageFolderTask,
-    TorchvisionTask,
-    eurosat_split_indices,
-    eurosat_test_indices,
-    sun397_test_indices,
-)
-from lit_adamerging.data.tasks import ImagesOnly, SyntheticTask, TaskData
+The names below are imported on first use (Lightning only with :class:`MultiTaskDataModule`).
+"""
 
-__all__ = [
-    "ImageFolderTask",
-    "ImagesOnly",
-    "MultiTaskDataModule",
-    "SyntheticTask",
-    "TaskData",
-    "TorchvisionTask",
-    "eurosat_split_indices",
-    "eurosat_test_indices",
-    "sun397_test_indices",
-]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lit_adamerging._lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "lit_adamerging.data.datamodule": ["MultiTaskDataModule"],
+    "lit_adamerging.data.datasets": [
+        "ImageFolderTask", "TorchvisionTask", "eurosat_split_indices", "eurosat_test_indices", "sun397_test_indices",
+    ],
+    "lit_adamerging.data.tasks": ["ImagesOnly", "SyntheticTask", "TaskData"],
+})
+
+if TYPE_CHECKING:
+    from lit_adamerging.data.datamodule import MultiTaskDataModule as MultiTaskDataModule
+    from lit_adamerging.data.datasets import ImageFolderTask as ImageFolderTask
+    from lit_adamerging.data.datasets import TorchvisionTask as TorchvisionTask
+    from lit_adamerging.data.datasets import eurosat_split_indices as eurosat_split_indices
+    from lit_adamerging.data.datasets import eurosat_test_indices as eurosat_test_indices
+    from lit_adamerging.data.datasets import sun397_test_indices as sun397_test_indices
+    from lit_adamerging.data.tasks import ImagesOnly as ImagesOnly
+    from lit_adamerging.data.tasks import SyntheticTask as SyntheticTask
+    from lit_adamerging.data.tasks import TaskData as TaskData

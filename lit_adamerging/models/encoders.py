@@ -2,12 +2,14 @@
 
 For open_clip the encoder is the CLIP image tower (``model.visual``); for timm it is the backbone
 without its classifier (``num_classes=0``), returning pooled features. ``test-vit-tiny`` is a
-two-block open_clip ViT for tests, registered with open_clip when this module is imported.
+two-block open_clip ViT for tests, registered with open_clip the first time this module looks up
+an open_clip model (:func:`register_open_clip_configs`), not on import.
 :func:`encoder_preprocess` gives the eval preprocessing each such encoder expects.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,6 @@ import timm
 from torch import nn
 
 from lit_adamerging.models.preprocess import Preprocess
-
-open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
 
 LIBRARIES = ("open_clip", "timm")
 
@@ -58,8 +58,15 @@ def create_encoder(name: str, pretrained: str | None = None, **kwargs: Any) -> n
     return timm.create_model(model, pretrained=False, num_classes=0, **kwargs).eval()
 
 
+@functools.cache
+def register_open_clip_configs() -> None:
+    """Make open_clip know this package's model configs (``test-vit-tiny``); later calls do nothing."""
+    open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
+
+
 def check_open_clip_model(model: str) -> None:
-    """Raise a clear error unless open_clip knows the model name."""
+    """Raise a clear error unless open_clip knows the model name (registering this package's configs first)."""
+    register_open_clip_configs()
     if model not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model!r}; open_clip.list_models() lists the known names.")
 
