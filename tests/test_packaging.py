@@ -1,0 +1,113 @@
+"""The wheel alone: built from the sources, installed into a fresh virtual environment, run outside the checkout.
+
+The new environment gets the wheel without its dependencies; those are taken from the environment
+running the tests through a plain path line in a ``.pth`` file, which puts that site-packages on
+``sys.path`` without processing the ``.pth`` files inside it (so this checkout's editable install,
+if there is one, stays out). Select with ``-m packaging``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+BUILD_INPUTS = ("pyproject.toml", "setup.cfg", "README.md", "LICENSE", "lit_adamerging")
+
+pytestmark = pytest.mark.packaging
+
+RUN = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_steps: 2
+  limit_val_batches: 0
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: out
+model:
+  zoo:
+    class_path: lit_adamerging.SyntheticZoo
+    init_args: {encoder: "open_clip:test-vit-tiny", seed: 0}
+data:
+  batch_size: 2
+  eval_batch_size: 8
+  tasks:
+    alpha:
+      class_path: lit_adamerging.SyntheticTask
+      init_args: {num_classes: 3, num_images: 8, image_size: 32, seed: 1}
+    beta:
+      class_path: lit_adamerging.SyntheticTask
+      init_args: {num_classes: 4, num_images: 8, image_size: 32, seed: 2}
+"""
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def build_wheel(tmp_path: Path, env: dict[str, str]) -> Path:
+    """The wheel of a copy of the sources (the build writes build/ and *.egg-info beside them)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in BUILD_INPUTS:
+        if (REPOSITORY / name).is_dir():
+            shutil.copytree(REPOSITORY / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPOSITORY / name, source / name)
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-w",
+               str(tmp_path / "dist")]
+    run(command, tmp_path, env)
+    (wheel,) = (tmp_path / "dist").glob("lit_adamerging-*.whl")
+    return wheel
+
+
+def test_wheel_installs_alone_and_runs_methods_by_name_outside_the_checkout(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PYTHONWARNINGS"] = "ignore"
+    wheel = build_wheel(tmp_path, env)
+    files = set(zipfile.ZipFile(wheel).namelist())
+    methods = {f"lit_adamerging/methods/{name}.yaml" for name in (
+        "weight_averaging", "task_arithmetic", "ties_merging", "task_wise", "task_wise_pp", "layer_wise", "layer_wise_pp")}
+    assert methods | {"lit_adamerging/py.typed", "lit_adamerging/models/open_clip_configs/test-vit-tiny.json"} <= files
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in files)
+
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, env)
+    python = venv / "bin" / "python"
+    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
+        tmp_path, env)
+    site_packages = run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], tmp_path, env)
+    Path(site_packages.stdout.strip(), "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+
+    work = tmp_path / "work"  # outside the checkout; the command's own folder is venv/bin
+    work.mkdir()
+    (work / "run.yaml").write_text(RUN)
+    probe = ("import json, sys, lit_adamerging, lit_adamerging.methods; print(json.dumps({'files': [lit_adamerging.__file__, "
+             "lit_adamerging.methods.__file__], 'path': sys.path, 'editable': [m for m in sys.modules if 'editable' in m]}))")
+    seen = json.loads(run([str(python), "-c", probe], work, env).stdout)
+    assert all(Path(path).is_relative_to(venv) for path in seen["files"]), seen
+    assert str(REPOSITORY) not in seen["path"] and seen["editable"] == [], seen
+
+    script = str(venv / "bin" / "lit-adamerging")
+    run([script, "fit", "--config", "run.yaml", "--method", "layer_wise"], work, env)
+    fitted = yaml.safe_load((work / "out" / "config.yaml").read_text())["model"]
+    assert (fitted["granularity"], fitted["init"], fitted["ties_k"]) == ("layer", 0.3, None)
+    tested = run([script, "test", "--config", "run.yaml", "--method", "task_arithmetic"], work, env)
+    assert "test/acc/avg" in tested.stdout
+    model = yaml.safe_load((work / "out" / "config.yaml").read_text())["model"]
+    assert (model["granularity"], model["init"], model["ties_k"]) == ("task", 0.3, None)
