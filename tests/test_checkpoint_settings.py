@@ -34,7 +34,6 @@ pytestmark = [
 
 MARKER = "pwned.txt"
 QUIET = ["--trainer.logger=false", "--trainer.enable_model_summary=false"]
-METHODS = Path(CONFIG).parent / "methods"
 
 
 class Payload:
@@ -142,7 +141,7 @@ def test_crafted_checkpoint_runs_no_code_from_python(layer_wise, tmp_path):
 def test_another_method_zoo_or_task_order_is_refused_unless_asked_for(layer_wise, tmp_path):
     checkpoint = str(checkpoint_of(layer_wise))
     with pytest.raises(ValueError, match="other settings") as refused:
-        in_process(layer_wise, "test", "--config", "tiny.yaml", "--config", str(METHODS / "task_wise.yaml"),
+        in_process(layer_wise, "test", "--config", "tiny.yaml", "--method", "task_wise",
                    "--model.zoo.init_args.seed=1", "--ckpt_path", checkpoint)
     lines = str(refused.value).splitlines()
     assert lines[1:3] == ["  model.zoo.init_args.seed: checkpoint 0, yours 1", "  model.granularity: checkpoint 'layer', yours 'task'"]
@@ -157,7 +156,7 @@ def test_another_method_zoo_or_task_order_is_refused_unless_asked_for(layer_wise
 
     # Asked for explicitly, the checkpoint's method and zoo are used: the layer-wise coefficients on
     # the seed-0 zoo, as a plain merge computes them; the optimiser's lr follows the user silently.
-    cli = in_process(layer_wise, "test", "--config", "tiny.yaml", "--config", str(METHODS / "task_wise.yaml"),
+    cli = in_process(layer_wise, "test", "--config", "tiny.yaml", "--method", "task_wise",
                      "--model.zoo.init_args.seed=1", "--model.lr=0.5", "--ckpt_path", checkpoint,
                      "--settings_from_checkpoint=true")
     assert (cli.model.hparams.granularity, cli.model.zoo.seed, cli.model.hparams.lr) == ("layer", 0, 0.5)
