@@ -86,7 +86,7 @@ def install_strict_yaml_loader() -> None:
 
 
 class _MethodPreset(argparse.Action):
-    """``--method NAME``: the preset file of :mod:`lit_adamerging.methods`, applied where it stands like ``--config``."""
+    """``--method NAME``: the preset of :mod:`lit_adamerging.methods`, applied where it stands like ``--config``."""
 
     def __call__(self, parser: Any, cfg: Any, values: Any, option_string: str | None = None) -> None:
         ActionConfigFile.apply_config(parser, cfg, "config", str(method_config(values)))
@@ -105,9 +105,10 @@ def _check_method_order(args: list[str]) -> None:
                 continue  # the parser names the valid methods
             overridden = [given[key] for key in method_settings(name) if key in given]
             if overridden:
+                options, verb = ", ".join(overridden), "comes" if len(overridden) == 1 else "come"
                 raise ValueError(
-                    f"{', '.join(overridden)} comes before --method {name}, whose preset sets it again, so it would be "
-                    f"dropped; give {', '.join(overridden)} after --method {name}."
+                    f"{options} {verb} before --method {name}, whose preset sets it again, so it would be dropped; "
+                    f"give {options} after --method {name}."
                 )
 
 
@@ -115,9 +116,10 @@ class AdaMergingCLI(LightningCLI):
     """LightningCLI whose task list is given once, in ``data.tasks``, and whose checkpoints never configure the run.
 
     ``--method NAME`` picks a merging method by name (see the module docstring for how it combines
-    with ``--config`` and ``--model.*``). With ``--ckpt_path`` the checkpoint is read with ``weights_only=True`` (a file that is not an
-    AdaMerging checkpoint is named as such) and its stored settings are compared with the
-    user's once the model is built, before any weights are loaded (see the module docstring).
+    with ``--config`` and ``--model.*``). With ``--ckpt_path`` the checkpoint is read with
+    ``weights_only=True`` (a file that is not an AdaMerging checkpoint is named as such) and its
+    stored settings are compared with the user's once the model is built, before any weights are
+    loaded (see the module docstring).
     """
 
     _checkpoint: dict[str, Any] | None = None
@@ -138,7 +140,7 @@ class AdaMergingCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse as LightningCLI does, after checking ``--method``'s place; a config file's ``method:`` key is refused."""
+        """Parse as LightningCLI does, after checking ``--method``'s place; refuse a config file's ``method:``."""
         if args is None or isinstance(args, list):
             _check_method_order(sys.argv[1:] if args is None else [str(arg) for arg in args])
         super().parse_arguments(parser, args)

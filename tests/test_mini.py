@@ -77,7 +77,8 @@ def test_whole_pipeline_on_a_tiny_setting(tmp_path, capsys):
     # output is its own: progress lines and the table, nothing from Lightning or a dependency.
     zoo = {path: path.stat().st_mtime_ns for path in (out / "zoo").glob("*.safetensors")}
     assert len(zoo) == len(TASKS)
-    command = [sys.executable, "-m", "lit_adamerging.benchmarks.mini", *args, "--methods", "pretrained,layer_wise_adamerging"]
+    methods = "pretrained,layer_wise_adamerging"
+    command = [sys.executable, "-m", "lit_adamerging.benchmarks.mini", *args, "--methods", methods]
     env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
     second = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0, second.stderr[-2000:]

@@ -81,8 +81,9 @@ def test_wheel_installs_alone_and_runs_methods_by_name_outside_the_checkout(tmp_
     env["PYTHONWARNINGS"] = "ignore"
     wheel = build_wheel(tmp_path, env)
     files = set(zipfile.ZipFile(wheel).namelist())
-    methods = {f"lit_adamerging/methods/{name}.yaml" for name in (
-        "weight_averaging", "task_arithmetic", "ties_merging", "task_wise", "task_wise_pp", "layer_wise", "layer_wise_pp")}
+    names = ("weight_averaging", "task_arithmetic", "ties_merging", "task_wise", "task_wise_pp", "layer_wise",
+             "layer_wise_pp")
+    methods = {f"lit_adamerging/methods/{name}.yaml" for name in names}
     assert methods | {"lit_adamerging/py.typed", "lit_adamerging/models/open_clip_configs/test-vit-tiny.json"} <= files
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in files)
 
@@ -97,8 +98,9 @@ def test_wheel_installs_alone_and_runs_methods_by_name_outside_the_checkout(tmp_
     work = tmp_path / "work"  # outside the checkout; the command's own folder is venv/bin
     work.mkdir()
     (work / "run.yaml").write_text(RUN)
-    probe = ("import json, sys, lit_adamerging, lit_adamerging.methods; print(json.dumps({'files': [lit_adamerging.__file__, "
-             "lit_adamerging.methods.__file__], 'path': sys.path, 'editable': [m for m in sys.modules if 'editable' in m]}))")
+    probe = ("import json, sys, lit_adamerging, lit_adamerging.methods; print(json.dumps({'files': "
+             "[lit_adamerging.__file__, lit_adamerging.methods.__file__], 'path': sys.path, "
+             "'editable': [m for m in sys.modules if 'editable' in m]}))")
     seen = json.loads(run([str(python), "-c", probe], work, env).stdout)
     assert all(Path(path).is_relative_to(venv) for path in seen["files"]), seen
     assert str(REPOSITORY) not in seen["path"] and seen["editable"] == [], seen

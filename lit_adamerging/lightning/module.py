@@ -54,11 +54,12 @@ INTENDED_WARNINGS = (
 
 @contextlib.contextmanager
 def intended_warnings_ignored() -> Iterator[None]:
-    """Hide Lightning's warnings about what AdaMerging does on purpose (:data:`INTENDED_WARNINGS`), inside the block only.
+    """Inside the block only, hide Lightning's warnings about what AdaMerging does on purpose.
 
-    The ``lit-adamerging`` command runs in it; a script may wrap its own Trainer calls the same way
-    (``with intended_warnings_ignored(): trainer.fit(model, datamodule=data)``). Other warnings are
-    shown as before, and the process's warning filters are restored when the block ends.
+    They are :data:`INTENDED_WARNINGS`. The ``lit-adamerging`` command runs in this block; a script
+    may wrap its own Trainer calls the same way (``with intended_warnings_ignored(): trainer.fit(model,
+    datamodule=data)``). Other warnings are shown as before, and the process's warning filters are
+    restored when the block ends.
     """
     with warnings.catch_warnings():
         for message in INTENDED_WARNINGS:

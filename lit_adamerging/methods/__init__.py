@@ -47,7 +47,8 @@ _SUFFIX = ".yaml"
 
 def method_names() -> tuple[str, ...]:
     """The names of the shipped method presets, sorted."""
-    return tuple(sorted(entry.name[: -len(_SUFFIX)] for entry in files(__name__).iterdir() if entry.name.endswith(_SUFFIX)))
+    names = (entry.name[: -len(_SUFFIX)] for entry in files(__name__).iterdir() if entry.name.endswith(_SUFFIX))
+    return tuple(sorted(names))
 
 
 def method_config(name: str) -> Path:
