@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from lit_adamerging.data.offline import DATA_ENV, DataNotFoundError, default_cache_dir, find_data_root
 from lit_adamerging.lightning.module import intended_warnings_ignored
 
 DEFAULT_TASKS = ("mnist", "fashion_mnist", "cifar10", "gtsrb")
@@ -25,12 +27,23 @@ _FOREIGN_WARNINGS = (
 )
 
 
-def default_data_root() -> Path:
-    """Where ``--data-root`` points by default: the offline ImageFolder datasets beside a source checkout.
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data-root`` and ``--data-cache``: where a benchmark's ImageFolder datasets come from."""
+    parser.add_argument(
+        "--data-root", default=None,
+        help=f"folder of ImageFolder datasets (<root>/<task>/{{train,test}}/<class>/<images>); default: ${DATA_ENV}, "
+        "the offline trees beside a source checkout, else downloaded through torchvision into --data-cache",
+    )
+    parser.add_argument("--data-cache", default=None, help=f"download cache (default {default_cache_dir()})")
 
-    The one place the benchmarks decide it (``<checkout>/../shared/datasets``).
-    """
-    return Path(__file__).resolve().parents[3] / "shared" / "datasets"
+
+def data_root(parser: argparse.ArgumentParser, args: argparse.Namespace, tasks: Sequence[str]) -> Path:
+    """The folder holding ``tasks``' trees (:func:`~lit_adamerging.data.offline.find_data_root`'s order);
+    if there is none, the parser's error says where it looked and what to do."""
+    try:
+        return find_data_root(tasks, args.data_root, cache_dir=args.data_cache)
+    except (DataNotFoundError, FileExistsError, ValueError) as error:
+        parser.error(str(error))
 
 
 def log(message: str) -> None:

