@@ -1,16 +1,30 @@
-"""Shared fixtures: tiny encoders with synthetic, seeded "fine-tuned" copies; lazy state dicts that check
-they are loaded one at a time."""
+"""Shared fixtures and helpers: tiny encoders with synthetic, seeded "fine-tuned" copies; lazy state dicts
+that check they are loaded one at a time; the offline datasets; the command on configs/tiny.yaml.
+
+Test modules import the plain helpers from here (``from conftest import run_cli``), never from
+each other.
+"""
 
 from __future__ import annotations
 
+import copy
 import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import Tensor, nn
 
+from lit_adamerging import SyntheticTask, SyntheticZoo
+from lit_adamerging.data.offline import DATA_ENV, DOWNLOADABLE, checkout_datasets_dir, has_dataset
 from lit_adamerging.models import LazyStateDicts, create_encoder
 from lit_adamerging.models.encoders import register_open_clip_configs
 
@@ -95,3 +109,90 @@ def one_at_a_time() -> Callable[[Callable[[str], dict[str, Tensor]], Iterable[st
     """Factory ``(load, tasks) -> (LazyStateDicts, loads)``: ``load(task)`` behind a lazy mapping that
     records each load in ``loads`` and fails if a state dict it handed out earlier is still alive."""
     return _one_at_a_time
+
+
+def _offline_root() -> tuple[Path | None, str]:
+    """Where the tests read the offline datasets, and how to say it: ``$LIT_ADAMERGING_DATA``, else beside the checkout."""
+    chosen = os.environ.get(DATA_ENV)
+    if chosen:
+        return Path(chosen).expanduser(), f"{DATA_ENV}={chosen}"
+    beside = checkout_datasets_dir()
+    if beside is None:
+        return None, f"{DATA_ENV} is not set and lit_adamerging is not imported from a source checkout"
+    return beside, f"{DATA_ENV} is not set and {beside} (beside the checkout)"
+
+
+@pytest.fixture(scope="session")
+def offline_datasets() -> Callable[..., Path]:
+    """``require(*names) -> root``: the folder holding the offline ImageFolder trees ``names``, else the test is skipped.
+
+    The folder is ``$LIT_ADAMERGING_DATA``, else ``../shared/datasets`` beside the checkout
+    (:func:`~lit_adamerging.data.offline.checkout_datasets_dir`); a root has a dataset when
+    ``<root>/<name>/train`` and ``<root>/<name>/test`` are folders. Nothing is downloaded.
+    """
+    root, where = _offline_root()
+
+    def require(*names: str) -> Path:
+        missing = [name for name in names if root is None or not has_dataset(root, name)]
+        if missing:
+            pytest.skip(
+                f"offline datasets not found: {where} has no {', '.join(missing)}; set {DATA_ENV} to a folder "
+                f"with {', '.join(f'{name}/' for name in DOWNLOADABLE)} (each with train/ and test/; "
+                "see lit_adamerging.data.offline)"
+            )
+        return root
+
+    return require
+
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def run_cli(cwd: Path, *args: str, script: bool = False) -> subprocess.CompletedProcess:
+    """``lit-adamerging *args`` in ``cwd`` (``python -m lit_adamerging.cli``; the installed script with ``script``)."""
+    executable = shutil.which("lit-adamerging", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    command = [executable] if script and executable else [sys.executable, "-m", "lit_adamerging.cli"]
+    env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore")
+    return subprocess.run(command + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def load_config() -> dict:
+    """configs/tiny.yaml as a dict."""
+    return yaml.safe_load(TINY_CONFIG.read_text())
+
+
+def printed_metric(output: str, name: str) -> float:
+    """The first value printed for ``name`` in Lightning's results table (plain or rich)."""
+    match = re.search(re.escape(name) + r"[\s│|]+([0-9.]+)", output)
+    assert match, f"{name} not printed:\n{output}"
+    return float(match.group(1))
+
+
+def naive_accuracies(config: dict, coefficients: torch.Tensor) -> dict[str, float]:
+    """Accuracy of every task's head with theta0 + sum_k lam[k, p] tau[k, p], merged with a plain loop.
+
+    ``coefficients`` is ``[tasks, 1]`` (task-wise) or ``[tasks, merged tensors]``, already clamped.
+    """
+    tasks = {name: SyntheticTask(**spec["init_args"]) for name, spec in config["data"]["tasks"].items()}
+    num_classes = {name: task.num_classes for name, task in tasks.items()}
+    loaded = SyntheticZoo(**config["model"]["zoo"]["init_args"]).load(num_classes)
+    theta0 = loaded.encoder.state_dict()
+    parameters = {name for name, _ in loaded.encoder.named_parameters()}
+    names = [k for k in theta0 if k in parameters]
+    merged = dict(theta0)
+    for p, name in enumerate(names):
+        total = theta0[name].clone()
+        for k, task in enumerate(tasks):
+            lam = coefficients[k, p if coefficients.shape[1] > 1 else 0]
+            total += lam * (loaded.finetuned[task][name] - theta0[name])
+        merged[name] = total
+    encoder = copy.deepcopy(loaded.encoder)
+    encoder.load_state_dict(merged)
+    encoder.eval()
+    accuracies = {}
+    with torch.no_grad():
+        for name, task in tasks.items():
+            images, labels = task.test_set().tensors
+            predictions = loaded.heads[name](encoder(images)).argmax(dim=-1)
+            accuracies[name] = (predictions == labels).float().mean().item()
+    return accuracies

@@ -27,7 +27,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
 ]
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
 def make_tree(root: Path, classes: int, per_class: int, seed: int) -> Path:
@@ -184,9 +183,8 @@ def test_fit_and_test_through_the_trainer_do_not_depend_on_the_cache(tmp_path, c
     assert accuracies == outcomes["none"][1]
 
 
-@pytest.mark.skipif(not (SHARED / "mnist" / "test").is_dir(), reason=f"offline datasets not found under {SHARED}")
-def test_shared_mnist_cache_equals_uncached(tmp_path):
-    task = ImageFolderTask(root=str(SHARED / "mnist"), preprocess=Preprocess(image_size=32))
+def test_offline_mnist_cache_equals_uncached(offline_datasets):
+    task = ImageFolderTask(root=str(offline_datasets("mnist") / "mnist"), preprocess=Preprocess(image_size=32))
     data = MultiTaskDataModule({"mnist": task}, eval_batch_size=500, cache="memory")
     data.setup("test")
     (images, labels), = eval_tensors(data)

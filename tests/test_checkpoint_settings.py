@@ -25,7 +25,7 @@ from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticZoo
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning.module import COEFFICIENTS_KEY, read_adamerging_checkpoint
 from lit_adamerging.models.checkpoints import CheckpointError
-from test_cli import CONFIG, load_config, naive_accuracies, printed_metric, run_cli
+from conftest import TINY_CONFIG, load_config, naive_accuracies, printed_metric, run_cli
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The dirpath has changed.*"),
@@ -54,7 +54,7 @@ def fitted(tmp_path_factory) -> tuple[Path, list[dict]]:
     their coefficients differ. Returns the folder and the encoder each fit exported.
     """
     workdir = tmp_path_factory.mktemp("fitted")
-    shutil.copy(CONFIG, workdir / "tiny.yaml")
+    shutil.copy(TINY_CONFIG, workdir / "tiny.yaml")
     exports = []
     for lr in ("0.02", "0.001"):
         result = run_cli(workdir, "fit", "--config", "tiny.yaml", f"--model.lr={lr}", "--trainer.max_steps=4", *QUIET)

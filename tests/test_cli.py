@@ -2,83 +2,30 @@
 
 The config's output paths are relative (``runs/tiny/...``), so every run writes under its cwd,
 a tmp_path. Accuracies printed by ``test`` are checked against a naive evaluation of the merged
-model written out here.
+model (``naive_accuracies`` in conftest.py).
 """
 
 from __future__ import annotations
 
-import copy
-import os
-import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from lit_adamerging import SyntheticTask, SyntheticZoo
+from conftest import TINY_CONFIG, load_config, naive_accuracies, printed_metric, run_cli
 from lit_adamerging.models import create_encoder
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 COEFFICIENTS_KEY = "merger.coefficients.raw"
-
-
-def run_cli(cwd: Path, *args: str, script: bool = False) -> subprocess.CompletedProcess:
-    executable = shutil.which("lit-adamerging", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    command = [executable] if script and executable else [sys.executable, "-m", "lit_adamerging.cli"]
-    env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore")
-    return subprocess.run(command + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def load_config() -> dict:
-    return yaml.safe_load(CONFIG.read_text())
-
-
-def printed_metric(output: str, name: str) -> float:
-    """The first value printed for ``name`` in Lightning's results table (plain or rich)."""
-    match = re.search(re.escape(name) + r"[\s│|]+([0-9.]+)", output)
-    assert match, f"{name} not printed:\n{output}"
-    return float(match.group(1))
-
-
-def naive_accuracies(config: dict, coefficients: torch.Tensor) -> dict[str, float]:
-    """Accuracy of every task's head with theta0 + sum_k lam[k, p] tau[k, p], merged with a plain loop.
-
-    ``coefficients`` is ``[tasks, 1]`` (task-wise) or ``[tasks, merged tensors]``, already clamped.
-    """
-    tasks = {name: SyntheticTask(**spec["init_args"]) for name, spec in config["data"]["tasks"].items()}
-    num_classes = {name: task.num_classes for name, task in tasks.items()}
-    loaded = SyntheticZoo(**config["model"]["zoo"]["init_args"]).load(num_classes)
-    theta0 = loaded.encoder.state_dict()
-    parameters = {name for name, _ in loaded.encoder.named_parameters()}
-    names = [k for k in theta0 if k in parameters]
-    merged = dict(theta0)
-    for p, name in enumerate(names):
-        total = theta0[name].clone()
-        for k, task in enumerate(tasks):
-            lam = coefficients[k, p if coefficients.shape[1] > 1 else 0]
-            total += lam * (loaded.finetuned[task][name] - theta0[name])
-        merged[name] = total
-    encoder = copy.deepcopy(loaded.encoder)
-    encoder.load_state_dict(merged)
-    encoder.eval()
-    accuracies = {}
-    with torch.no_grad():
-        for name, task in tasks.items():
-            images, labels = task.test_set().tensors
-            predictions = loaded.heads[name](encoder(images)).argmax(dim=-1)
-            accuracies[name] = (predictions == labels).float().mean().item()
-    return accuracies
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """configs/tiny.yaml copied into a fresh directory and fitted there."""
     workdir = tmp_path_factory.mktemp("cli")
-    shutil.copy(CONFIG, workdir / "tiny.yaml")
+    shutil.copy(TINY_CONFIG, workdir / "tiny.yaml")
     result = run_cli(workdir, "fit", "--config", "tiny.yaml")
     return workdir, result
 
@@ -136,7 +83,7 @@ def test_test_from_checkpoint_prints_naive_accuracies(fitted):
 
 
 def test_task_arithmetic_baseline_without_checkpoint(tmp_path):
-    shutil.copy(CONFIG, tmp_path / "tiny.yaml")
+    shutil.copy(TINY_CONFIG, tmp_path / "tiny.yaml")
     result = run_cli(tmp_path, "test", "--config", "tiny.yaml", "--model.granularity", "task")
     assert result.returncode == 0, result.stderr[-4000:]
     output = result.stdout + result.stderr
@@ -149,7 +96,7 @@ def test_task_arithmetic_baseline_without_checkpoint(tmp_path):
 
 
 def test_print_config_shows_zoo_and_tasks(tmp_path):
-    shutil.copy(CONFIG, tmp_path / "tiny.yaml")
+    shutil.copy(TINY_CONFIG, tmp_path / "tiny.yaml")
     result = run_cli(tmp_path, "fit", "--config", "tiny.yaml", "--print_config", script=True)
     assert result.returncode == 0, result.stderr[-4000:]
     printed = yaml.safe_load(result.stdout)
@@ -173,7 +120,7 @@ def test_bad_granularity_in_config_fails_readably(tmp_path):
 
 
 def test_bad_ties_k_fails_with_the_modules_message(tmp_path):
-    shutil.copy(CONFIG, tmp_path / "tiny.yaml")
+    shutil.copy(TINY_CONFIG, tmp_path / "tiny.yaml")
     result = run_cli(tmp_path, "fit", "--config", "tiny.yaml", "--model.ties_k", "1.5")
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
@@ -188,7 +135,7 @@ def test_a_task_given_twice_in_a_config_is_refused(tmp_path):
         "    beta: {class_path: lit_adamerging.SyntheticTask, init_args: {num_classes: 10}}\n"
         "    alpha: {class_path: lit_adamerging.SyntheticTask, init_args: {num_classes: 3}}\n"
     )
-    result = run_cli(tmp_path, "fit", "--config", str(CONFIG), "--config", "twice.yaml")
+    result = run_cli(tmp_path, "fit", "--config", str(TINY_CONFIG), "--config", "twice.yaml")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "key 'alpha' is given twice in the same mapping (lines 3 and 5)" in result.stderr
     assert not (tmp_path / "runs").exists()
@@ -207,7 +154,7 @@ data:
 def test_ddp_evaluation_counts_every_image_once(tmp_path):
     # Odd test-set sizes: a padding sampler would count one image twice on 2 processes.
     (tmp_path / "odd.yaml").write_text(ODD_SIZED_TASKS)
-    common = ["test", "--config", str(CONFIG), "--config", "odd.yaml", "--trainer.logger=false", "--trainer.callbacks=null"]
+    common = ["test", "--config", str(TINY_CONFIG), "--config", "odd.yaml", "--trainer.logger=false", "--trainer.callbacks=null"]
     single = run_cli(tmp_path, *common)
     double = run_cli(tmp_path, *common, "--trainer.strategy=ddp", "--trainer.devices=2")
     assert single.returncode == 0 and double.returncode == 0, double.stderr[-2000:]

@@ -25,11 +25,6 @@ from lit_adamerging.data import (
 from lit_adamerging.data.datasets import TORCHVISION_NUM_CLASSES
 from lit_adamerging.models.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-needs_shared = pytest.mark.skipif(
-    not (SHARED / "mnist" / "test").is_dir(), reason=f"offline datasets not found under {SHARED}"
-)
-
 EXPECTED_CLASSES = {
     "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "gtsrb": 43, "usps": 10, "svhn": 10,
     "eurosat": 10, "dtd": 47, "sun397": 397, "cars": 196, "resisc45": 45,
@@ -140,9 +135,9 @@ def test_task_uses_its_own_preprocess_else_the_models(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- #
 
 
-@needs_shared
-def test_image_folder_mnist() -> None:
-    task = ImageFolderTask(root=str(SHARED / "mnist"), preprocess=Preprocess(image_size=64))
+def test_image_folder_mnist(offline_datasets) -> None:
+    root = offline_datasets("mnist")
+    task = ImageFolderTask(root=str(root / "mnist"), preprocess=Preprocess(image_size=64))
     assert isinstance(task, TaskData)
     assert task.num_classes == 10
     data = task.test_set()
@@ -151,30 +146,26 @@ def test_image_folder_mnist() -> None:
     assert image.dtype == torch.float32 and tuple(image.shape) == (3, 64, 64)
     assert label == 0 and isinstance(label, int)
     assert data[len(data) - 1][1] == 9
-    folders = sorted(p.name for p in (SHARED / "mnist" / "test").iterdir() if p.is_dir())
+    folders = sorted(p.name for p in (root / "mnist" / "test").iterdir() if p.is_dir())
     assert task.class_folders() == folders
     labels = [label for _, label in data.samples]
     assert labels == sorted(labels)  # class-major
     assert all(path.parent.name == folders[label] for path, label in data.samples)
-    names = [line.strip() for line in (SHARED / "mnist" / "classes.txt").read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in (root / "mnist" / "classes.txt").read_text().splitlines() if line.strip()]
     assert task.class_names() == names
 
 
-@needs_shared
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "gtsrb"])
-def test_image_folder_other_offline_trees(name: str) -> None:
-    if not (SHARED / name).is_dir():
-        pytest.skip(f"{SHARED / name} not present")
-    task = ImageFolderTask(root=str(SHARED / name), preprocess=Preprocess(image_size=16))
+def test_image_folder_other_offline_trees(name: str, offline_datasets) -> None:
+    task = ImageFolderTask(root=str(offline_datasets(name) / name), preprocess=Preprocess(image_size=16))
     assert task.num_classes == EXPECTED_CLASSES[name]
     assert len(task.class_names()) == task.num_classes
     image, label = task.test_set()[0]
     assert tuple(image.shape) == (3, 16, 16) and label == 0
 
 
-@needs_shared
-def test_datamodule_fit_batches_are_label_free() -> None:
-    task = ImageFolderTask(root=str(SHARED / "mnist"), preprocess=Preprocess(image_size=32))
+def test_datamodule_fit_batches_are_label_free(offline_datasets) -> None:
+    task = ImageFolderTask(root=str(offline_datasets("mnist") / "mnist"), preprocess=Preprocess(image_size=32))
     datamodule = MultiTaskDataModule({"mnist": task}, batch_size=8, cache="none")
     assert datamodule.num_classes == {"mnist": 10}
     datamodule.setup("fit")

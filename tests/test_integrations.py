@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticTask, SyntheticZoo
-from test_cli import CONFIG, run_cli
+from conftest import TINY_CONFIG, run_cli
 
 TRAINER_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "trainer"
 
@@ -69,9 +69,9 @@ QUIET = ["--trainer.logger=false", "--trainer.check_val_every_n_epoch=100", "--t
 def test_ddp_fit_on_two_processes_matches_one_process_with_the_same_global_batch(workdir):
     single = callbacks_config(workdir / "single.yaml", save_coefficients("single"))
     double = callbacks_config(workdir / "double.yaml", save_coefficients("double"))
-    one = run_cli(workdir, "fit", "--config", str(CONFIG), "--config", str(single), *QUIET, "--data.batch_size=8")
+    one = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--config", str(single), *QUIET, "--data.batch_size=8")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli(workdir, "fit", "--config", str(CONFIG), "--config", str(TRAINER_PRESETS / "ddp.yaml"),
+    two = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--config", str(TRAINER_PRESETS / "ddp.yaml"),
                   "--config", str(double), *QUIET, "--trainer.accelerator=cpu", "--trainer.devices=2",
                   "--data.batch_size=4")
     assert two.returncode == 0, two.stderr[-3000:]
@@ -91,15 +91,15 @@ def test_a_fit_killed_mid_run_and_resumed_ends_where_an_uninterrupted_fit_ends(w
     resumed = callbacks_config(workdir / "resumed.yaml", checkpoint, save_coefficients("resumed"))
     whole = callbacks_config(workdir / "whole.yaml", save_coefficients("whole"))
 
-    crash = run_cli(workdir, "fit", "--config", str(CONFIG), "--config", str(killed), *QUIET)
+    crash = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--config", str(killed), *QUIET)
     assert crash.returncode == -9  # SIGKILL at step 13: steps 11-13 are lost
     state = torch.load(workdir / "ckpt" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 10  # mid-epoch: an epoch is 8 steps (64 images / 8)
-    again = run_cli(workdir, "fit", "--config", str(CONFIG), "--config", str(resumed), *QUIET,
+    again = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--config", str(resumed), *QUIET,
                     "--ckpt_path", "ckpt/last.ckpt")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "not resumable" not in again.stderr
-    uninterrupted = run_cli(workdir, "fit", "--config", str(CONFIG), "--config", str(whole), *QUIET)
+    uninterrupted = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--config", str(whole), *QUIET)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     assert torch.equal(torch.load(workdir / "resumed.rank0.pt", weights_only=True),
                        torch.load(workdir / "whole.rank0.pt", weights_only=True))
@@ -111,7 +111,7 @@ def test_csv_logger_gets_scalars_per_task_and_no_figure(workdir):
                           "callbacks": [{"class_path": "lit_adamerging.CoefficientLogger",
                                          "init_args": {"every_n_steps": 5}}]}}
     (workdir / "csv.yaml").write_text(yaml.safe_dump(logger))
-    fit = run_cli(workdir, "fit", "--config", str(CONFIG), "--config", "csv.yaml", "--trainer.enable_checkpointing=false")
+    fit = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--config", "csv.yaml", "--trainer.enable_checkpointing=false")
     assert fit.returncode == 0, fit.stderr[-3000:]
     with open(workdir / "logs" / "csv" / "version_0" / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

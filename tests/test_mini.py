@@ -15,24 +15,20 @@ from safetensors.torch import load_file
 
 from lit_adamerging.benchmarks import finetune, mini
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 TASKS = ("mnist", "fashion_mnist")
 
 pytestmark = [
-    pytest.mark.skipif(
-        not all((SHARED / task / "train").is_dir() for task in TASKS), reason=f"offline datasets not found under {SHARED}"
-    ),
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
 ]
 
 
-def tiny_copy(root: Path, train: int, test: int) -> Path:
-    """The first ``train``/``test`` images of every class of the shared trees, same layout."""
+def tiny_copy(source: Path, root: Path, train: int, test: int) -> Path:
+    """The first ``train``/``test`` images of every class of the offline trees under ``source``, same layout."""
     for task in TASKS:
         for split, count in (("train", train), ("test", test)):
-            for folder in sorted((SHARED / task / split).iterdir()):
+            for folder in sorted((source / task / split).iterdir()):
                 if folder.is_dir():
                     target = root / task / split / folder.name
                     target.mkdir(parents=True)
@@ -41,8 +37,8 @@ def tiny_copy(root: Path, train: int, test: int) -> Path:
     return root
 
 
-def test_whole_pipeline_on_a_tiny_setting(tmp_path, capsys):
-    data = tiny_copy(tmp_path / "data", train=20, test=12)
+def test_whole_pipeline_on_a_tiny_setting(tmp_path, capsys, offline_datasets):
+    data = tiny_copy(offline_datasets(*TASKS), tmp_path / "data", train=20, test=12)
     out = tmp_path / "out"
     args = ["--data-root", str(data), "--tasks", ",".join(TASKS), "--out", str(out), "--shots", "3",
             "--finetune-steps", "30", "--finetune-lr", "1e-4", "--finetune-batch", "32", "--steps", "2"]
@@ -105,8 +101,8 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
 
 
 
-def test_heads_frozen_or_trained_jointly(tmp_path):
-    data = tiny_copy(tmp_path / "data", train=6, test=2)
+def test_heads_frozen_or_trained_jointly(tmp_path, offline_datasets):
+    data = tiny_copy(offline_datasets(*TASKS), tmp_path / "data", train=6, test=2)
 
     def head(mode: str, steps: int) -> torch.Tensor:
         args = mini.build_parser().parse_args([

@@ -7,18 +7,18 @@ import re
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
-from lit_adamerging.benchmarks.common import default_data_root
+from lit_adamerging.data.offline import DATA_ENV
 from lit_adamerging.methods import method_names
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 REPOSITORY = NOTEBOOKS.parent
 
 
-@pytest.mark.skipif(not (default_data_root() / "mnist" / "train").is_dir(), reason="offline datasets not found")
-def test_quickstart_runs_and_shows_the_results():
+def test_quickstart_runs_and_shows_the_results(offline_datasets, monkeypatch):
+    # the kernel inherits the variable, so the notebook's find_data_root reads the tests' trees (no download)
+    monkeypatch.setenv(DATA_ENV, str(offline_datasets("mnist", "fashion_mnist")))
     notebook = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
     NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]

@@ -8,7 +8,6 @@ builder runs torchvision's real readers; the network is cut off in every test.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
 import socket
@@ -218,20 +217,11 @@ def test_gtsrb_class_folders_and_names_match_the_offline_tree(tmp_path: Path, mo
     assert (tmp_path / "gtsrb" / "classes.txt").read_text().splitlines()[0] == "speed limit 20 km/h"
 
 
-def _offline_trees() -> Path | None:
-    root = os.environ.get(DATA_ENV)
-    return Path(root) if root else checkout_datasets_dir()  # the function itself, not the fixture's stand-in
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_downloaded_tree_matches_the_shared_offline_tree(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, offline_datasets
 ) -> None:
-    shared = _offline_trees()
-    if shared is None or not has_dataset(shared, name):
-        pytest.skip(
-            f"no offline {name} tree (set {DATA_ENV} or place the trees in ../shared/datasets beside the checkout)"
-        )
+    shared = offline_datasets(name)  # session-scoped: found before no_network hides the user's settings
     fake_raw(name, tmp_path, monkeypatch)
     download_datasets([name], tmp_path, sizes=SIZES)
     ours = tmp_path / name

@@ -10,8 +10,6 @@ import pytest
 from lit_adamerging.models import prompts
 from lit_adamerging.models.prompts import TASKS, class_names, format_prompts, read_class_names, templates
 
-DATASETS = Path("/work/shared/datasets")
-
 EXPECTED_COUNTS = {
     "sun397": 397,
     "cars": 196,
@@ -102,20 +100,14 @@ def test_known_names_and_templates() -> None:
     assert 'a zoomed in photo of a "{}" traffic sign.' in templates("gtsrb")
 
 
-def _folder_label_order(task: str) -> list[str]:
-    root = DATASETS / task / "test"
-    if not root.is_dir():
-        pytest.skip(f"offline dataset tree {root} is not available on this machine")
-    return sorted(entry.name for entry in root.iterdir() if entry.is_dir())
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
 @pytest.mark.parametrize("task", OFFLINE_TASKS)
-def test_offline_datasets_agree_in_count_and_order(task: str) -> None:
-    folders = _folder_label_order(task)
+def test_offline_datasets_agree_in_count_and_order(task: str, offline_datasets) -> None:
+    root = offline_datasets(task) / task
+    folders = sorted(entry.name for entry in (root / "test").iterdir() if entry.is_dir())
     names = class_names(task)
     assert len(names) == len(folders)
     for label, (folder, name) in enumerate(zip(folders, names)):
@@ -123,7 +115,7 @@ def test_offline_datasets_agree_in_count_and_order(task: str) -> None:
         assert int(number) == label, folder
         # Same class in the same position: the folder slug is the slugged readable name.
         assert _slug(name) == slug, (label, folder, name)
-    classes_txt = DATASETS / task / "classes.txt"
+    classes_txt = root / "classes.txt"
     if classes_txt.is_file():
         assert read_class_names(classes_txt) == names
 

