@@ -8,7 +8,8 @@ on a ViT-B/32 x 8 tasks CPU step, ~70,000 page faults and ~0.12 s of a 3 s step.
 trim and mmap thresholds keeps that memory in the process for reuse; the peak is unchanged.
 
 :func:`retain_freed_memory` is process-wide, so the library's own entry points call it (the
-``lit-adamerging`` CLI and the benchmarks in :mod:`lit_adamerging.benchmarks`); a script that builds its own Trainer may call it once at start.
+``lit-adamerging`` CLI and the benchmarks in :mod:`lit_adamerging.benchmarks`); a script that
+builds its own Trainer may call it once at start.
 Setting ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` or preloading jemalloc or tcmalloc
 has the same effect.
 """

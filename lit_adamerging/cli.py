@@ -181,12 +181,14 @@ class AdaMergingCLI(LightningCLI):
             return settings
         zoo = settings["zoo"]
         if not isinstance(zoo, dict) or not isinstance(zoo.get("class_path"), str):
-            raise ValueError(f"the checkpoint's stored zoo is not a configuration ({zoo!r}); give the zoo in your config.")
+            raise ValueError(
+                f"the checkpoint's stored zoo is not a configuration ({zoo!r}); give the zoo in your config."
+            )
         user_class = user.zoo.class_path if user.get("zoo") is not None else None
         if zoo["class_path"] != user_class and not zoo["class_path"].startswith("lit_adamerging."):
             raise ValueError(
-                f"the checkpoint names the zoo class {zoo['class_path']!r}, which is neither one of lit_adamerging's nor "
-                "the one in your config; a class to import is only taken from your config."
+                f"the checkpoint names the zoo class {zoo['class_path']!r}, which is neither one of "
+                "lit_adamerging's nor the one in your config; a class to import is only taken from your config."
             )
         init_args = zoo.get("init_args") or {}
         settings["zoo"] = {

@@ -82,7 +82,10 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 
 def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(temporary_path)`` next to ``path``, then rename the result over ``path`` (see :func:`atomic_path`)."""
+    """Call ``write(temporary_path)`` next to ``path``, then rename the result over ``path``.
+
+    See :func:`atomic_path`.
+    """
     with atomic_path(path) as temporary:
         write(str(temporary))
     return Path(path)

@@ -95,7 +95,8 @@ def _one_at_a_time(load: Callable[[str], dict[str, Tensor]], tasks: Iterable[str
     alive: list[weakref.ref] = []
 
     def tracked(task: str) -> dict[str, Tensor]:
-        assert all(ref() is None for ref in alive), f"a fine-tuned state dict was still in memory when {task!r} was loaded"
+        still_alive = any(ref() is not None for ref in alive)
+        assert not still_alive, f"a fine-tuned state dict was still in memory when {task!r} was loaded"
         loads.append(task)
         state = load(task)
         alive.extend(weakref.ref(value) for value in state.values())
@@ -112,7 +113,8 @@ def one_at_a_time() -> Callable[[Callable[[str], dict[str, Tensor]], Iterable[st
 
 
 def _offline_root() -> tuple[Path | None, str]:
-    """Where the tests read the offline datasets, and how to say it: ``$LIT_ADAMERGING_DATA``, else beside the checkout."""
+    """Where the tests read the offline datasets (``$LIT_ADAMERGING_DATA``, else beside the checkout) and how to
+    say it."""
     chosen = os.environ.get(DATA_ENV)
     if chosen:
         return Path(chosen).expanduser(), f"{DATA_ENV}={chosen}"
@@ -124,7 +126,8 @@ def _offline_root() -> tuple[Path | None, str]:
 
 @pytest.fixture(scope="session")
 def offline_datasets() -> Callable[..., Path]:
-    """``require(*names) -> root``: the folder holding the offline ImageFolder trees ``names``, else the test is skipped.
+    """``require(*names) -> root``: the folder holding the offline ImageFolder trees ``names``; else the test is
+    skipped, saying what is missing and how to provide it.
 
     The folder is ``$LIT_ADAMERGING_DATA``, else ``../shared/datasets`` beside the checkout
     (:func:`~lit_adamerging.data.offline.checkout_datasets_dir`); a root has a dataset when

@@ -42,7 +42,9 @@ def test_bench_writes_consistent_figures(tmp_path, granularity: str, dtype: str,
     assert figures["first_step_s"] > 0
 
 
-@pytest.mark.parametrize(("argument", "message"), [("tasks", "tasks must be at least 1"), ("steps", "steps must be at least 1")])
+@pytest.mark.parametrize(
+    ("argument", "message"), [("tasks", "tasks must be at least 1"), ("steps", "steps must be at least 1")]
+)
 def test_bench_rejects_empty_runs(argument: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         step.run(model=MODEL, **{argument: 0})

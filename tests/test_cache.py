@@ -49,7 +49,9 @@ def trees(tmp_path: Path) -> dict[str, ImageFolderTask]:
             root=str(make_tree(tmp_path / "alpha", 3, 4, seed=1)),
             preprocess=Preprocess(image_size=16, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4), crop_pct=0.9),
         ),
-        "beta": ImageFolderTask(root=str(make_tree(tmp_path / "beta", 2, 5, seed=2)), preprocess=Preprocess(image_size=12)),
+        "beta": ImageFolderTask(
+            root=str(make_tree(tmp_path / "beta", 2, 5, seed=2)), preprocess=Preprocess(image_size=12)
+        ),
     }
 
 
@@ -58,7 +60,9 @@ def eval_tensors(data: MultiTaskDataModule) -> list[tuple[torch.Tensor, torch.Te
     out = []
     for index, loader in enumerate(data.test_dataloader()):
         batches = [data.on_after_batch_transfer(batch, index) for batch in loader]
-        out.append((torch.cat([images for images, _ in batches]), torch.cat([torch.as_tensor(l) for _, l in batches])))
+        images = torch.cat([batch_images for batch_images, _ in batches])
+        labels = torch.cat([torch.as_tensor(batch_labels) for _, batch_labels in batches])
+        out.append((images, labels))
     return out
 
 
@@ -101,7 +105,9 @@ def test_disk_cache_is_reused_and_keyed_by_files_and_geometry(tmp_path, trees, m
     monkeypatch.undo()
 
     # Another normalisation shares the store (normalising happens after it); another size does not.
-    renormalised = {**trees, "beta": ImageFolderTask(root=trees["beta"].root, preprocess=Preprocess(12, mean=(0, 0, 0)))}
+    renormalised = {
+        **trees, "beta": ImageFolderTask(root=trees["beta"].root, preprocess=Preprocess(12, mean=(0, 0, 0)))
+    }
     MultiTaskDataModule(renormalised, cache="disk", cache_dir=str(cache_dir)).setup("fit")
     assert len(list(cache_dir.glob("*.json"))) == 2
     resized = {**trees, "beta": ImageFolderTask(root=trees["beta"].root, preprocess=Preprocess(image_size=10))}
@@ -169,7 +175,8 @@ def test_fit_and_test_through_the_trainer_do_not_depend_on_the_cache(tmp_path, c
     for mode in ("none", cache):
         pl.seed_everything(0)
         data = MultiTaskDataModule(tasks, batch_size=4, eval_batch_size=5, cache=mode, cache_dir=str(tmp_path / "c"))
-        module = AdaMergingModule(SyntheticZoo("open_clip:test-vit-tiny", seed=0), num_classes=data.num_classes, lr=0.05)
+        zoo = SyntheticZoo("open_clip:test-vit-tiny", seed=0)
+        module = AdaMergingModule(zoo, num_classes=data.num_classes, lr=0.05)
         trainer = pl.Trainer(
             max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -249,7 +256,8 @@ def test_cache_dir_that_is_a_file_is_refused_before_decoding(tmp_path, trees, mo
     a_file.write_text("x")
     for cache_dir in (a_file, a_file / "below"):
         data = MultiTaskDataModule(trees, cache="disk", cache_dir=str(cache_dir))
-        with pytest.raises(NotADirectoryError, match=rf"cache_dir '{cache_dir}': '{a_file}' is a file, not a folder; give a folder"):
+        message = rf"cache_dir '{cache_dir}': '{a_file}' is a file, not a folder; give a folder"
+        with pytest.raises(NotADirectoryError, match=message):
             data.setup("fit")
     assert a_file.read_text() == "x"
 
@@ -276,7 +284,8 @@ class StallingTask(ImageFolderTask):
         return Stall(super()._images(transform))
 
 root, cache_dir = sys.argv[1:]
-decoded_test_set(StallingTask(root=root, preprocess=Preprocess(image_size=8)), "big", Preprocess(image_size=8), cache_dir)
+task = StallingTask(root=root, preprocess=Preprocess(image_size=8))
+decoded_test_set(task, "big", Preprocess(image_size=8), cache_dir)
 """
 
 

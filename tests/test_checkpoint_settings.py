@@ -21,11 +21,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from conftest import TINY_CONFIG, load_config, naive_accuracies, printed_metric, run_cli
 from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticZoo
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning.module import COEFFICIENTS_KEY, read_adamerging_checkpoint
 from lit_adamerging.models.checkpoints import CheckpointError
-from conftest import TINY_CONFIG, load_config, naive_accuracies, printed_metric, run_cli
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The dirpath has changed.*"),
@@ -72,7 +72,9 @@ def in_process(workdir: Path, *args: str) -> AdaMergingCLI:
     """The CLI run in this process, in ``workdir`` (no logger, no callbacks: it writes nothing there)."""
     args = (*args, *QUIET, "--trainer.callbacks=null")
     with mock.patch.object(sys, "argv", ["lit-adamerging"]), contextlib.chdir(workdir):
-        return AdaMergingCLI(AdaMergingModule, MultiTaskDataModule, args=list(args), save_config_kwargs={"overwrite": True})
+        return AdaMergingCLI(
+            AdaMergingModule, MultiTaskDataModule, args=list(args), save_config_kwargs={"overwrite": True}
+        )
 
 
 def checkpoint_of(workdir: Path) -> Path:
@@ -110,12 +112,15 @@ def test_crafted_checkpoint_runs_no_code_through_the_cli(layer_wise, tmp_path):
                  f"model.zoo.init_args.heads.gamma: checkpoint '{tmp_path / 'finetuned.pt'}', yours '<not set>'",
                  "model.zoo.init_args.seed: checkpoint '<not set>', yours 0"):
         assert line in message, message[-3000:]
-    assert "allow_pickle" not in message.split("these change what its coefficients mean")[1].split("Give the settings")[0]
+    differences = message.split("these change what its coefficients mean")[1].split("Give the settings")[0]
+    assert "allow_pickle" not in differences
 
     # Even when the checkpoint's settings are asked for, allow_pickle stays the user's (false): the
     # zoo refuses the pickled file, and nothing runs.
     with pytest.raises(CheckpointError, match=rf"(?s){re.escape(str(tmp_path / 'finetuned.pt'))}.*allow_pickle"):
-        in_process(layer_wise, "test", "--config", "tiny.yaml", "--ckpt_path", str(crafted), "--settings_from_checkpoint=true")
+        in_process(
+            layer_wise, "test", "--config", "tiny.yaml", "--ckpt_path", str(crafted), "--settings_from_checkpoint=true"
+        )
     assert not (tmp_path / MARKER).exists()
 
 
@@ -134,7 +139,9 @@ def test_crafted_checkpoint_runs_no_code_from_python(layer_wise, tmp_path):
     assert not (tmp_path / MARKER).exists()
 
     # A checkpoint made through the CLI: the hint is the zoo it was made with, to copy.
-    with pytest.raises(TypeError, match=r"zoo = SyntheticZoo\(encoder='open_clip:test-vit-tiny', seed=0, perturbation=0.05\)"):
+    with pytest.raises(
+        TypeError, match=r"zoo = SyntheticZoo\(encoder='open_clip:test-vit-tiny', seed=0, perturbation=0.05\)"
+    ):
         AdaMergingModule.load_from_checkpoint(checkpoint_of(layer_wise))
 
 
@@ -144,7 +151,9 @@ def test_another_method_zoo_or_task_order_is_refused_unless_asked_for(layer_wise
         in_process(layer_wise, "test", "--config", "tiny.yaml", "--method", "task_wise",
                    "--model.zoo.init_args.seed=1", "--ckpt_path", checkpoint)
     lines = str(refused.value).splitlines()
-    assert lines[1:3] == ["  model.zoo.init_args.seed: checkpoint 0, yours 1", "  model.granularity: checkpoint 'layer', yours 'task'"]
+    assert lines[1:3] == [
+        "  model.zoo.init_args.seed: checkpoint 0, yours 1", "  model.granularity: checkpoint 'layer', yours 'task'"
+    ]
     assert lines[3].startswith("Give the settings")  # lr (0.001 in the checkpoint, 0.001 here) is never listed
 
     config = load_config()
@@ -174,7 +183,8 @@ def test_a_file_that_is_not_an_adamerging_checkpoint_is_named(layer_wise, tmp_pa
     cases = {"finetuned.pt": "it is not a Lightning checkpoint (top level: ['weight', 'bias'])",
              "finetuned.safetensors": "it is a safetensors file (tensors only)"}
     for name, what in cases.items():
-        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name} is not an AdaMerging checkpoint: {what}")) as refused:
+        message = re.escape(f"{tmp_path / name} is not an AdaMerging checkpoint: {what}")
+        with pytest.raises(ValueError, match=message) as refused:
             in_process(layer_wise, "test", "--config", "tiny.yaml", "--ckpt_path", str(tmp_path / name))
         assert "fine-tuned weights go in the zoo (model.zoo.init_args.finetuned)" in str(refused.value)
     # A pickled module (the task_vectors release's layout) is not unpickled to find out; a folder is named.

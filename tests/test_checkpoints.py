@@ -10,14 +10,13 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import open_clip
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-import lit_adamerging.models.encoders  # noqa: F401  (registers test-vit-tiny with open_clip)
-import open_clip
-import timm
 from lit_adamerging.models.checkpoints import (
     CHECKPOINT_SUFFIXES,
     CheckpointError,
@@ -401,7 +400,10 @@ def _torchscript(path: Path) -> bytes:
 
 
 NOT_CHECKPOINTS = {  # file contents -> what the error says about them
-    **{f"random-{seed}": (lambda path, seed=seed: random.Random(seed).randbytes(4096), r"\(\w+Error: ") for seed in range(4)},
+    **{
+        f"random-{seed}": (lambda path, seed=seed: random.Random(seed).randbytes(4096), r"\(\w+Error: ")
+        for seed in range(4)
+    },
     "truncated-zip": (lambda path: _truncated(path, 0.5), r"failed finding central directory"),
     "zip-without-its-end": (lambda path: _truncated(path, 0.99), r"\(\w+Error: "),
     "empty": (lambda path: b"", r"the file is empty"),

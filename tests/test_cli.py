@@ -154,7 +154,10 @@ data:
 def test_ddp_evaluation_counts_every_image_once(tmp_path):
     # Odd test-set sizes: a padding sampler would count one image twice on 2 processes.
     (tmp_path / "odd.yaml").write_text(ODD_SIZED_TASKS)
-    common = ["test", "--config", str(TINY_CONFIG), "--config", "odd.yaml", "--trainer.logger=false", "--trainer.callbacks=null"]
+    common = [
+        "test", "--config", str(TINY_CONFIG), "--config", "odd.yaml", "--trainer.logger=false",
+        "--trainer.callbacks=null",
+    ]
     single = run_cli(tmp_path, *common)
     double = run_cli(tmp_path, *common, "--trainer.strategy=ddp", "--trainer.devices=2")
     assert single.returncode == 0 and double.returncode == 0, double.stderr[-2000:]

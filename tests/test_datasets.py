@@ -124,7 +124,9 @@ def test_task_uses_its_own_preprocess_else_the_models(tmp_path: Path) -> None:
     assert tuple(ImageFolderTask(root=str(root)).test_set(model)[0][0].shape) == (3, 12, 12)
     own = ImageFolderTask(root=str(root), preprocess=Preprocess(image_size=6))
     assert tuple(own.test_set(model)[0][0].shape) == (3, 6, 6)
-    with pytest.raises(ValueError, match=r"ImageFolderTask\(root=.*ds'.*has no eval preprocessing: give the task a `preprocess`"):
+    with pytest.raises(
+        ValueError, match=r"ImageFolderTask\(root=.*ds'.*has no eval preprocessing: give the task a `preprocess`"
+    ):
         ImageFolderTask(root=str(root)).test_set()
     with pytest.raises(ValueError, match=r"TorchvisionTask\(dataset='mnist'.*has no eval preprocessing"):
         TorchvisionTask(dataset="mnist", root=str(tmp_path)).test_set()

@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticTask, SyntheticZoo
 from conftest import TINY_CONFIG, run_cli
+from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticTask, SyntheticZoo
 
 TRAINER_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "trainer"
 
@@ -87,7 +87,8 @@ def test_ddp_fit_on_two_processes_matches_one_process_with_the_same_global_batch
 def test_a_fit_killed_mid_run_and_resumed_ends_where_an_uninterrupted_fit_ends(workdir):
     checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"dirpath": "ckpt", "every_n_train_steps": 5, "save_last": True}}
-    killed = callbacks_config(workdir / "killed.yaml", checkpoint, {"class_path": "probes.KillAt", "init_args": {"step": 13}})
+    kill = {"class_path": "probes.KillAt", "init_args": {"step": 13}}
+    killed = callbacks_config(workdir / "killed.yaml", checkpoint, kill)
     resumed = callbacks_config(workdir / "resumed.yaml", checkpoint, save_coefficients("resumed"))
     whole = callbacks_config(workdir / "whole.yaml", save_coefficients("whole"))
 
@@ -111,7 +112,9 @@ def test_csv_logger_gets_scalars_per_task_and_no_figure(workdir):
                           "callbacks": [{"class_path": "lit_adamerging.CoefficientLogger",
                                          "init_args": {"every_n_steps": 5}}]}}
     (workdir / "csv.yaml").write_text(yaml.safe_dump(logger))
-    fit = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--config", "csv.yaml", "--trainer.enable_checkpointing=false")
+    fit = run_cli(
+        workdir, "fit", "--config", str(TINY_CONFIG), "--config", "csv.yaml", "--trainer.enable_checkpointing=false"
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     with open(workdir / "logs" / "csv" / "version_0" / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -142,8 +145,8 @@ def fit_coefficients(tmp_path: Path, precision: str) -> tuple[torch.Tensor, list
     tasks = {name: SyntheticTask(num_classes=c, num_images=32, image_size=32, seed=i)
              for i, (name, c) in enumerate({"alpha": 5, "beta": 3}.items())}
     data = MultiTaskDataModule(tasks, batch_size=8, cache="none")
-    module = PrecisionProbe(SyntheticZoo("open_clip:test-vit-tiny", seed=0, perturbation=0.2), num_classes=data.num_classes,
-                            lr=1e-2)
+    zoo = SyntheticZoo("open_clip:test-vit-tiny", seed=0, perturbation=0.2)
+    module = PrecisionProbe(zoo, num_classes=data.num_classes, lr=1e-2)
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=5, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          limit_val_batches=0, default_root_dir=tmp_path)

@@ -131,7 +131,9 @@ def _compare_steps(graphed, eager, generator, autocast, addresses):
                 addresses.add(features.data_ptr())
         (graph_features, graph_grad), (eager_features, eager_grad) = results
         tolerance = 1e-5 if autocast is None else 2e-2
-        torch.testing.assert_close(graph_features, eager_features, rtol=tolerance, atol=tolerance * eager_features.abs().max())
+        torch.testing.assert_close(
+            graph_features, eager_features, rtol=tolerance, atol=tolerance * eager_features.abs().max()
+        )
         torch.testing.assert_close(graph_grad, eager_grad, rtol=tolerance, atol=tolerance * eager_grad.abs().max())
 
 
@@ -178,7 +180,11 @@ def test_cuda_graph_second_forward_before_backward_stays_exact():
     grads = []
     for merger in (graphed, eager):
         merger.coefficients.raw.grad = None
-        with pytest.warns(UserWarning, match="before the first one's backward") if merger is graphed else contextlib.nullcontext():
+        second_capture = (
+            pytest.warns(UserWarning, match="before the first one's backward") if merger is graphed
+            else contextlib.nullcontext()
+        )
+        with second_capture:
             loss = merger(first).pow(2).sum() + merger(second).sum()
         loss.backward()
         grads.append(merger.coefficients.raw.grad.clone())
@@ -227,7 +233,8 @@ def test_gpu_fit_with_graphs_takes_the_eager_fit_steps():
             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[gradients],
         )
         trainer.fit(module, data)
-        runs.append((gradients.seen, module.merger.coefficients.raw.detach().cpu(), list(module.merger._captured.values())))
+        raw = module.merger.coefficients.raw.detach().cpu()
+        runs.append((gradients.seen, raw, list(module.merger._captured.values())))
     (graph_grads, graph_raw, graphs_made), (eager_grads, eager_raw, eager_graphs) = runs
     assert len(graphs_made) == 1 and graphs_made[0] is not None and eager_graphs == []  # captured inside the Trainer
     assert len(graph_grads) == len(eager_grads) == 3

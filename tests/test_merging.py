@@ -137,7 +137,9 @@ def test_stacked_blocks_are_shared_by_merged_encoder_not_copied(make_tiny_zoo):
     # task vectors laid out any other way are copied into the groups, with the same values
     cloned = {key: value.clone() for key, value in reversed(stacked.items())}
     copied = MergedEncoder(copy.deepcopy(encoder), cloned).stacked_task_vectors()
-    assert all(copied[key].data_ptr() != cloned[key].data_ptr() and torch.equal(copied[key], cloned[key]) for key in cloned)
+    assert all(
+        copied[key].data_ptr() != cloned[key].data_ptr() and torch.equal(copied[key], cloned[key]) for key in cloned
+    )
 
 
 def test_stack_buffer_policy_pretrained_excludes_buffers(make_tiny_zoo):

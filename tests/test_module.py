@@ -8,7 +8,6 @@ entropy and the accuracy computed by hand.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Mapping
 
 import lightning.pytorch as pl
@@ -32,9 +31,9 @@ from lit_adamerging import (
     SyntheticZoo,
     TaskData,
 )
-from lit_adamerging.merging import task_arithmetic, ties_merging, weight_averaging
-from lit_adamerging.models import ClassificationHead, LoadedZoo, create_encoder
 from lit_adamerging.lightning.module import COEFFICIENTS_KEY
+from lit_adamerging.merging import task_arithmetic, ties_merging, weight_averaging
+from lit_adamerging.models import LoadedZoo, create_encoder
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -60,7 +59,9 @@ def make_tasks(sizes: Mapping[str, int] | None = None) -> dict[str, SyntheticTas
     }
 
 
-def make_module(zoo: ModelZoo | None = None, num_classes: Mapping[str, int] | None = None, **kwargs) -> AdaMergingModule:
+def make_module(
+    zoo: ModelZoo | None = None, num_classes: Mapping[str, int] | None = None, **kwargs
+) -> AdaMergingModule:
     return AdaMergingModule(zoo or SyntheticZoo(CLIP, seed=0), num_classes=dict(num_classes or NUM_CLASSES), **kwargs)
 
 
@@ -374,7 +375,9 @@ def test_evaluation_matches_loaders_to_heads_by_task_name(tmp_path):
     with pytest.raises(ValueError, match=r"task 'alpha' is in the data but not in the model's num_classes"):
         make_trainer(tmp_path).test(make_module(zoo, num_classes={"beta": 4}), datamodule=data, verbose=False)
     with pytest.raises(ValueError, match=r"task 'beta' has 3 classes in the model's num_classes but 4 in the data"):
-        make_trainer(tmp_path).test(make_module(zoo, num_classes={"alpha": 4, "beta": 3}), datamodule=data, verbose=False)
+        make_trainer(tmp_path).test(
+            make_module(zoo, num_classes={"alpha": 4, "beta": 3}), datamodule=data, verbose=False
+        )
 
 
 def test_per_task_accuracy_rejects_bad_top_k():
@@ -395,8 +398,8 @@ def write_state_dict_zoo(tmp_path, head_shapes: Mapping[str, tuple[int, int]], t
         save_file(state, str(tmp_path / f"{task}.safetensors"))
         finetuned[task] = str(tmp_path / f"{task}.safetensors")
     for task, shape in head_shapes.items():
-        save_file({"weight": torch.randn(shape), "bias": torch.zeros(shape[0])}, str(tmp_path / f"head_{task}.safetensors"))
         heads[task] = str(tmp_path / f"head_{task}.safetensors")
+        save_file({"weight": torch.randn(shape), "bias": torch.zeros(shape[0])}, heads[task])
     return StateDictZoo(CLIP, str(tmp_path / "pretrained.safetensors"), finetuned, heads)
 
 
@@ -567,7 +570,9 @@ def test_python_checkpoint_needs_the_zoo_and_its_settings(tmp_path):
     trainer.strategy.connect(module)
     path = tmp_path / "python.ckpt"
     trainer.save_checkpoint(path)
-    with pytest.raises(TypeError, match=r"needs zoo=<a ModelZoo>.*Pass the ModelZoo the coefficients were learned with"):
+    with pytest.raises(
+        TypeError, match=r"needs zoo=<a ModelZoo>.*Pass the ModelZoo the coefficients were learned with"
+    ):
         AdaMergingModule.load_from_checkpoint(path)
     # A module made with another method is refused by the Trainer, listing each difference.
     other = make_module(zoo, granularity="task", ties_k=0.2)
@@ -651,7 +656,10 @@ def test_task_wise_baselines_equal_merging_functions(encoder):
     cases = [
         (merged(init=0.3), task_arithmetic(pretrained, finetuned, 0.3, buffers=buffers)),
         (merged(init=None), weight_averaging(pretrained, finetuned, buffers=buffers)),
-        (merged(init=0.3, ties_k=0.2, ties_normalize=True), ties_merging(pretrained, finetuned, 0.2, 0.3, buffers=buffers)),
+        (
+            merged(init=0.3, ties_k=0.2, ties_normalize=True),
+            ties_merging(pretrained, finetuned, 0.2, 0.3, buffers=buffers),
+        ),
     ]
     for got, expected in cases:
         assert list(got) == list(pretrained)
@@ -747,7 +755,8 @@ def test_non_finite_loss_stops_the_fit_naming_the_task_and_saves_nothing(tmp_pat
     module = RecordingModule(SyntheticZoo(CLIP, seed=0), num_classes=NUM_CLASSES)
     trainer = make_trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[
         ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=1, save_last=True), ExportMergedEncoder(str(export))])
-    with pytest.raises(FloatingPointError, match=r"training step 1: the loss is not finite: the entropy of task\(s\) \['beta'\]"):
+    not_finite = r"training step 1: the loss is not finite: the entropy of task\(s\) \['beta'\]"
+    with pytest.raises(FloatingPointError, match=not_finite):
         trainer.fit(module, datamodule=MultiTaskDataModule(tasks, batch_size=4))
     assert len(module.seen) == 1  # stopped before a second step
     assert not list(checkpoints.glob("*.ckpt")) and not export.exists()

@@ -20,7 +20,8 @@ def test_quickstart_runs_and_shows_the_results(offline_datasets, monkeypatch):
     # the kernel inherits the variable, so the notebook's find_data_root reads the tests' trees (no download)
     monkeypatch.setenv(DATA_ENV, str(offline_datasets("mnist", "fashion_mnist")))
     notebook = nbformat.read(NOTEBOOKS / "quickstart.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    resources = {"metadata": {"path": str(NOTEBOOKS)}}
+    NotebookClient(notebook, timeout=900, kernel_name="python3", resources=resources).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
     text = "".join(output.get("text", "") for output in outputs)

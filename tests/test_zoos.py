@@ -13,9 +13,17 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 import lit_adamerging.models.zeroshot as zeroshot
-from lit_adamerging.models import OpenCLIPZoo, Preprocess, StateDictZoo, SyntheticZoo, TimmZoo, create_encoder, encoder_preprocess
+from lit_adamerging.models import (
+    OpenCLIPZoo,
+    Preprocess,
+    StateDictZoo,
+    SyntheticZoo,
+    TimmZoo,
+    create_encoder,
+    encoder_preprocess,
+)
+from lit_adamerging.models.efficientnet_lite0 import MEAN, PACKAGE, STD, timm_name
 from lit_adamerging.models.preprocess import CLIP_MEAN, CLIP_STD
-from lit_adamerging.models.efficientnet_lite0 import MEAN, STD, PACKAGE, timm_name
 
 TINY_CLIP = "test-vit-tiny"
 
@@ -110,8 +118,8 @@ def timm_files(tmp_path):
         model = timm.create_model("test_efficientnet", num_classes=classes)
         state = {k: v for k, v in perturbed(base.state_dict(), seed).items() if not k.startswith("classifier.")}
         model.load_state_dict({**model.state_dict(), **state})
-        save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / f"{task}.safetensors"))
         files[task], models[task] = str(tmp_path / f"{task}.safetensors"), model
+        save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, files[task])
     return base, str(tmp_path / "base.pth"), files, models
 
 
@@ -136,7 +144,8 @@ def test_timm_zoo_backbone_and_heads(timm_files):
 def test_timm_zoo_errors(tmp_path, timm_files):
     base, pretrained, files, _ = timm_files
     headless = tmp_path / "headless.safetensors"
-    save_file({k: v.contiguous() for k, v in base.state_dict().items() if not k.startswith("classifier.")}, str(headless))
+    backbone = {k: v.contiguous() for k, v in base.state_dict().items() if not k.startswith("classifier.")}
+    save_file(backbone, str(headless))
     with pytest.raises(ValueError, match="headless.safetensors: no classifier 'classifier.weight'"):
         TimmZoo("test_efficientnet", {"a": str(headless)}, pretrained=pretrained).load({"a": 7})
     with pytest.raises(ValueError, match="fit 'efficientnet_lite0', not 'test_efficientnet'"):
@@ -215,7 +224,9 @@ def test_encoder_preprocess_follows_each_librarys_config():
     with pytest.raises(ValueError, match="unknown open_clip model 'no-such-clip'"):
         encoder_preprocess("open_clip:no-such-clip")
     border = next(m for m in timm.list_models() if timm.models.get_pretrained_cfg(m).crop_mode == "border")
-    with pytest.raises(ValueError, match=rf"timm:{border}: its eval preprocessing .*border crop.*give each task a `preprocess`"):
+    with pytest.raises(
+        ValueError, match=rf"timm:{border}: its eval preprocessing .*border crop.*give each task a `preprocess`"
+    ):
         encoder_preprocess(f"timm:{border}")
 
 
@@ -226,7 +237,8 @@ def test_zoos_report_their_models_preprocessing(tmp_path):
     assert OpenCLIPZoo(TINY_CLIP, files, pretrained=str(tmp_path / "clip.pt")).preprocess() == Preprocess(32)
     lite0 = TimmZoo("efficientnet_lite0", files, pretrained=PACKAGE).preprocess()
     assert (lite0.mean, lite0.std, lite0.image_size, lite0.crop_pct) == (MEAN, STD, 224, 0.875)
-    assert TimmZoo("test_efficientnet", files, pretrained="b.pth").preprocess() == encoder_preprocess("timm:test_efficientnet")
+    expected = encoder_preprocess("timm:test_efficientnet")
+    assert TimmZoo("test_efficientnet", files, pretrained="b.pth").preprocess() == expected
     assert StateDictZoo("timm:test_efficientnet", "b.pth", files, files).preprocess().image_size == 160
     assert SyntheticZoo(f"open_clip:{TINY_CLIP}").preprocess() == Preprocess(32)
 
@@ -246,7 +258,8 @@ def poisoned(kind: str, classes: int, width: int) -> tuple[dict[str, torch.Tenso
             rf"the head bias has shape \({classes + 1},\), expected \({classes},\).*weight \({classes}, {width}\)"
         )
     assert kind == "weight_1d"
-    return {"weight": weight[0], "bias": bias}, rf"the head weight must be 2-D \[classes, features\], got shape \({width},\)"
+    message = rf"the head weight must be 2-D \[classes, features\], got shape \({width},\)"
+    return {"weight": weight[0], "bias": bias}, message
 
 
 HEAD_FAULTS = ["nan_weight", "inf_bias", "bias_shape", "weight_1d"]
@@ -290,5 +303,6 @@ def test_open_clip_zoo_refuses_a_non_finite_cached_zero_shot_head(tmp_path, clip
     weight = load_file(str(cached))["weight"]
     weight[1, 2] = value
     save_file({"weight": weight}, str(cached))
-    with pytest.raises(ValueError, match=re.escape(f"{cached} (head of task 'a'): the head weight has NaN or infinite")):
+    message = re.escape(f"{cached} (head of task 'a'): the head weight has NaN or infinite")
+    with pytest.raises(ValueError, match=message):
         zoo.load({"a": 3, "b": 2})

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
-import pytest
 import timm
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from conftest import run_cli
 from lit_adamerging import AdaMergingModule, OpenCLIPZoo, TimmZoo
 from lit_adamerging.models import create_encoder
 
@@ -20,18 +18,16 @@ DATA = {
     "batch_size": 4,
     "eval_batch_size": 16,
     "tasks": {
-        "alpha": {"class_path": "lit_adamerging.SyntheticTask", "init_args": {"num_classes": 3, "num_images": 12, "image_size": 32, "seed": 1}},
-        "beta": {"class_path": "lit_adamerging.SyntheticTask", "init_args": {"num_classes": 2, "num_images": 8, "image_size": 32, "seed": 2}},
+        "alpha": {
+            "class_path": "lit_adamerging.SyntheticTask",
+            "init_args": {"num_classes": 3, "num_images": 12, "image_size": 32, "seed": 1},
+        },
+        "beta": {
+            "class_path": "lit_adamerging.SyntheticTask",
+            "init_args": {"num_classes": 2, "num_images": 8, "image_size": 32, "seed": 2},
+        },
     },
 }
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "lit_adamerging.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def write_config(path: Path, zoo: dict) -> Path:
@@ -43,7 +39,10 @@ def write_config(path: Path, zoo: dict) -> Path:
             "enable_progress_bar": False,
             "logger": False,
             "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "ckpt", "save_last": True}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": "ckpt", "save_last": True},
+                },
                 {"class_path": "lit_adamerging.ExportMergedEncoder", "init_args": {"path": "merged.safetensors"}},
             ],
         },
@@ -56,7 +55,10 @@ def write_config(path: Path, zoo: dict) -> Path:
 
 def perturbed(state: dict, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    return {k: v + 0.02 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v for k, v in state.items()}
+    return {
+        k: v + 0.02 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+        for k, v in state.items()
+    }
 
 
 def write_timm_checkpoints(tmp_path: Path, save) -> None:
@@ -101,8 +103,10 @@ def test_open_clip_checkpoints_fit_test_and_export(tmp_path):
         },
     }
     config = write_config(tmp_path / "config.yaml", zoo)
-    run_cli("fit", "--config", str(config), cwd=tmp_path)
-    result = run_cli("test", "--config", str(config), "--ckpt_path", "ckpt/last.ckpt", cwd=tmp_path)
+    fit = run_cli(tmp_path, "fit", "--config", str(config))
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    result = run_cli(tmp_path, "test", "--config", str(config), "--ckpt_path", "ckpt/last.ckpt")
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "test/acc/avg" in result.stdout
     assert len(list((tmp_path / "heads").glob("*.safetensors"))) == 2
 
@@ -132,8 +136,10 @@ def test_timm_checkpoints_fit_test_and_export(tmp_path):
         },
     }
     config = write_config(tmp_path / "config.yaml", zoo)
-    run_cli("fit", "--config", str(config), cwd=tmp_path)
-    result = run_cli("test", "--config", str(config), "--ckpt_path", "ckpt/last.ckpt", cwd=tmp_path)
+    fit = run_cli(tmp_path, "fit", "--config", str(config))
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    result = run_cli(tmp_path, "test", "--config", str(config), "--ckpt_path", "ckpt/last.ckpt")
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "test/acc/avg" in result.stdout
 
     files = {task: str(tmp_path / f"{task}.safetensors") for task in ("alpha", "beta")}
@@ -151,10 +157,10 @@ def test_pickled_checkpoint_refused_then_accepted_through_the_cli(tmp_path):
                       "finetuned": {"alpha": "alpha.pt", "beta": "beta.pt"}},
     }
     config = write_config(tmp_path / "config.yaml", zoo)
-    refused = subprocess.run([sys.executable, "-m", "lit_adamerging.cli", "fit", "--config", str(config)],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    refused = run_cli(tmp_path, "fit", "--config", str(config))
     assert refused.returncode != 0
     assert "alpha.pt: the file holds pickled Python objects" in refused.stderr
     assert "allow_pickle" in refused.stderr
-    run_cli("fit", "--config", str(config), "--model.zoo.init_args.allow_pickle", "true", cwd=tmp_path)
+    accepted = run_cli(tmp_path, "fit", "--config", str(config), "--model.zoo.init_args.allow_pickle", "true")
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
     assert (tmp_path / "merged.safetensors").is_file()

@@ -77,7 +77,8 @@ def fine_tune_task(task: str, args: argparse.Namespace, preprocess: Preprocess, 
     (the usual recipe for other models) and each task is then merged with its own trained head.
     """
     out = Path(args.out) / "zoo" / f"{task}.safetensors"
-    settings = {key: getattr(args, key) for key in ("shots", "heads", "finetune_steps", "finetune_lr", "finetune_batch", "image_size", "seed")}
+    keys = ("shots", "heads", "finetune_steps", "finetune_lr", "finetune_batch", "image_size", "seed")
+    settings = {key: getattr(args, key) for key in keys}
     meta = out.with_suffix(".json")
     if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings") == settings:
         log(f"zoo: {task} already built ({out})")

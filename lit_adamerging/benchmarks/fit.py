@@ -58,7 +58,9 @@ class StepClock(pl.Callback):
             torch.cuda.synchronize(pl_module.device)
         return time.perf_counter()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.starts.append(self._now(pl_module))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -109,7 +111,11 @@ def time_fit(args: argparse.Namespace, mode: str, cache_dir: Path) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m lit_adamerging.benchmarks.fit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_adamerging.benchmarks.fit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_data_arguments(parser)
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     parser.add_argument("--model", default="timm:efficientnet_lite0", help="open_clip:<name> or timm:<name>")
@@ -134,8 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         cache_dir = Path(args.cache_dir or scratch)
         results = [time_fit(args, mode, cache_dir) for mode in modes]
-    report = {key: getattr(args, key) for key in ("model", "tasks", "image_size", "images_per_task", "steps", "num_workers")}
-    report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu"
+    keys = ("model", "tasks", "image_size", "images_per_task", "steps", "num_workers")
+    report = {key: getattr(args, key) for key in keys}
+    on_gpu = torch.cuda.is_available() and args.accelerator != "cpu"
+    report["device"] = torch.cuda.get_device_name() if on_gpu else "cpu"
     report["results"] = results
     print(f"{'mode':<10} {'first step s':>12} {'data s/step':>12} {'step s':>8} {'total s':>8}")
     for row in results:

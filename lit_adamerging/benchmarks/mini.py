@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated dataset folder names")
     parser.add_argument("--out", default="runs/mini", help="results, zoo and cache folder")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
-    parser.add_argument("--image-size", type=int, default=64, help="input size (EfficientNet-Lite0's features die below ~64)")
+    parser.add_argument(
+        "--image-size", type=int, default=64, help="input size (EfficientNet-Lite0's features die below ~64)"
+    )
     parser.add_argument("--shots", type=int, default=10, help="labeled training images per class for each head")
     parser.add_argument("--heads", choices=("frozen", "joint"), default="frozen",
                         help="fine-tune the backbone with the probe head frozen (like CLIP) or train both jointly")
@@ -183,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task-vector-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--readme", default=None, help=f"also put the table into this file, between {README_BEGIN} and {README_END}")
+    parser.add_argument(
+        "--readme", default=None, help=f"also put the table into this file, between {README_BEGIN} and {README_END}"
+    )
     return parser
 
 
@@ -220,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
         write_text_atomic(out / "results.md", results_table(results))
-        log(f"{method}: avg {100 * results['methods'][method]['avg']:.1f} ({results['methods'][method]['seconds']:.0f} s)")
+        row = results["methods"][method]
+        log(f"{method}: avg {100 * row['avg']:.1f} ({row['seconds']:.0f} s)")
     print(results_table(results), end="")
     if args.readme:
         command = " ".join(["lit-adamerging-mini", *(argv if argv is not None else sys.argv[1:])])

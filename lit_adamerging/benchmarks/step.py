@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import resource
 import statistics
@@ -114,7 +115,9 @@ def run(
     """Measure and return the figures (see the module docstring)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
-    minimums = (("tasks", tasks, 1), ("images_per_task", images_per_task, 1), ("steps", steps, 1), ("warmup", warmup, 0))
+    minimums = (
+        ("tasks", tasks, 1), ("images_per_task", images_per_task, 1), ("steps", steps, 1), ("warmup", warmup, 0)
+    )
     for name, value, least in minimums:
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}.")
@@ -127,7 +130,7 @@ def run(
         autocast = contextlib.nullcontext
     else:
         dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-        autocast = lambda: torch.autocast(torch_device.type, dtype=dtype)  # noqa: E731
+        autocast = functools.partial(torch.autocast, torch_device.type, dtype=dtype)
 
     # The plain step first, alone in the process, for its peak memory: the same architecture and
     # weights (the zoo's seed) as the module's encoder, the same heads.
@@ -251,7 +254,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m lit_adamerging.benchmarks.step", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_adamerging.benchmarks.step", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--model", default="open_clip:ViT-B-32", help="open_clip:<name> or timm:<name>")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--images-per-task", type=int, default=2)
@@ -269,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "default: glibc as it comes",
     )
     parser.add_argument(
-        "--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="CUDA: run the AdaMerging step without graphs"
+        "--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+        help="CUDA: run the AdaMerging step without graphs",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)

@@ -150,7 +150,10 @@ def _check_folder(folder: Path) -> None:
 
 
 def _decode(dataset: Dataset, task_name: str, num_workers: int, writer: BinaryIO | None) -> tuple[Any, Tensor]:
-    """Decode ``(uint8 image, label)`` items in order: the images tensor (or, with ``writer``, its shape) and the labels."""
+    """Decode ``(uint8 image, label)`` items in order.
+
+    Returns the images tensor (or, with ``writer``, its shape) and the labels.
+    """
     total = len(dataset)  # type: ignore[arg-type]
     if total == 0:
         raise ValueError(f"task {task_name!r}: its test split is empty; there is nothing to merge on.")

@@ -167,7 +167,9 @@ class ExportMergedEncoder(pl.Callback):
         """Fail now if the export path cannot be written: it is a folder, or lies under a file or a read-only folder."""
         path = Path(self.path).absolute()
         if path.is_dir():
-            raise ValueError(f"export path {self.path!r} is a folder; give a file name ending in .safetensors, .pt or .pth.")
+            raise ValueError(
+                f"export path {self.path!r} is a folder; give a file name ending in .safetensors, .pt or .pth."
+            )
         existing = path.parent
         while not existing.exists():
             existing = existing.parent
@@ -181,7 +183,9 @@ class ExportMergedEncoder(pl.Callback):
     def _export(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if trainer.is_global_zero:
             state = pl_module.merger.merged_state_dict()
-            bad = [key for key, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+            bad = [
+                key for key, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())
+            ]
             if bad:
                 raise FloatingPointError(
                     f"the merged encoder holds NaN or infinite values in {len(bad)} tensor(s) ({bad[:5]}); it was not "

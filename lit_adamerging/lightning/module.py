@@ -36,7 +36,8 @@ COEFFICIENTS_KEY = "merger.coefficients.raw"
 # The settings a checkpoint's coefficients only make sense with: the zoo (its class and init args),
 # the tasks and the method. The optimiser's (lr, betas) do not change what the coefficients mean.
 CHECKPOINT_SETTINGS = (
-    "zoo", "num_classes", "granularity", "init", "clamp", "ties_k", "ties_normalize", "buffer_policy", "task_vector_dtype",
+    "zoo", "num_classes", "granularity", "init", "clamp", "ties_k", "ties_normalize", "buffer_policy",
+    "task_vector_dtype",
 )
 # Zoo arguments that never change the result and that a checkpoint must never set (loading pickles,
 # where cached heads are read): they always come from the user.
@@ -91,7 +92,9 @@ def read_adamerging_checkpoint(source: str | Path | IO[bytes]) -> dict[str, Any]
     state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, Mapping) or "pytorch-lightning_version" not in checkpoint:
         keys = list(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{name} is not an AdaMerging checkpoint: it is not a Lightning checkpoint (top level: {keys}). {advice}")
+        raise ValueError(
+            f"{name} is not an AdaMerging checkpoint: it is not a Lightning checkpoint (top level: {keys}). {advice}"
+        )
     if COEFFICIENTS_KEY not in state_dict:
         raise ValueError(
             f"{name} is not an AdaMerging checkpoint: it holds no merging coefficients ({COEFFICIENTS_KEY!r}; "
@@ -103,7 +106,10 @@ def read_adamerging_checkpoint(source: str | Path | IO[bytes]) -> dict[str, Any]
 
 
 def _load_weights_only(handle: IO[bytes], name: str, advice: str) -> Any:
-    """``torch.load(handle, weights_only=True)``, its failures said in terms of what the file is; ``handle`` is put back."""
+    """``torch.load(handle, weights_only=True)``, its failures said in terms of what the file is.
+
+    ``handle`` is put back where it was.
+    """
     position = handle.tell()
     head = handle.read(9)
     handle.seek(position)
@@ -117,9 +123,13 @@ def _load_weights_only(handle: IO[bytes], name: str, advice: str) -> Any:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         if found:  # torch's advice (weights_only=False) is not for this file
-            reason = f"it holds pickled Python objects ({found.group(1)}), not a checkpoint's plain data; it was not unpickled"
+            reason = (
+                f"it holds pickled Python objects ({found.group(1)}), not a checkpoint's plain data; "
+                "it was not unpickled"
+            )
         else:
-            reason = f"torch.load cannot read it ({(detail.group(1) if detail else text.strip() or type(error).__name__)[:200]})"
+            cause = detail.group(1) if detail else text.strip() or type(error).__name__
+            reason = f"torch.load cannot read it ({cause[:200]})"
         raise ValueError(f"{name} is not an AdaMerging checkpoint: {reason}. {advice}") from None
     finally:
         handle.seek(position)
@@ -135,7 +145,8 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
 
 
 def checkpoint_settings_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """One line per setting of :data:`CHECKPOINT_SETTINGS` where a checkpoint's hyperparameters and the current ones differ.
+    """One line per setting of :data:`CHECKPOINT_SETTINGS` where a checkpoint's hyperparameters and the current
+    ones differ.
 
     A setting missing on either side is not compared (a checkpoint made from Python stores no
     zoo; a module made from Python has no zoo configuration). Nested values are compared key by
@@ -156,7 +167,9 @@ def checkpoint_settings_differences(stored: Mapping[str, Any], current: Mapping[
                 lines.append(f"  {name}: checkpoint {before.get(name, missing)!r}, yours {after.get(name, missing)!r}")
         if key == "num_classes" and isinstance(stored[key], Mapping) and isinstance(current[key], Mapping):
             if set(stored[key]) == set(current[key]) and list(stored[key]) != list(current[key]):
-                lines.append(f"  model.num_classes (task order): checkpoint {list(stored[key])}, yours {list(current[key])}")
+                lines.append(
+                    f"  model.num_classes (task order): checkpoint {list(stored[key])}, yours {list(current[key])}"
+                )
     return lines
 
 
@@ -175,7 +188,10 @@ def check_checkpoint_settings(stored: Mapping[str, Any], current: Mapping[str, A
 
 
 def _zoo_expression(zoo: Any) -> str | None:
-    """``zoo``'s stored configuration as a Python call, leaving out :data:`USER_ONLY_ZOO_ARGS`; ``None`` if there is none."""
+    """``zoo``'s stored configuration as a Python call, leaving out :data:`USER_ONLY_ZOO_ARGS`.
+
+    ``None`` if there is none.
+    """
     if not isinstance(zoo, Mapping) or not isinstance(zoo.get("class_path"), str):
         return None
     module, _, name = zoo["class_path"].rpartition(".")
@@ -320,8 +336,14 @@ class AdaMergingModule(pl.LightningModule):
             self._loader_tasks = None
             return
         ours = dict(self.num_classes or {})
-        problems = [f"task {task!r} is in the data but not in the model's num_classes" for task in data_classes if task not in ours]
-        problems += [f"task {task!r} is in the model's num_classes but not in the data" for task in ours if task not in data_classes]
+        problems = [
+            f"task {task!r} is in the data but not in the model's num_classes"
+            for task in data_classes if task not in ours
+        ]
+        problems += [
+            f"task {task!r} is in the model's num_classes but not in the data"
+            for task in ours if task not in data_classes
+        ]
         problems += [
             f"task {task!r} has {ours[task]} classes in the model's num_classes but {data_classes[task]} in the data"
             for task in data_classes if task in ours and ours[task] != data_classes[task]
@@ -376,7 +398,8 @@ class AdaMergingModule(pl.LightningModule):
             task_vectors = ties_task_vectors(task_vectors, self.hparams.ties_k, normalize=self.hparams.ties_normalize)
         init = 1.0 / len(tasks) if self.hparams.init is None else self.hparams.init
         self.merger = MergedEncoder(
-            encoder, task_vectors, self.hparams.granularity, init, self.hparams.clamp, cuda_graphs=self.hparams.cuda_graphs
+            encoder, task_vectors, self.hparams.granularity, init, self.hparams.clamp,
+            cuda_graphs=self.hparams.cuda_graphs,
         )
         self.heads = nn.ModuleDict({task: loaded.heads[task].requires_grad_(False).eval() for task in tasks})
         # Under DDP every process builds the same frozen weights from the zoo: only the coefficients
@@ -465,7 +488,8 @@ class AdaMergingModule(pl.LightningModule):
         bad = {task: value for task, value in zip(self.task_names, values) if not math.isfinite(value)}
         if bad:
             raise FloatingPointError(
-                f"training step {step}: the loss is not finite: the entropy of task(s) {list(bad)} is {list(bad.values())}. "
+                f"training step {step}: the loss is not finite: the entropy of task(s) {list(bad)} is "
+                f"{list(bad.values())}. "
                 "Their images, heads or fine-tuned weights hold NaN or infinite values, or the encoder overflows "
                 "(with precision 16-mixed, try bf16-mixed or 32-true). Nothing was saved or exported from this step on."
             )

@@ -104,12 +104,13 @@ def encoder_preprocess(
         check_open_clip_model(model)
         size = open_clip.get_model_config(model)["vision_cfg"].get("image_size", 224)
         tag_config = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
+        resize_mode = tag_config.get("resize_mode", "shortest")
         config = {
             "size": size,
             "mean": open_clip.OPENAI_DATASET_MEAN,
             "std": open_clip.OPENAI_DATASET_STD,
             "interpolation": "bicubic",
-            "crop_mode": "center" if tag_config.get("resize_mode", "shortest") == "shortest" else tag_config["resize_mode"],
+            "crop_mode": "center" if resize_mode == "shortest" else resize_mode,
             "crop_pct": 1.0,
         }
         config.update({key: tag_config[key] for key in ("mean", "std", "interpolation") if key in tag_config})

@@ -27,7 +27,9 @@ class ClassificationHead(nn.Module):
         """``source`` names where the tensors come from (file and task) in the errors of bad heads."""
         super().__init__()
         if weight.dim() != 2:
-            raise ValueError(f"{source}: the head weight must be 2-D [classes, features], got shape {tuple(weight.shape)}.")
+            raise ValueError(
+                f"{source}: the head weight must be 2-D [classes, features], got shape {tuple(weight.shape)}."
+            )
         if bias is not None and bias.shape != weight.shape[:1]:
             raise ValueError(
                 f"{source}: the head bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},): one value "
@@ -36,7 +38,8 @@ class ClassificationHead(nn.Module):
         for name, value in (("weight", weight), ("bias", bias)):
             if value is not None and value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise ValueError(
-                    f"{source}: the head {name} has NaN or infinite values; the file is corrupt or its training diverged."
+                    f"{source}: the head {name} has NaN or infinite values; the file is corrupt or its training "
+                    "diverged."
                 )
         self.normalize = normalize
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
@@ -49,7 +52,8 @@ class ClassificationHead(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         if self.normalize:
             features = F.normalize(features, dim=-1)
-        return F.linear(features, self.weight.to(features.dtype), None if self.bias is None else self.bias.to(features.dtype))
+        bias = None if self.bias is None else self.bias.to(features.dtype)
+        return F.linear(features, self.weight.to(features.dtype), bias)
 
 
 def head_source(path: str | Path, task: str) -> str:

@@ -112,7 +112,9 @@ class Preprocess:
         }[self.interpolation]
         if self.center_crop:
             steps = [
-                transforms.Resize(math.floor(self.image_size / self.crop_pct), interpolation=interpolation, antialias=True),
+                transforms.Resize(
+                    math.floor(self.image_size / self.crop_pct), interpolation=interpolation, antialias=True
+                ),
                 transforms.CenterCrop(self.image_size),
             ]
         else:

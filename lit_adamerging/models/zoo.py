@@ -61,7 +61,8 @@ class LazyStateDicts(Mapping[str, dict[str, Tensor]]):
 
 @dataclass
 class LoadedZoo:
-    """A pretrained encoder, the fine-tuned encoders' state dicts (a dict or :class:`LazyStateDicts`) and one head per task."""
+    """A pretrained encoder, the fine-tuned encoders' state dicts (a dict or :class:`LazyStateDicts`) and one
+    head per task."""
 
     encoder: nn.Module
     finetuned: Mapping[str, dict[str, Tensor]]
@@ -193,7 +194,8 @@ class StateDictZoo(ModelZoo):
             if "weight" not in head_state:
                 raise CheckpointError(f"{self.heads[task]}: the head file of task {task!r} has no 'weight' tensor.")
             heads[task] = ClassificationHead(
-                head_state["weight"], head_state.get("bias"), self.normalize_features, head_source(self.heads[task], task)
+                head_state["weight"], head_state.get("bias"), self.normalize_features,
+                head_source(self.heads[task], task),
             )
         return LoadedZoo(encoder, finetuned, heads)
 
@@ -271,7 +273,8 @@ class OpenCLIPZoo(ModelZoo):
 
     def preprocess(self) -> Preprocess:
         """The model's image size with the pretrained tag's normalisation (open_clip's defaults for a file)."""
-        return encoder_preprocess(f"open_clip:{self.model}", None if looks_like_path(self.pretrained) else self.pretrained)
+        tag = None if looks_like_path(self.pretrained) else self.pretrained
+        return encoder_preprocess(f"open_clip:{self.model}", tag)
 
     def load(self, num_classes: Mapping[str, int]) -> LoadedZoo:
         _require_files("finetuned", self.finetuned, num_classes)
@@ -328,7 +331,9 @@ class TimmZoo(ModelZoo):
     def _pretrained_weights(self, backbone: nn.Module) -> dict[str, Tensor]:
         if self.pretrained == efficientnet_lite0.PACKAGE:
             if self.model != "efficientnet_lite0":
-                raise ValueError(f"the {efficientnet_lite0.PACKAGE} weights fit 'efficientnet_lite0', not {self.model!r}.")
+                raise ValueError(
+                    f"the {efficientnet_lite0.PACKAGE} weights fit 'efficientnet_lite0', not {self.model!r}."
+                )
             return efficientnet_lite0.imagenet_state_dict(backbone.state_dict())
         return encoder_weights(self.pretrained, backbone, allow_pickle=self.allow_pickle)
 
