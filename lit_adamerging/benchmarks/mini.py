@@ -160,7 +160,7 @@ def write_into_readme(path: Path, table: str, command: str) -> None:
         raise SystemExit(f"mini: {path} must hold the markers {README_BEGIN} and {README_END} once each.")
     head, rest = text.split(README_BEGIN)
     _, tail = rest.split(README_END)
-    body = f"\nProduced by `{command}` on {time.strftime('%Y-%m-%d')}:\n\n{table}"
+    body = f"\nProduced by `{command}`:\n\n{table}"
     write_text_atomic(path, f"{head}{README_BEGIN}{body}{README_END}{tail}")
 
 
