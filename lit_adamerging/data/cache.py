@@ -13,7 +13,9 @@ size, labels). Both are written atomically (:func:`~lit_adamerging.io.atomic_pat
 last, so its presence marks a complete store, and an interrupted build leaves nothing behind that
 gets read (its temporary file is removed by the next build).
 The name holds a hash of the task's files (:meth:`ImageFileTask.source_key`), of the geometric
-preprocessing and of the Pillow and torchvision versions: change any and the store is rebuilt.
+preprocessing, of the Pillow and torchvision versions and, for a corrupted task, of its corruption,
+severity, seed and the corruption library's version (:meth:`ImageFileTask.corruption_settings`):
+change any and the store is rebuilt. A corrupted split is thus computed once and then reused.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -92,9 +95,14 @@ def _map(path: Path, shape: tuple[int, ...]) -> Tensor:
     return torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=torch.uint8).view(shape)
 
 
-def store_name(task_name: str, source_key: str, preprocess: Preprocess) -> str:
-    """The file name (without suffix) of a store: readable prefix + hash of everything that shapes it."""
-    identity = {
+def store_name(
+    task_name: str, source_key: str, preprocess: Preprocess, corruption: Mapping[str, Any] | None = None
+) -> str:
+    """The file name (without suffix) of a store: readable prefix + hash of everything that shapes it.
+
+    ``corruption``: the task's :meth:`~ImageFileTask.corruption_settings` (``None``: clean images).
+    """
+    identity: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "source": source_key,
         "image_size": preprocess.image_size,
@@ -104,8 +112,11 @@ def store_name(task_name: str, source_key: str, preprocess: Preprocess) -> str:
         "pillow": PIL.__version__,
         "torchvision": torchvision.__version__,
     }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", task_name)[:40]
+    if corruption is not None:  # absent for clean images, so their stores keep the names they had
+        identity["corruption"] = dict(corruption)
+        readable += f"-{corruption['corruption']}{corruption['severity']}"
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     return f"{readable}-{preprocess.image_size}px-{digest}"
 
 
@@ -122,7 +133,7 @@ def decoded_test_set(
         return DecodedImages(images, labels)
     folder = Path(cache_dir).expanduser()
     _check_folder(folder)
-    name = store_name(task_name, task.source_key(), preprocess)
+    name = store_name(task_name, task.source_key(), preprocess, task.corruption_settings())
     data_path, meta_path = folder / f"{name}.u8", folder / f"{name}.json"
     stored = _read_store(data_path, meta_path)
     if stored is not None:

@@ -21,6 +21,11 @@ library versions (indices are ranked by the SHA-256 of ``"<seed>:<key>"``, no RN
   :data:`SUN397_SPLIT_SEED` (fewer for classes under 100 images: half of them); see
   :func:`sun397_test_indices`.
 * RESISC45: the published ``resisc45-test.txt`` split file (6,300 images), which must be in ``root``.
+
+Any of these tasks can corrupt its test images with one of ImageNet-C's corruptions
+(``corruption="motion_blur", severity=3``; see :mod:`lit_adamerging.data.corruptions`): each image
+is corrupted after the resize and crop, the same way in every run, and the decoded test-set cache
+keeps the corrupted split.
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ from typing import Any, Literal, get_args
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lit_adamerging.data.corruptions import (
+    MIN_IMAGE_SIZE,
+    CorruptedImages,
+    CorruptionName,
+    check_corruption,
+    corruption_library,
+)
 from lit_adamerging.data.tasks import TaskData
 from lit_adamerging.models.preprocess import Preprocess, to_rgb
 from lit_adamerging.models.prompts import class_names as _prompt_class_names
@@ -88,11 +100,23 @@ def fingerprint(*paths: Path) -> str:
 class ImageFileTask(TaskData):
     """A task whose test split is read from image files, with a :class:`Preprocess` (its own or the model's).
 
-    Besides :meth:`test_set` it offers :meth:`decoded_test_set` (resized uint8 images, what the
-    decoded test-set cache stores) and :meth:`source_key` (what identifies its files).
+    Besides :meth:`test_set` it offers :meth:`decoded_test_set` (resized, and corrupted if the task
+    has a ``corruption``, uint8 images: what the decoded test-set cache stores), :meth:`source_key`
+    (what identifies its files) and :meth:`corruption_settings` (what identifies the corruption).
     """
 
     preprocess: Preprocess | None
+    corruption: str | None = None
+    severity: int | None = None
+    corruption_seed: int = 0
+
+    def _set_corruption(self, corruption: str | None, severity: int | None, corruption_seed: int) -> None:
+        """Check and keep the corruption settings (so a bad config fails before anything is read)."""
+        owner = type(self).__name__
+        check_corruption(corruption, severity, owner)
+        if isinstance(corruption_seed, bool) or not isinstance(corruption_seed, int):
+            raise ValueError(f"{owner}.corruption_seed must be an integer, got {corruption_seed!r}.")
+        self.corruption, self.severity, self.corruption_seed = corruption, severity, corruption_seed
 
     def chosen_preprocess(self, model_preprocess: Preprocess | None = None) -> Preprocess:
         """The task's own preprocessing if it has one, else ``model_preprocess``; an error if neither is known."""
@@ -105,15 +129,42 @@ class ImageFileTask(TaskData):
         return _check_preprocess(type(self).__name__, chosen)  # type: ignore[return-value]
 
     def test_set(self, preprocess: Preprocess | None = None) -> Dataset:
-        """The test split as ``(float tensor [3, S, S], int label)`` items.
+        """The test split as ``(float tensor [3, S, S], int label)`` items: :meth:`decoded_test_set` normalised.
 
         ``preprocess`` (the model's) is used when the task has no ``preprocess`` of its own.
         """
-        return self._images(self.chosen_preprocess(preprocess).transform())
+        chosen = self.chosen_preprocess(preprocess)
+        if self.corruption is None:
+            return self._images(chosen.transform())
+        return _Normalized(self.decoded_test_set(chosen), chosen)
 
     def decoded_test_set(self, preprocess: Preprocess | None = None) -> Dataset:
-        """The test split as ``(uint8 tensor [3, S, S], int label)``: resized and cropped, not normalised."""
-        return self._images(self.chosen_preprocess(preprocess).decode())
+        """The test split as ``(uint8 tensor [3, S, S], int label)``: resized and cropped, then corrupted if the
+        task has a ``corruption``; not normalised."""
+        chosen = self.chosen_preprocess(preprocess)
+        images = self._images(chosen.decode())
+        if self.corruption is None:
+            return images
+        if chosen.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(
+                f"{self!r}: the ImageNet-C corruptions need images of at least {MIN_IMAGE_SIZE} px, and its "
+                f"preprocessing gives {chosen.image_size} px; use a larger image_size or no corruption."
+            )
+        return CorruptedImages(images, self.corruption, self.severity, self.corruption_seed,  # type: ignore[arg-type]
+                               self.corruption_identity())
+
+    def corruption_settings(self) -> dict[str, Any] | None:
+        """Everything the corrupted images depend on besides the files and the preprocessing (the decoded
+        cache's key holds it); ``None`` without a corruption."""
+        if self.corruption is None:
+            return None
+        return {
+            "corruption": self.corruption,
+            "severity": self.severity,
+            "seed": self.corruption_seed,
+            "identity": self.corruption_identity(),
+            "library": corruption_library(),
+        }
 
     @abstractmethod
     def _images(self, transform: Callable[[Image.Image], Any]) -> Dataset:
@@ -122,6 +173,16 @@ class ImageFileTask(TaskData):
     @abstractmethod
     def source_key(self) -> str:
         """A string that changes whenever the test split's images or labels may have changed."""
+
+    @abstractmethod
+    def corruption_identity(self) -> str:
+        """What tells this task's images apart from another task's in their corruption seeds: the same on
+        every machine (no absolute paths, no file times), so a corrupted split is the same everywhere."""
+
+    def _corruption_repr(self) -> str:
+        if self.corruption is None:
+            return ""
+        return f", corruption={self.corruption!r}, severity={self.severity}, corruption_seed={self.corruption_seed}"
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -152,6 +213,22 @@ class _ImageList(Dataset):
         except (OSError, ValueError, SyntaxError) as error:
             raise OSError(f"cannot read image file {str(path)!r} (item {index}): {error}") from error
         return self.transform(image), label
+
+
+class _Normalized(Dataset):
+    """``(preprocess.normalize(image), label)`` over ``(uint8 image, label)`` items: the float images the model
+    takes, equal bit for bit to a cached split normalised batch by batch."""
+
+    def __init__(self, dataset: Dataset, preprocess: Preprocess) -> None:
+        self.dataset = dataset
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.dataset[index]
+        return self.preprocess.normalize(image), label
 
 
 class _IntLabels(Dataset):
@@ -207,9 +284,15 @@ class ImageFolderTask(ImageFileTask):
         split: the split folder under ``root`` (``"test"``: the split AdaMerging adapts on).
         preprocess: the eval preprocessing of the images; ``None``: the model's (see :meth:`test_set`).
         class_names_file: readable class names file, or ``None``.
+        corruption: one of :data:`~lit_adamerging.data.corruptions.CORRUPTIONS` to apply to every test
+            image (after the resize and crop), or ``None``.
+        severity: the corruption's ImageNet-C severity, 1 to 5 (required with ``corruption``).
+        corruption_seed: the seed of the corrupted split (each image's own seed derives from it, the
+            folder's name, the split, the image's position, the corruption and the severity).
 
     Raises:
-        ValueError: (at construction) ``split`` is not a plain folder name.
+        ValueError: (at construction) ``split`` is not a plain folder name, or an unknown corruption or
+            a severity outside 1-5 (the message lists the valid ones).
         TypeError: (at construction) ``preprocess`` is not a :class:`Preprocess` or ``None``.
         FileNotFoundError: ``root`` or ``root/split`` is missing.
         ValueError: ``root/split`` has no class folders, a class folder has no images, or the class
@@ -223,6 +306,9 @@ class ImageFolderTask(ImageFileTask):
         split: str = "test",
         preprocess: Preprocess | None = None,
         class_names_file: str | None = "classes.txt",
+        corruption: CorruptionName | None = None,
+        severity: int | None = None,
+        corruption_seed: int = 0,
     ) -> None:
         if not isinstance(split, str) or not split or "/" in split or "\\" in split or split in (".", ".."):
             raise ValueError(f"ImageFolderTask.split must be a folder name such as 'test', got {split!r}.")
@@ -230,6 +316,7 @@ class ImageFolderTask(ImageFileTask):
         self.split = split
         self.preprocess = _check_preprocess("ImageFolderTask", preprocess)
         self.class_names_file = class_names_file
+        self._set_corruption(corruption, severity, corruption_seed)
         self._classes: list[str] | None = None
         self._samples: list[tuple[Path, int]] | None = None
 
@@ -311,8 +398,13 @@ class ImageFolderTask(ImageFileTask):
         split_dir = self.split_dir.resolve()
         return f"ImageFolderTask:{split_dir}:{fingerprint(split_dir)}"
 
+    def corruption_identity(self) -> str:
+        """``ImageFolderTask:<root folder's name>/<split>``."""
+        return f"ImageFolderTask:{Path(self.root).expanduser().resolve().name}/{self.split}"
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={self.root!r}, split={self.split!r}, preprocess={self.preprocess!r})"
+        return (f"{type(self).__name__}(root={self.root!r}, split={self.split!r}, preprocess={self.preprocess!r}"
+                f"{self._corruption_repr()})")
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -457,9 +549,15 @@ class TorchvisionTask(ImageFileTask):
         preprocess: the eval preprocessing of the images; ``None``: the model's (see :meth:`test_set`).
         download: let torchvision download the dataset into ``root`` when it is missing (not
             possible for ``cars`` and ``resisc45``).
+        corruption: one of :data:`~lit_adamerging.data.corruptions.CORRUPTIONS` to apply to every test
+            image (after the resize and crop), or ``None``.
+        severity: the corruption's ImageNet-C severity, 1 to 5 (required with ``corruption``).
+        corruption_seed: the seed of the corrupted split (each image's own seed derives from it, the
+            dataset, the image's position, the corruption and the severity).
 
     Raises:
-        ValueError: unknown ``dataset``.
+        ValueError: unknown ``dataset``, or an unknown corruption or a severity outside 1-5 (the message
+            lists the valid ones).
         TypeError: ``preprocess`` is not a :class:`Preprocess` or ``None``.
         FileNotFoundError: (:meth:`test_set`) the dataset's files are missing under ``root``.
     """
@@ -470,6 +568,9 @@ class TorchvisionTask(ImageFileTask):
         root: str,
         preprocess: Preprocess | None = None,
         download: bool = False,
+        corruption: CorruptionName | None = None,
+        severity: int | None = None,
+        corruption_seed: int = 0,
     ) -> None:
         if not isinstance(dataset, str) or dataset not in TORCHVISION_NUM_CLASSES:
             raise ValueError(
@@ -479,6 +580,7 @@ class TorchvisionTask(ImageFileTask):
         self.root = str(root)
         self.preprocess = _check_preprocess("TorchvisionTask", preprocess)
         self.download = bool(download)
+        self._set_corruption(corruption, severity, corruption_seed)
 
     @property
     def num_classes(self) -> int:
@@ -505,6 +607,10 @@ class TorchvisionTask(ImageFileTask):
     def source_key(self) -> str:
         root = Path(self.root).expanduser().resolve()
         return f"TorchvisionTask:{self.dataset}:{root}:{fingerprint(root) if root.exists() else 'absent'}"
+
+    def corruption_identity(self) -> str:
+        """``TorchvisionTask:<dataset>``."""
+        return f"TorchvisionTask:{self.dataset}"
 
     def _images(self, transform: Callable[[Image.Image], Any]) -> Dataset:
         if self.dataset == "resisc45":
@@ -601,5 +707,5 @@ class TorchvisionTask(ImageFileTask):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(dataset={self.dataset!r}, root={self.root!r}, "
-            f"preprocess={self.preprocess!r}, download={self.download})"
+            f"preprocess={self.preprocess!r}, download={self.download}{self._corruption_repr()})"
         )
