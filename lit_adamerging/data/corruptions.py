@@ -144,12 +144,12 @@ def corrupt_image(image: Tensor, corruption: str, severity: int, seed: int) -> T
         raise ValueError(f"corrupt_image: images need at least {MIN_IMAGE_SIZE} px a side for the ImageNet-C "
                          f"corruptions, got {tuple(image.shape[1:])}.")
     package = _package()
-    pixels = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    pixels = np.ascontiguousarray(image.numpy().transpose(1, 2, 0))  # numpy's copies: torch's uint8 permute is slow
     # impulse noise draws from its own generator, seeded here; the other corruptions from numpy's global state
     extra = {"seed": seed} if corruption == "impulse_noise" else {}
     with _numpy_global_seed(seed):
         corrupted = package.corrupt(pixels, severity=severity, corruption_name=corruption, **extra)
-    return torch.from_numpy(np.array(corrupted, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(corrupted, dtype=np.uint8).transpose(2, 0, 1)))
 
 
 class CorruptedImages(Dataset):
