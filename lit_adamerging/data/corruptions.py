@@ -98,7 +98,10 @@ def _package() -> Any:
     try:
         import imagecorruptions
     except ImportError as error:
-        raise ImportError(f"corrupting images needs the {_PACKAGE} package: pip install {_PACKAGE}") from error
+        raise ImportError(
+            f"corrupting images needs the {_PACKAGE} package: pip install 'lit_adamerging[corruptions]' "
+            f"(or pip install {_PACKAGE})"
+        ) from error
     # The unmaintained `imagecorruptions` installs the same module name; its impulse noise cannot be seeded.
     if "seed" not in inspect.signature(imagecorruptions.corruption_dict["impulse_noise"]).parameters:
         raise ImportError(f"the installed `imagecorruptions` module ({imagecorruptions.__file__}) is not "
