@@ -20,7 +20,8 @@ hyperparameters over the user's config; here what the user passes decides, and a
 with other settings (zoo, tasks, method: :data:`~lit_adamerging.lightning.module.CHECKPOINT_SETTINGS`)
 stops the run with an error listing them. ``--settings_from_checkpoint=true`` takes the zoo and the
 method from the checkpoint instead, except the zoo's ``allow_pickle`` and ``head_cache_dir``,
-which always come from the user's config; the tasks always come from ``data.tasks``.
+which always come from the user's config; the tasks always come from ``data.tasks``, and the unseen
+ones (evaluated, never merged) from ``data.unseen_tasks``, linked into the model like ``num_classes``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from lit_adamerging.lightning.module import (
 )
 from lit_adamerging.methods import method_config, method_names, method_settings
 
+# Settings the model takes from the data module (the tasks, which are unseen): never from a checkpoint.
+DATA_SETTINGS = ("num_classes", "unseen_tasks")
 # ckpt_path values the Trainer resolves itself (no file named on the command line).
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc")
 
@@ -113,7 +116,8 @@ def _check_method_order(args: list[str]) -> None:
 
 
 class AdaMergingCLI(LightningCLI):
-    """LightningCLI whose task list is given once, in ``data.tasks``, and whose checkpoints never configure the run.
+    """LightningCLI whose task list is given once, in ``data.tasks`` (the unseen ones in ``data.unseen_tasks``), and
+    whose checkpoints never configure the run.
 
     ``--method NAME`` picks a merging method by name (see the module docstring for how it combines
     with ``--config`` and ``--model.*``). With ``--ckpt_path`` the checkpoint is read with
@@ -126,6 +130,7 @@ class AdaMergingCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.unseen_tasks", "model.unseen_tasks", apply_on="instantiate")
         parser.add_argument(
             "--settings_from_checkpoint", type=bool, default=False,
             help="Take the zoo and the merging method from the --ckpt_path checkpoint instead of requiring your config "
@@ -176,7 +181,7 @@ class AdaMergingCLI(LightningCLI):
         Parsed over the user's config, those arguments keep the user's values (jsonargparse carries
         an argument over to another zoo class that has it), or the class's defaults.
         """
-        settings = {key: stored[key] for key in CHECKPOINT_SETTINGS if key in stored and key != "num_classes"}
+        settings = {key: stored[key] for key in CHECKPOINT_SETTINGS if key in stored and key not in DATA_SETTINGS}
         if "zoo" not in settings:
             return settings
         zoo = settings["zoo"]

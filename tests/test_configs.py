@@ -107,10 +107,34 @@ def test_paper_configs(model, method):
     assert isinstance(zoo, OpenCLIPZoo) and zoo.pretrained == "openai"
     assert list(zoo.finetuned) == PAPER_TASKS == cli.datamodule.task_names
     assert cli.trainer.max_steps == 500
+    assert cli.datamodule.batch_size == 32  # the released code's two batches of 16 per task and step
+    assert cli.model.unseen_tasks == cli.datamodule.unseen_tasks == []
     # every task's head (built from the built-in class names) fits its dataset's class count
     for task, classes in cli.model.num_classes.items():
         assert len(prompts.class_names(task)) == classes
     assert cli.model.hparams.granularity == EXPECTED[method][0]
+
+
+UNSEEN_SPLITS = {  # the paper's two unseen-task splits: seen tasks, unseen tasks
+    "unseen_split1": (["sun397", "cars", "resisc45", "svhn", "gtsrb", "dtd"], ["eurosat", "mnist"]),
+    "unseen_split2": (["sun397", "cars", "eurosat", "gtsrb", "mnist", "dtd"], ["resisc45", "svhn"]),
+}
+
+
+@pytest.mark.parametrize("split", sorted(UNSEEN_SPLITS))
+@pytest.mark.parametrize("model", ["vit_b32", "vit_l14"])
+def test_paper_unseen_splits_compose_with_the_paper_configs(split, model):
+    paper = CONFIGS / "paper"
+    configs = [paper / "trainer.yaml", paper / "data.yaml", paper / f"{model}.yaml", paper / f"{split}.yaml"]
+    cli = cli_with(*(arg for config in configs for arg in ("--config", str(config))), "--method", "layer_wise")
+    seen, unseen = UNSEEN_SPLITS[split]
+    assert cli.datamodule.task_names == PAPER_TASKS and list(cli.model.num_classes) == PAPER_TASKS  # all eight
+    assert cli.datamodule.unseen_tasks == cli.model.unseen_tasks == unseen
+    assert cli.datamodule.seen_tasks == cli.model.seen_tasks == seen
+    assert cli.datamodule.batch_size == 32 and cli.trainer.max_steps == 500
+    assert cli.model.hparams.granularity == "layer" and cli.model.hparams.unseen_tasks == unseen
+    # The split needs no other file: the zoo keeps its eight entries (the unseen ones are never read).
+    assert list(cli.model.zoo.finetuned) == PAPER_TASKS
 
 
 @pytest.mark.parametrize("configs", [("tiny.yaml",), ("paper/trainer.yaml", "paper/data.yaml", "paper/vit_b32.yaml")])

@@ -440,8 +440,8 @@ class ForgetfulZoo(ModelZoo):
     def __init__(self, drop: str) -> None:
         self.drop = drop
 
-    def load(self, num_classes):
-        loaded = SyntheticZoo(CLIP, seed=0).load(num_classes)
+    def load(self, num_classes, merged_tasks=None):
+        loaded = SyntheticZoo(CLIP, seed=0).load(num_classes, merged_tasks)
         heads = {t: h for t, h in loaded.heads.items() if t != self.drop}
         return LoadedZoo(loaded.encoder, loaded.finetuned, heads)
 
@@ -458,9 +458,9 @@ class ReversedLazyZoo(ModelZoo):
         self.one_at_a_time = one_at_a_time
         self.loads: list[str] = []
 
-    def load(self, num_classes):
-        loaded = SyntheticZoo(CLIP, seed=0).load(num_classes)
-        lazy, self.loads = self.one_at_a_time(loaded.finetuned.__getitem__, reversed(list(num_classes)))
+    def load(self, num_classes, merged_tasks=None):
+        loaded = SyntheticZoo(CLIP, seed=0).load(num_classes, merged_tasks)
+        lazy, self.loads = self.one_at_a_time(loaded.finetuned.__getitem__, reversed(list(loaded.finetuned)))
         return LoadedZoo(loaded.encoder, lazy, loaded.heads)
 
 

@@ -306,3 +306,94 @@ def test_open_clip_zoo_refuses_a_non_finite_cached_zero_shot_head(tmp_path, clip
     message = re.escape(f"{cached} (head of task 'a'): the head weight has NaN or infinite")
     with pytest.raises(ValueError, match=message):
         zoo.load({"a": 3, "b": 2})
+
+
+# ----------------------------------------------------------------------------- unseen (evaluation-only) tasks
+def test_open_clip_zoo_never_reads_an_unseen_tasks_checkpoint(tmp_path, clip_files):
+    from lit_adamerging import AdaMergingModule
+
+    clip, pretrained, finetuned, _, _ = clip_files
+    names = {"a": ["cat", "dog", "bird"], "b": ["red", "green"]}
+    templates = {"a": ["a photo of a {}."], "b": ["the color {}."]}
+    unread = str(tmp_path / "no_such_folder" / "b.pt")  # reading it would raise FileNotFoundError
+
+    def zoo(files):
+        return OpenCLIPZoo(TINY_CLIP, files, pretrained=str(pretrained), class_names=names, templates=templates,
+                           head_cache_dir=None)
+
+    for files in ({"a": finetuned["a"], "b": unread}, {"a": finetuned["a"]}):  # listed or not: never read
+        loaded = zoo(files).load({"a": 3, "b": 2}, merged_tasks=["a"])
+        assert list(loaded.finetuned) == ["a"]
+        expected = naive_zero_shot_weight(clip, names["b"], templates["b"])
+        torch.testing.assert_close(loaded.heads["b"].weight, expected, rtol=1e-5, atol=1e-5)  # its zero-shot head
+        module = AdaMergingModule(zoo(files), num_classes={"a": 3, "b": 2}, unseen_tasks=["b"], granularity="task")
+        module.configure_model()
+        assert module.coefficients().shape[0] == 1 and set(module.heads) == {"a", "b"}  # one merged task
+    # A seen task's checkpoint is still needed, and read.
+    with pytest.raises(ValueError, match=r"no file for task\(s\) \['a'\]; give one file per merged task"):
+        zoo({"b": finetuned["b"]}).load({"a": 3, "b": 2}, merged_tasks=["a"])
+    module = AdaMergingModule(zoo({"a": unread, "b": finetuned["b"]}), num_classes={"a": 3, "b": 2},
+                              unseen_tasks=["b"])
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        module.configure_model()
+
+
+def test_state_dict_zoo_unseen_task_needs_only_its_head(tmp_path, clip_files):
+    clip, pretrained, finetuned, _, _ = clip_files
+    width = clip.visual.output_dim
+    heads = {}
+    for task, classes in (("a", 3), ("b", 2)):
+        heads[task] = str(tmp_path / f"head_{task}.safetensors")
+        save_file({"weight": torch.randn(classes, width), "bias": torch.randn(classes)}, heads[task])
+    files = {"a": finetuned["a"], "b": str(tmp_path / "missing.pt")}
+    loaded = StateDictZoo(f"open_clip:{TINY_CLIP}", str(pretrained), files, heads).load(
+        {"a": 3, "b": 2}, merged_tasks=["a"]
+    )
+    assert list(loaded.finetuned) == ["a"]
+    assert torch.equal(loaded.heads["b"].weight, load_file(heads["b"])["weight"])
+    with pytest.raises(ValueError, match=r"'heads' has no file for task\(s\) \['b'\]"):  # the head it still needs
+        StateDictZoo(f"open_clip:{TINY_CLIP}", str(pretrained), files, {"a": heads["a"]}).load(
+            {"a": 3, "b": 2}, merged_tasks=["a"]
+        )
+
+
+def test_timm_zoo_head_file_for_an_unseen_task(tmp_path, timm_files):
+    from lit_adamerging import AdaMergingModule
+
+    base, pretrained, files, models = timm_files
+    width = models["a"].num_features
+    head_c, head_a = str(tmp_path / "head_c.safetensors"), str(tmp_path / "head_a.safetensors")
+    save_file({"weight": torch.randn(4, width), "bias": torch.randn(4)}, head_c)
+    save_file({"weight": torch.randn(3, width), "bias": torch.randn(3)}, head_a)
+    num_classes = {"a": 3, "b": 5, "c": 4}
+    zoo = TimmZoo("test_efficientnet", files, pretrained=pretrained, heads={"c": head_c})
+    loaded = zoo.load(num_classes, merged_tasks=["a", "b"])
+    assert list(loaded.finetuned) == ["a", "b"]
+    assert torch.equal(loaded.heads["c"].weight, load_file(head_c)["weight"])
+    assert torch.equal(loaded.heads["c"].bias, load_file(head_c)["bias"])
+    assert torch.equal(loaded.heads["b"].weight, models["b"].state_dict()["classifier.weight"])  # from its checkpoint
+
+    # Through the module: c's logits are its head on the encoder merged from a and b only (task arithmetic, 0.3).
+    module = AdaMergingModule(zoo, num_classes=num_classes, unseen_tasks=["c"], granularity="task", init=0.3)
+    encoder = create_encoder("timm:test_efficientnet").eval()
+    theta0 = {k: v for k, v in base.state_dict().items() if not k.startswith("classifier.")}
+    parameters = {name for name, _ in encoder.named_parameters()}
+    merged = {
+        key: value + 0.3 * sum(models[t].state_dict()[key] - value for t in ("a", "b")) if key in parameters else value
+        for key, value in theta0.items()
+    }
+    encoder.load_state_dict(merged)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.heads["c"](encoder(images))
+        torch.testing.assert_close(module.eval()(images, "c"), expected, rtol=1e-4, atol=1e-5)
+
+    # A head file takes precedence over a checkpoint's classifier, for any task.
+    with_head = TimmZoo("test_efficientnet", files, pretrained=pretrained, heads={"a": head_a, "c": head_c})
+    assert torch.equal(with_head.load(num_classes, merged_tasks=["a", "b"]).heads["a"].weight,
+                       load_file(head_a)["weight"])
+    # An unseen task with neither a head file nor a checkpoint is named; a merged task still needs its checkpoint.
+    with pytest.raises(ValueError, match=r"TimmZoo has no head for task\(s\) \['c'\].*heads: \{task: file"):
+        TimmZoo("test_efficientnet", files, pretrained=pretrained).load(num_classes, merged_tasks=["a", "b"])
+    with pytest.raises(ValueError, match=r"'finetuned' has no file for task\(s\) \['c'\]"):
+        zoo.load(num_classes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -16,6 +17,37 @@ from lit_adamerging.data.tasks import ImagesOnly, TaskData
 from lit_adamerging.models.preprocess import Preprocess
 
 CacheMode = Literal["disk", "memory", "none"]
+
+
+def checked_unseen_tasks(unseen_tasks: Sequence[str], task_names: Sequence[str] | None, where: str) -> list[str]:
+    """``unseen_tasks`` in the order of ``task_names``.
+
+    A ``ValueError`` for a plain string instead of a list, a name given twice, and, when the tasks
+    are known (``task_names``, named ``where`` in the errors), a name that is not a task or every
+    task unseen (nothing left to merge).
+    """
+    if isinstance(unseen_tasks, str):
+        raise ValueError(
+            f"unseen_tasks must be a list of task names, got the string {unseen_tasks!r}; write [{unseen_tasks}]."
+        )
+    unseen = list(unseen_tasks)
+    twice = sorted({name for name in unseen if unseen.count(name) > 1})
+    if twice:
+        raise ValueError(f"unseen_tasks names {twice} more than once; give each task once.")
+    if task_names is None:
+        return unseen
+    unknown = [name for name in unseen if name not in task_names]
+    if unknown:
+        raise ValueError(
+            f"unseen task(s) {unknown} are not among {where} {list(task_names)}; an unseen task is one "
+            "of the tasks, marked to be evaluated only."
+        )
+    if set(unseen) >= set(task_names):
+        raise ValueError(
+            f"every one of {where} is unseen ({list(task_names)}): there is nothing to merge. Leave at least one "
+            "task out of unseen_tasks."
+        )
+    return [name for name in task_names if name in unseen]
 
 
 class MultiTaskDataModule(pl.LightningDataModule):
@@ -41,9 +73,18 @@ class MultiTaskDataModule(pl.LightningDataModule):
     checkpoint). Evaluation splits each test set across processes without padding, so every image
     is counted exactly once.
 
+    Unseen tasks (``unseen_tasks``) are evaluated but never merged: they get no fit loader, so their
+    images never reach the fitting loss and the seen tasks' fit stream is the one a run without them
+    draws (the epoch length is counted over the seen tasks only). They still have their validation
+    and test loaders. The model needs the same list (the CLI links it, like ``num_classes``).
+
     Args:
         tasks: ``{task name: TaskData}``.
-        batch_size: images per task per training step (paper: 16).
+        unseen_tasks: names among ``tasks`` to evaluate only (no fine-tuned model merged, no fit
+            images); at least one task must stay seen. Kept in task order.
+        batch_size: images per task per training step. The default 16 is one batch of the paper's
+            released code, which sums the entropy means of two such batches per task and step:
+            ``configs/paper/data.yaml`` uses 32 (see there).
         eval_batch_size: images per evaluation batch.
         num_workers: DataLoader workers per loader (and for decoding the cache).
         cache: ``"disk"``: decoded test sets stored in ``cache_dir`` and memory-mapped (reused across
@@ -55,6 +96,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def __init__(
         self,
         tasks: dict[str, TaskData],
+        unseen_tasks: Sequence[str] = (),
         batch_size: int = 16,
         eval_batch_size: int = 128,
         num_workers: int = 0,
@@ -81,6 +123,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.tasks = tasks
         self.task_names: list[str] = list(tasks)
         self.num_classes: dict[str, int] = {name: task.num_classes for name, task in tasks.items()}
+        self.unseen_tasks: list[str] = checked_unseen_tasks(
+            unseen_tasks, self.task_names, "the data's tasks (data.tasks)"
+        )
+        self.seen_tasks: list[str] = [name for name in self.task_names if name not in self.unseen_tasks]
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -148,13 +194,14 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> dict[str, DataLoader]:
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         self._check_images_per_process(world_size, "fit")
+        fit_sets = {name: self._test_sets[name] for name in self.seen_tasks}  # unseen tasks: no fit images
         steps_per_epoch = max(
             steps_per_pass(len(dataset), self.batch_size, world_size)  # type: ignore[arg-type]
-            for dataset in self._test_sets.values()
+            for dataset in fit_sets.values()
         )
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         loaders = {}
-        for name, dataset in self._test_sets.items():
+        for name, dataset in fit_sets.items():
             sampler = FitStreamSampler(
                 len(dataset), self.batch_size, steps_per_epoch, lambda: self._fit_steps, seed, world_size, rank  # type: ignore[arg-type]
             )

@@ -24,8 +24,10 @@ class PerTaskAccuracy(pl.Callback):
 
     Logs ``<stage>/acc/<task>`` after the task's last batch (so Lightning files it under that
     task's dataloader) and their mean ``<stage>/acc/avg`` at the end of the epoch (stage ``val`` or
-    ``test``). One torchmetrics metric per task (class counts differ); under DDP ``compute()``
-    gathers the counts of every process. :class:`AdaMergingModule` adds this callback when none
+    ``test``); with unseen tasks (``pl_module.unseen_tasks``) also the means over the seen tasks,
+    ``<stage>/acc/avg_seen``, and over the unseen ones, ``<stage>/acc/avg_unseen``. One
+    torchmetrics metric per task (class counts differ); under DDP ``compute()`` gathers the counts
+    of every process. :class:`AdaMergingModule` adds this callback when none
     is configured.
     """
 
@@ -72,9 +74,14 @@ class PerTaskAccuracy(pl.Callback):
         for task, metric in self._metrics.items():
             if metric.update_called:  # a loader that ended before its announced length
                 self._log_task(pl_module, stage, task)
-        if self._accuracies:
-            average = torch.stack(list(self._accuracies.values())).mean()
-            pl_module.log(f"{stage}/acc/avg", average, add_dataloader_idx=False)
+        groups = {"avg": list(self._accuracies)}
+        if pl_module.unseen_tasks:
+            groups["avg_seen"] = [task for task in self._accuracies if task not in pl_module.unseen_tasks]
+            groups["avg_unseen"] = [task for task in self._accuracies if task in pl_module.unseen_tasks]
+        for name, tasks in groups.items():
+            if tasks:
+                average = torch.stack([self._accuracies[task] for task in tasks]).mean()
+                pl_module.log(f"{stage}/acc/{name}", average, add_dataloader_idx=False)
         self._accuracies = {}
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any,
@@ -95,8 +102,8 @@ class PerTaskAccuracy(pl.Callback):
 class CoefficientLogger(pl.Callback):
     """Logs the merging coefficients while fitting.
 
-    Every ``every_n_steps`` optimizer steps: one scalar per task, ``coefficients/<task>`` (the mean
-    over the merged tensors for layer-wise). At the end of each training epoch: a tasks x tensors
+    Every ``every_n_steps`` optimizer steps: one scalar per merged (seen) task, ``coefficients/<task>``
+    (the mean over the merged tensors for layer-wise). At the end of each training epoch: a tasks x tensors
     heatmap figure, ``coefficients/heatmap``, to every TensorBoard logger.
     """
 
@@ -115,7 +122,7 @@ class CoefficientLogger(pl.Callback):
             # Lightning's results and is logged again, stale, at every later step.
             self._last_step = step
             means = pl_module.coefficients().mean(dim=1)
-            metrics = {f"coefficients/{task}": float(value) for task, value in zip(pl_module.task_names, means)}
+            metrics = {f"coefficients/{task}": float(value) for task, value in zip(pl_module.seen_tasks, means)}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
@@ -124,7 +131,7 @@ class CoefficientLogger(pl.Callback):
             return
         writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         if writers:
-            figure = coefficient_heatmap(pl_module.coefficients().cpu(), pl_module.task_names)
+            figure = coefficient_heatmap(pl_module.coefficients().cpu(), pl_module.seen_tasks)
             for writer in writers:
                 writer.add_figure("coefficients/heatmap", figure, global_step=trainer.global_step)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import pickle
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -17,6 +18,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from torch import Tensor, nn
 
+from lit_adamerging.data.datamodule import checked_unseen_tasks
 from lit_adamerging.lightning.callbacks import PerTaskAccuracy
 from lit_adamerging.merging import (
     BufferPolicy,
@@ -28,17 +30,21 @@ from lit_adamerging.merging import (
 )
 from lit_adamerging.models.encoders import feature_dim
 from lit_adamerging.models.preprocess import Preprocess
-from lit_adamerging.models.zoo import LazyStateDicts, ModelZoo
+from lit_adamerging.models.zoo import LazyStateDicts, LoadedZoo, ModelZoo
 
 StorageDtype = Literal["float32", "bfloat16", "float16"]
 COEFFICIENTS_KEY = "merger.coefficients.raw"
 
 # The settings a checkpoint's coefficients only make sense with: the zoo (its class and init args),
-# the tasks and the method. The optimiser's (lr, betas) do not change what the coefficients mean.
+# the tasks, which of them are unseen (the coefficients' rows are the seen tasks) and the method.
+# The optimiser's (lr, betas) do not change what the coefficients mean.
 CHECKPOINT_SETTINGS = (
-    "zoo", "num_classes", "granularity", "init", "clamp", "ties_k", "ties_normalize", "buffer_policy",
-    "task_vector_dtype",
+    "zoo", "num_classes", "unseen_tasks", "granularity", "init", "clamp", "ties_k", "ties_normalize",
+    "buffer_policy", "task_vector_dtype",
 )
+# What a checkpoint that does not store a setting was made with: checkpoints from before unseen tasks
+# existed merged every task.
+SETTINGS_BEFORE_STORED = {"unseen_tasks": []}
 # Zoo arguments that never change the result and that a checkpoint must never set (loading pickles,
 # where cached heads are read): they always come from the user.
 USER_ONLY_ZOO_ARGS = ("allow_pickle", "head_cache_dir")
@@ -149,22 +155,26 @@ def checkpoint_settings_differences(stored: Mapping[str, Any], current: Mapping[
     ones differ.
 
     A setting missing on either side is not compared (a checkpoint made from Python stores no
-    zoo; a module made from Python has no zoo configuration). Nested values are compared key by
-    key, a key on one side only being a difference, and the tasks' order too. The zoo's
-    :data:`USER_ONLY_ZOO_ARGS` are never compared.
+    zoo; a module made from Python has no zoo configuration), except those of
+    :data:`SETTINGS_BEFORE_STORED`, which a checkpoint that lacks them was made with. Nested values
+    are compared key by key, a key on one side only being a difference (unless the other side
+    leaves it at ``None``: a zoo argument added since the checkpoint was made, at its default), and
+    the tasks' order too. The zoo's :data:`USER_ONLY_ZOO_ARGS` are never compared.
     """
     ignored = {f"model.zoo.init_args.{name}" for name in USER_ONLY_ZOO_ARGS}
+    missing = "<not set>"
     lines = []
     for key in CHECKPOINT_SETTINGS:
-        if key not in stored or key not in current:
+        if key not in current or (key not in stored and key not in SETTINGS_BEFORE_STORED):
             continue
-        before, after = _flatten(stored[key], f"model.{key}"), _flatten(current[key], f"model.{key}")
+        stored_value = stored[key] if key in stored else SETTINGS_BEFORE_STORED[key]
+        before, after = _flatten(stored_value, f"model.{key}"), _flatten(current[key], f"model.{key}")
         for name in [*before, *(name for name in after if name not in before)]:
-            if name in ignored:
+            in_checkpoint, given = before.get(name, missing), after.get(name, missing)
+            if name in ignored or (None in (in_checkpoint, given) and missing in (in_checkpoint, given)):
                 continue
-            missing = "<not set>"
-            if before.get(name, missing) != after.get(name, missing):
-                lines.append(f"  {name}: checkpoint {before.get(name, missing)!r}, yours {after.get(name, missing)!r}")
+            if in_checkpoint != given:
+                lines.append(f"  {name}: checkpoint {in_checkpoint!r}, yours {given!r}")
         if key == "num_classes" and isinstance(stored[key], Mapping) and isinstance(current[key], Mapping):
             if set(stored[key]) == set(current[key]) and list(stored[key]) != list(current[key]):
                 lines.append(
@@ -180,7 +190,8 @@ def check_checkpoint_settings(stored: Mapping[str, Any], current: Mapping[str, A
         raise ValueError(
             f"the checkpoint {source} was made with other settings than the ones given now, and these change what "
             "its coefficients mean:\n" + "\n".join(lines) + "\n"
-            "Give the settings the checkpoint was made with (the tasks come from data.tasks, in the same order), or "
+            "Give the settings the checkpoint was made with (the tasks come from data.tasks, in the same order, and "
+            "the unseen ones from data.unseen_tasks), or "
             "ask for the checkpoint's settings explicitly: `lit-adamerging ... --settings_from_checkpoint=true` "
             "(zoo and method; allow_pickle and head_cache_dir still come from your config), or from Python "
             "AdaMergingModule.load_from_checkpoint(path, zoo=...) without overriding them."
@@ -214,7 +225,13 @@ class AdaMergingModule(pl.LightningModule):
 
     Evaluation matches loaders to heads by task name: under a :class:`MultiTaskDataModule` its
     tasks may come in another order than ``num_classes``, but must be the same tasks with the same
-    class counts.
+    class counts, and the same unseen tasks.
+
+    Unseen tasks are evaluated, never merged: the zoo is asked for their heads only (no fine-tuned
+    weights read), the coefficients have one row per seen task (:attr:`seen_tasks`, in task order),
+    the loss sums the seen tasks' entropies only, and the evaluation reports each task's accuracy
+    with the seen and unseen averages (:class:`PerTaskAccuracy`). With the same seed and seen
+    tasks, the learned coefficients are the same with or without unseen tasks.
 
     The data-free baselines are the same module, evaluated without fitting: task arithmetic is
     ``granularity="task", init=0.3``; weight averaging is ``init=None`` (``1/T``); TIES-merging
@@ -227,6 +244,8 @@ class AdaMergingModule(pl.LightningModule):
     Args:
         zoo: where the pretrained encoder, the fine-tuned encoders and the heads come from.
         num_classes: ``{task: number of classes}`` in task order (the CLI links it from the data).
+        unseen_tasks: tasks of ``num_classes`` to evaluate without merging them (the CLI links it
+            from ``data.unseen_tasks``; from Python pass ``datamodule.unseen_tasks``).
         granularity: ``"task"`` (one coefficient per task) or ``"layer"`` (one per task and tensor).
         init: initial coefficient; ``None`` means ``1 / number of tasks``.
         clamp: clamp coefficients to ``[0, 1]`` in the forward (the paper's default).
@@ -245,6 +264,7 @@ class AdaMergingModule(pl.LightningModule):
         self,
         zoo: ModelZoo,
         num_classes: dict[str, int] | None = None,
+        unseen_tasks: Sequence[str] = (),
         granularity: Granularity = "layer",
         init: float | None = 0.3,
         clamp: bool = True,
@@ -267,13 +287,18 @@ class AdaMergingModule(pl.LightningModule):
             raise ValueError("ties_normalize needs ties_k: set ties_k (e.g. 0.2) to use TIES.")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
+        unseen_tasks = checked_unseen_tasks(
+            unseen_tasks, None if num_classes is None else list(num_classes), "the model's tasks (num_classes)"
+        )
         self.save_hyperparameters()
+        self.hparams["unseen_tasks"] = list(unseen_tasks)  # in task order: a checkpoint compares it as a list
         if isinstance(self.hparams.get("zoo"), ModelZoo):
             # Outside the CLI the zoo is a Python object; a checkpoint keeps only plain data, so
             # load_from_checkpoint then needs zoo=... again.
             del self.hparams["zoo"]
         self.zoo = zoo
         self.num_classes = dict(num_classes) if num_classes is not None else None
+        self.unseen_tasks: list[str] = list(unseen_tasks)
         self.merger: MergedEncoder | None = None
         self.heads = nn.ModuleDict()
         self._pending_coefficients: Tensor | None = None
@@ -328,6 +353,11 @@ class AdaMergingModule(pl.LightningModule):
             )
         return list(self.num_classes)
 
+    @property
+    def seen_tasks(self) -> list[str]:
+        """The merged tasks, in task order: the rows of :meth:`coefficients`, the terms of the loss."""
+        return [task for task in self.task_names if task not in self.unseen_tasks]
+
     def setup(self, stage: str) -> None:
         """Match the data module's tasks to this model's by name (its evaluation loaders come in its task order)."""
         datamodule = self._trainer.datamodule if self._trainer is not None else None
@@ -353,6 +383,12 @@ class AdaMergingModule(pl.LightningModule):
                 "the model's num_classes and the data module's tasks differ: " + "; ".join(problems)
                 + ". Pass num_classes=datamodule.num_classes (the CLI links it)."
             )
+        data_unseen = getattr(datamodule, "unseen_tasks", None)
+        if data_unseen is not None and set(data_unseen) != set(self.unseen_tasks):
+            raise ValueError(
+                f"the model's unseen_tasks {self.unseen_tasks} and the data module's {list(data_unseen)} differ. "
+                "Pass unseen_tasks=datamodule.unseen_tasks (the CLI links it)."
+            )
         self._loader_tasks = list(data_classes)
 
     def eval_preprocess(self) -> Preprocess | None:
@@ -363,14 +399,14 @@ class AdaMergingModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.merger is not None:
             return
-        tasks = self.task_names
-        loaded = self.zoo.load(self.num_classes)
+        tasks, seen = self.task_names, self.seen_tasks
+        loaded = self._load_zoo(seen)
         try:
             width: int | None = feature_dim(loaded.encoder)
         except ValueError:  # an encoder from a custom zoo may not say; the first forward will tell
             width = None
         for task in tasks:
-            if task not in loaded.heads or task not in loaded.finetuned:
+            if task not in loaded.heads or (task in seen and task not in loaded.finetuned):
                 raise KeyError(f"the zoo returned no head or fine-tuned weights for task {task!r}.")
             head = loaded.heads[task]
             if head.num_classes != self.num_classes[task]:
@@ -385,7 +421,7 @@ class AdaMergingModule(pl.LightningModule):
         encoder = loaded.encoder.eval()
         buffers = {name for name, _ in encoder.named_buffers()}
         # In the coefficients' task order, still loaded one at a time if the zoo loads lazily.
-        finetuned = LazyStateDicts({task: functools.partial(loaded.finetuned.__getitem__, task) for task in tasks})
+        finetuned = LazyStateDicts({task: functools.partial(loaded.finetuned.__getitem__, task) for task in seen})
         task_vectors = stack_task_vectors(
             encoder.state_dict(),
             finetuned,
@@ -396,7 +432,7 @@ class AdaMergingModule(pl.LightningModule):
         del finetuned, loaded.finetuned
         if self.hparams.ties_k is not None:
             task_vectors = ties_task_vectors(task_vectors, self.hparams.ties_k, normalize=self.hparams.ties_normalize)
-        init = 1.0 / len(tasks) if self.hparams.init is None else self.hparams.init
+        init = 1.0 / len(seen) if self.hparams.init is None else self.hparams.init
         self.merger = MergedEncoder(
             encoder, task_vectors, self.hparams.granularity, init, self.hparams.clamp,
             cuda_graphs=self.hparams.cuda_graphs,
@@ -410,6 +446,21 @@ class AdaMergingModule(pl.LightningModule):
         if self._pending_coefficients is not None:
             self._set_coefficients(self._pending_coefficients)
             self._pending_coefficients = None
+
+    def _load_zoo(self, seen: list[str]) -> LoadedZoo:
+        """The zoo's models, told which tasks are merged; a zoo whose ``load`` predates ``merged_tasks`` is asked as
+        before when every task is merged."""
+        if not self.unseen_tasks:
+            return self.zoo.load(self.num_classes)
+        parameters = inspect.signature(self.zoo.load).parameters
+        if "merged_tasks" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            raise TypeError(
+                f"{type(self.zoo).__name__}.load(num_classes) cannot be told which tasks are merged, so it cannot "
+                f"leave out the fine-tuned weights of the unseen task(s) {self.unseen_tasks}. Give it the parameter "
+                "of ModelZoo.load: load(self, num_classes, merged_tasks=None), reading fine-tuned weights only for "
+                "the tasks in merged_tasks."
+            )
+        return self.zoo.load(self.num_classes, merged_tasks=seen)
 
     def _built_merger(self) -> MergedEncoder:
         if self.merger is None:
@@ -436,7 +487,7 @@ class AdaMergingModule(pl.LightningModule):
         if raw.shape != target.shape:
             raise ValueError(
                 f"the checkpoint's coefficients have shape {tuple(raw.shape)} but this model needs "
-                f"{tuple(target.shape)} ({len(self.task_names)} tasks, granularity "
+                f"{tuple(target.shape)} ({len(self.seen_tasks)} merged tasks, granularity "
                 f"{self.hparams.granularity!r}); it was saved for other tasks, models or settings."
             )
         with torch.no_grad():
@@ -485,7 +536,7 @@ class AdaMergingModule(pl.LightningModule):
         step, entropies = self._last_entropies
         self._last_entropies = None
         values = entropies.tolist()
-        bad = {task: value for task, value in zip(self.task_names, values) if not math.isfinite(value)}
+        bad = {task: value for task, value in zip(self.seen_tasks, values) if not math.isfinite(value)}
         if bad:
             raise FloatingPointError(
                 f"training step {step}: the loss is not finite: the entropy of task(s) {list(bad)} is "
@@ -496,10 +547,16 @@ class AdaMergingModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         self._check_last_entropies()
-        tasks = self.task_names
+        tasks = self.seen_tasks
         missing = [task for task in tasks if task not in batch]
         if missing:
             raise KeyError(f"the training batch has no images for task(s) {missing}; got {list(batch)}.")
+        unseen = [task for task in self.unseen_tasks if task in batch]
+        if unseen:
+            raise ValueError(
+                f"the training batch holds images of the unseen task(s) {unseen}; unseen tasks are evaluated only. "
+                "Give the data module the same unseen_tasks (MultiTaskDataModule(..., unseen_tasks=...))."
+            )
         sizes = [batch[task].shape[0] for task in tasks]
         features = self._built_merger()(torch.cat([batch[task] for task in tasks]))
         entropies = {

