@@ -123,6 +123,14 @@ def test_coefficients_bit_identical_with_and_without_unseen_tasks(tmp_path):
         validating.validate(module, datamodule=data, verbose=False)
     assert validating.callback_metrics["val/acc/avg_unseen"].item() == pytest.approx(expected["delta"], abs=1e-6)
 
+    # A checkpoint keeps the split: loaded from Python it comes back; given another one, it is refused.
+    trainer.save_checkpoint(tmp_path / "split.ckpt")
+    loaded = AdaMergingModule.load_from_checkpoint(tmp_path / "split.ckpt", zoo=SyntheticZoo(CLIP, seed=0))
+    assert loaded.unseen_tasks == ["delta"] and torch.equal(loaded.coefficients(), module.coefficients())
+    with pytest.raises(ValueError, match=r"model.unseen_tasks: checkpoint \['delta'\], yours \['beta'\]"):
+        AdaMergingModule.load_from_checkpoint(tmp_path / "split.ckpt", zoo=SyntheticZoo(CLIP, seed=0),
+                                              unseen_tasks=["beta"])
+
     # Without unseen tasks, only the overall average is logged, as before.
     with intended_warnings_ignored():
         make_trainer(tmp_path / "c").test(plain, datamodule=MultiTaskDataModule(seen_tasks()), verbose=False)
@@ -195,6 +203,10 @@ def test_unseen_errors_name_the_tasks(tmp_path):
         AdaMergingModule(SyntheticZoo(CLIP), num_classes=num_classes, unseen_tasks=["gamma"])
     with pytest.raises(ValueError, match="every one of the model's tasks .* nothing to merge"):
         AdaMergingModule(SyntheticZoo(CLIP), num_classes={"alpha": 5}, unseen_tasks=["alpha"])
+    # Weight averaging's 1/T counts the merged tasks only.
+    averaging = AdaMergingModule(SyntheticZoo(CLIP), num_classes=num_classes, unseen_tasks=["delta"], init=None,
+                                 granularity="task")
+    assert torch.equal(averaging.coefficients(), torch.full_like(averaging.coefficients(), 0.5))
     # Kept in task order, whatever order they are given in.
     assert MultiTaskDataModule(tasks, unseen_tasks=["beta", "alpha"]).unseen_tasks == ["alpha", "beta"]
     assert AdaMergingModule(SyntheticZoo(CLIP), num_classes=num_classes, unseen_tasks=["beta", "alpha"]).hparams[
