@@ -98,6 +98,92 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         mini.main(["--tasks", "mnist,mnist"])
     assert "must name each task once" in capsys.readouterr().err
+    bad = [
+        (["--experiment", "unseen", "--methods", "individual"], "no 'individual' row"),
+        (["--unseen-tasks", "gtsrb"], "--unseen-tasks goes with --experiment unseen"),
+        (["--experiment", "unseen", "--tasks", "mnist,gtsrb"], "needs --unseen-tasks"),
+        (["--experiment", "unseen", "--tasks", "mnist", "--unseen-tasks", "mnist"], "none of --tasks"),
+        (["--experiment", "shift", "--corruptions", "fog"], "unknown corruption(s) ['fog']"),
+        (["--experiment", "shift", "--severity", "6"], "--severity must be one of [1, 2, 3, 4, 5]"),
+    ]
+    for arguments, message in bad:
+        with pytest.raises(SystemExit):
+            mini.main(arguments)
+        assert message in capsys.readouterr().err, arguments
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory, offline_datasets):
+    """Tiny copies of mnist and fashion_mnist, the mini benchmark's arguments for them, and its default
+    experiment's results (few methods): the zoo it built is reused by the experiments below."""
+    root = tmp_path_factory.mktemp("mini")
+    data = tiny_copy(offline_datasets(*TASKS), root / "data", train=20, test=12)
+    args = ["--data-root", str(data), "--out", str(root / "out"), "--shots", "3", "--finetune-steps", "30",
+            "--finetune-lr", "1e-4", "--finetune-batch", "32", "--steps", "2"]
+    merged = mini.main([*args, "--tasks", ",".join(TASKS), "--methods", "pretrained,individual,task_arithmetic"])
+    return root / "out", args, merged
+
+
+def test_unseen_experiment_on_a_tiny_setting(tiny_zoo, tmp_path, capsys):
+    out, args, merged = tiny_zoo
+    # fashion_mnist only ever unseen: its probe head is built, never a fine-tuned model of it
+    unseen_out = tmp_path / "unseen-only"
+    shutil.copytree(out, unseen_out, ignore=shutil.ignore_patterns("fashion_mnist.*"))
+    args = [*args[:2], "--out", str(unseen_out), *args[4:]]
+    methods = "pretrained,task_arithmetic,layer_wise_adamerging"
+    results = mini.main([*args, "--experiment", "unseen", "--tasks", "mnist", "--unseen-tasks", "fashion_mnist",
+                         "--methods", methods, "--readme", str(readme(tmp_path, "unseen"))])
+    assert not (unseen_out / "zoo" / "fashion_mnist.safetensors").exists()
+    assert (unseen_out / "zoo" / "heads" / "fashion_mnist.safetensors").is_file()
+    written = json.loads((unseen_out / "unseen" / "results.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    (split,) = written["splits"]
+    assert (split["seen"], split["unseen"]) == (["mnist"], ["fashion_mnist"])
+    assert list(split["methods"]) == methods.split(",")
+    for row in split["methods"].values():
+        assert set(row) == {"per_task", "seen_avg", "unseen_avg", "seconds"}
+        assert (row["seen_avg"], row["unseen_avg"]) == (row["per_task"]["mnist"], row["per_task"]["fashion_mnist"])
+    # the pretrained model scores the unseen task with the same probe head as in the default experiment
+    pretrained = split["methods"]["pretrained"]["per_task"]
+    assert pretrained == merged["methods"]["pretrained"]["per_task"]
+    run = unseen_out / "runs" / "layer_wise_adamerging" / "mnist-fashion_mnist@unseen"
+    learned = load_file(run / "coefficients.safetensors")
+    assert list(learned) == ["mnist"]
+    table = (unseen_out / "unseen" / "results.md").read_text()
+    assert table.splitlines()[0] == "| method | mnist | fashion_mnist (unseen) | seen avg | unseen avg | seconds |"
+    assert table in capsys.readouterr().out
+    assert table in readme(tmp_path, "unseen").read_text()
+
+
+def test_shift_experiment_on_a_tiny_setting(tiny_zoo, tmp_path, capsys):
+    out, args, merged = tiny_zoo
+    methods = "individual,task_arithmetic,layer_wise_adamerging"
+    results = mini.main([*args, "--experiment", "shift", "--tasks", ",".join(TASKS), "--corruptions", "contrast",
+                         "--methods", methods, "--readme", str(readme(tmp_path, "shift"))])
+    written = json.loads((out / "shift" / "results.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    assert (written["columns"], written["severity"], list(written["methods"])) == (
+        ["clean", "contrast"], mini.SHIFT_SEVERITY, methods.split(","))
+    for method in ("individual", "task_arithmetic"):  # the clean column is the default experiment's
+        assert written["methods"][method]["clean"]["per_task"] == merged["methods"][method]["per_task"]
+    for row in written["methods"].values():
+        assert row["contrast"]["avg"] == pytest.approx(sum(row["contrast"]["per_task"].values()) / len(TASKS))
+    stores = [path.name for path in (out / "cache").glob("*.u8")]
+    assert any("contrast2" in name for name in stores) and any("contrast" not in name for name in stores)
+    table = (out / "shift" / "results.md").read_text()
+    assert table.splitlines()[0] == "| method | clean | contrast | corruptions avg | seconds |"
+    assert "Layer-wise AdaMerging minus task arithmetic" in table
+    assert table in capsys.readouterr().out
+    assert table in readme(tmp_path, "shift").read_text()
+
+
+def readme(folder: Path, experiment: str) -> Path:
+    """A README holding the experiment's markers (created on first use)."""
+    path = folder / "README.md"
+    if not path.exists():
+        begin, end = mini.README_MARKERS[experiment]
+        path.write_text(f"intro\n{begin}\nold\n{end}\noutro\n")
+    return path
 
 
 

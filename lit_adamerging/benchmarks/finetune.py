@@ -70,20 +70,11 @@ def fit_probe(features: Tensor, labels: Tensor, num_classes: int, weight_decay: 
     return weight.detach(), bias.detach()
 
 
-def fine_tune_task(task: str, args: argparse.Namespace, preprocess: Preprocess, cache_dir: Path) -> Path:
-    """Build (or reuse) ``OUT/zoo/<task>.safetensors``: probe head, then the backbone fine-tuned with it.
-
-    ``--heads frozen`` keeps the probe fixed (CLIP's recipe); ``joint`` trains it with the backbone
-    (the usual recipe for other models) and each task is then merged with its own trained head.
-    """
-    out = Path(args.out) / "zoo" / f"{task}.safetensors"
-    keys = ("shots", "heads", "finetune_steps", "finetune_lr", "finetune_batch", "image_size", "seed")
-    settings = {key: getattr(args, key) for key in keys}
-    meta = out.with_suffix(".json")
-    if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings") == settings:
-        log(f"zoo: {task} already built ({out})")
-        return out
-    images, labels = _decoded_split(Path(args.data_root) / task, "train", preprocess, cache_dir)
+def _probe(
+    images: Tensor, labels: Tensor, args: argparse.Namespace, preprocess: Preprocess
+) -> tuple[nn.Module, torch.Generator]:
+    """The pretrained model with its probe head (fitted on ``--shots`` images per class) and the generator,
+    seeded with ``--seed``, that drew them (fine-tuning draws its batches from it next)."""
     num_classes = int(labels.max()) + 1
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(labels), generator=generator)
@@ -93,6 +84,55 @@ def fine_tune_task(task: str, args: argparse.Namespace, preprocess: Preprocess, 
     with torch.no_grad():
         model.classifier.weight.copy_(weight)
         model.classifier.bias.copy_(bias)
+    return model, generator
+
+
+def _save_head(model: nn.Module, path: Path, args: argparse.Namespace) -> None:
+    head = {"weight": model.classifier.weight, "bias": model.classifier.bias}
+    save_state_dict(head, path)
+    write_text_atomic(path.with_suffix(".json"), json.dumps({"settings": _head_settings(args)}))
+
+
+def _head_settings(args: argparse.Namespace) -> dict[str, object]:
+    return {key: getattr(args, key) for key in ("shots", "image_size", "seed")}
+
+
+def head_path(task: str, args: argparse.Namespace) -> Path:
+    """Where a task's probe head is kept: ``OUT/zoo/heads/<task>.safetensors`` (``weight``, ``bias``)."""
+    return Path(args.out) / "zoo" / "heads" / f"{task}.safetensors"
+
+
+def probe_head(task: str, args: argparse.Namespace, preprocess: Preprocess, cache_dir: Path) -> Path:
+    """Build (or reuse) a task's probe head alone, the head an unseen (evaluation-only) task is scored
+    with: the same head :func:`fine_tune_task` starts from, without fine-tuning anything."""
+    out = head_path(task, args)
+    meta = out.with_suffix(".json")
+    if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings") == _head_settings(args):
+        return out
+    images, labels = _decoded_split(Path(args.data_root) / task, "train", preprocess, cache_dir)
+    model, _ = _probe(images, labels, args, preprocess)
+    _save_head(model, out, args)
+    log(f"zoo: {task} probe head built ({out})")
+    return out
+
+
+def fine_tune_task(task: str, args: argparse.Namespace, preprocess: Preprocess, cache_dir: Path) -> Path:
+    """Build (or reuse) ``OUT/zoo/<task>.safetensors``: probe head, then the backbone fine-tuned with it.
+
+    ``--heads frozen`` keeps the probe fixed (CLIP's recipe); ``joint`` trains it with the backbone
+    (the usual recipe for other models) and each task is then merged with its own trained head.
+    The probe head is also kept on its own (:func:`head_path`).
+    """
+    out = Path(args.out) / "zoo" / f"{task}.safetensors"
+    keys = ("shots", "heads", "finetune_steps", "finetune_lr", "finetune_batch", "image_size", "seed")
+    settings = {key: getattr(args, key) for key in keys}
+    meta = out.with_suffix(".json")
+    if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings") == settings:
+        log(f"zoo: {task} already built ({out})")
+        return out
+    images, labels = _decoded_split(Path(args.data_root) / task, "train", preprocess, cache_dir)
+    model, generator = _probe(images, labels, args, preprocess)
+    _save_head(model, head_path(task, args), args)
     model.classifier.requires_grad_(args.heads == "joint")
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.finetune_lr, weight_decay=0.1)
@@ -110,5 +150,5 @@ def fine_tune_task(task: str, args: argparse.Namespace, preprocess: Preprocess, 
             log(f"zoo: {task} step {step + 1}/{args.finetune_steps} loss {loss.item():.3f} "
                 f"({time.perf_counter() - start:.0f} s)")
     save_state_dict(model.state_dict(), out)
-    write_text_atomic(meta, json.dumps({"settings": settings, "num_classes": num_classes}))
+    write_text_atomic(meta, json.dumps({"settings": settings, "num_classes": int(labels.max()) + 1}))
     return out
