@@ -4,10 +4,13 @@
 2. :mod:`~lit_adamerging.merging.ties` - TIES trim / elect / disjoint (AdaMerging++);
 3. :mod:`~lit_adamerging.merging.merge` - the fused merge, the coefficients, the merged forward;
 4. :mod:`~lit_adamerging.merging.objective` - the entropy AdaMerging minimises;
-5. :mod:`~lit_adamerging.merging.baselines` - weight averaging, task arithmetic, TIES-merging.
+5. :mod:`~lit_adamerging.merging.baselines` - weight averaging, task arithmetic, TIES-merging;
+6. :mod:`~lit_adamerging.merging.fisher`, :mod:`~lit_adamerging.merging.regmean` - Fisher merging and
+   RegMean, from statistics of unlabeled images.
 """
 
 from lit_adamerging.merging.baselines import task_arithmetic, ties_merging, weight_averaging
+from lit_adamerging.merging.fisher import FisherWeightedAverage, fisher_merge, fisher_sums
 from lit_adamerging.merging.merge import (
     Granularity,
     MergedEncoder,
@@ -18,6 +21,8 @@ from lit_adamerging.merging.merge import (
     merge_groups,
 )
 from lit_adamerging.merging.objective import entropy
+from lit_adamerging.merging.surgery import SURGERY_RANK, FeatureSurgery, SurgeryModules
+from lit_adamerging.merging.regmean import GramRecorder, RegMeanAverage, regmean_layers, regmean_merge
 from lit_adamerging.merging.task_vectors import (
     BUFFER_POLICIES,
     BufferPolicy,
@@ -30,16 +35,26 @@ from lit_adamerging.merging.ties import ties_task_vectors
 __all__ = [
     "BUFFER_POLICIES",
     "BufferPolicy",
+    "FeatureSurgery",
+    "FisherWeightedAverage",
     "Granularity",
+    "GramRecorder",
     "MergedEncoder",
     "MergingCoefficients",
+    "SURGERY_RANK",
+    "SurgeryModules",
+    "RegMeanAverage",
     "TaskVectorError",
     "check_compatible",
     "entropy",
+    "fisher_merge",
+    "fisher_sums",
     "group_names",
     "group_task_vectors",
     "merge",
     "merge_groups",
+    "regmean_layers",
+    "regmean_merge",
     "stack_task_vectors",
     "task_arithmetic",
     "ties_merging",
