@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import Dataset, TensorDataset
 
+from conftest import TINY_CONFIG
 from lit_adamerging import ExportMergedEncoder, MultiTaskDataModule, SyntheticTask, SyntheticZoo, TaskData
+from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning.module import intended_warnings_ignored
 from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModule
 from lit_adamerging.merging.fisher import fisher_merge, fisher_sums, sample_labels
@@ -39,6 +41,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
     pytest.mark.filterwarnings("ignore:.*litlogger.*"),
+    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter.*"),
 ]
 
 TINY_CLIP = "open_clip:test-vit-tiny"
@@ -585,6 +588,27 @@ def test_settings_are_checked():
         FisherMergingModule(zoo, {"a": 2}, chunk_size=0)
     assert {"num_images", "alpha", "modules", "seed"} <= set(RegMeanModule.CHECKPOINT_SETTINGS)
     assert {"num_images", "floor", "normalize", "seed"} <= set(FisherMergingModule.CHECKPOINT_SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("module_class", "setting"), [(FisherMergingModule, "--model.floor=0.001"), (RegMeanModule, "--model.alpha=0.6")]
+)
+def test_the_command_runs_them_with_their_settings(tmp_path, monkeypatch, module_class, setting):
+    monkeypatch.chdir(tmp_path)
+    with intended_warnings_ignored():
+        cli = AdaMergingCLI(
+            module_class, MultiTaskDataModule,
+            args=["test", "--config", str(TINY_CONFIG), "--model.num_images=16", setting],
+        )
+    model = cli.model
+    assert type(model) is module_class and model.hparams.num_images == 16
+    assert model.hparams[setting.split(".")[1].split("=")[0]] == float(setting.split("=")[1])
+    assert model.images_read == {"alpha": 16, "beta": 16, "gamma": 16}
+    exported = load_file(tmp_path / "runs/tiny/merged_encoder.safetensors")
+    for name, value in model.merged_state_dict().items():
+        torch.testing.assert_close(exported[name], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="nothing to fit.*lit-adamerging test"), intended_warnings_ignored():
+        AdaMergingCLI(module_class, MultiTaskDataModule, args=["fit", "--config", str(TINY_CONFIG)])
 
 
 DDP_SCRIPT = textwrap.dedent(

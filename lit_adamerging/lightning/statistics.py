@@ -51,6 +51,11 @@ class StatisticsMergingModule(AdaMergingModule):
 
     CHECKPOINT_SETTINGS: ClassVar[tuple[str, ...]] = ("zoo", "num_classes", "unseen_tasks", "num_images", "seed",
                                                       "buffer_policy")
+    # AdaMergingModule's settings that mean nothing here: exact float32 task vectors, no TIES, no training.
+    FIXED_SETTINGS: ClassVar[dict[str, Any]] = {
+        "granularity": "task", "init": None, "clamp": False, "ties_k": None, "ties_normalize": False,
+        "task_vector_dtype": "float32", "cuda_graphs": False,
+    }
 
     def __init__(
         self,
@@ -63,10 +68,9 @@ class StatisticsMergingModule(AdaMergingModule):
     ) -> None:
         if num_images is not None and num_images < 1:
             raise ValueError(f"num_images must be positive or None (every image), got {num_images}.")
-        super().__init__(
-            zoo, num_classes, unseen_tasks, granularity="task", init=None, clamp=False,
-            buffer_policy=buffer_policy, task_vector_dtype="float32", cuda_graphs=False,
-        )
+        super().__init__(zoo, num_classes, unseen_tasks, buffer_policy=buffer_policy, **self.FIXED_SETTINGS)
+        # LightningCLI hands save_hyperparameters only the arguments of this class's own signature.
+        self.hparams.update(self.FIXED_SETTINGS)
         self._merged: dict[str, Tensor] | None = None
         self.images_read: dict[str, int] = {}  # per seen task, images this process ran statistics on
 
