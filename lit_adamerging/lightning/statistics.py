@@ -8,10 +8,10 @@ are summed across processes, the merge is computed once per module and evaluatio
 any other method's (:class:`~lit_adamerging.PerTaskAccuracy`, unseen tasks with their heads on the
 merged encoder, :class:`~lit_adamerging.ExportMergedEncoder` writing it). ``fit`` is refused.
 
-The fine-tuned encoder of task ``k`` is ``theta_0 + tau_k`` for every tensor with a task vector (exact in
-float32 storage) and the pretrained tensor otherwise: with ``buffer_policy="pretrained"`` (the
-default) the pass runs with the pretrained buffers, with ``"merge"`` with each model's own, which are
-then averaged.
+The fine-tuned encoder of task ``k`` is ``theta_0 + tau_k`` for every tensor with a task vector (the
+zoo's fine-tuned weights up to float32 rounding: the task vectors are stored in float32) and the
+pretrained tensor otherwise: with ``buffer_policy="pretrained"`` (the default) the pass runs with the
+pretrained buffers, with ``"merge"`` with each model's own, which are then averaged.
 """
 
 from __future__ import annotations
