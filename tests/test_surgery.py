@@ -259,6 +259,19 @@ def test_features_are_computed_once_per_image_and_steps_run_no_encoder(tmp_path)
     assert module._features is None  # dropped when the fit ends
 
 
+def test_only_the_surgery_maps_are_trained_and_synchronised_under_ddp():
+    module = SurgeryModule(make_zoo(), num_classes={"alpha": 5, "beta": 3})
+    module.configure_model()
+    maps = {f"surgery.maps.{task}.{part}.weight" for task in ("alpha", "beta") for part in ("down", "up")}
+    assert {name for name, p in module.named_parameters() if p.requires_grad} == maps
+    names = {name for name, _ in [*module.named_parameters(), *module.named_buffers()]}
+    assert set(module._ddp_params_and_buffers_to_ignore) == names - maps
+    optimiser = module.configure_optimizers()
+    assert optimiser.defaults["lr"] == 1e-3 and optimiser.defaults["betas"] == (0.9, 0.999)
+    assert {id(p) for group in optimiser.param_groups for p in group["params"]} == {
+        id(p) for name, p in module.named_parameters() if name in maps}
+
+
 def test_training_matches_the_released_codes_loop_and_the_loss_goes_down(tmp_path):
     steps = 15
     module, _, _, recorder = fit(tmp_path, steps=steps, lr=1e-2)
@@ -416,6 +429,8 @@ class WithoutBeta(ModelZoo):
 def test_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         SurgeryModule(make_zoo(), num_classes={"a": 2}, rank=0)
+    with pytest.raises(ValueError, match=r"granularity 'layer' without coefficients_from.*--method layer_wise"):
+        SurgeryModule(make_zoo(), num_classes={"a": 2}, granularity="layer")
     surgery = SurgeryModule(WithoutBeta(), num_classes={"alpha": 5, "beta": 3})
     with pytest.raises(ValueError, match=r"surgery needs each merged task's own fine-tuned model.*\['beta'\]"):
         surgery.configure_model()

@@ -56,7 +56,7 @@ class SurgeryModule(AdaMergingModule):
             them) and the heads.
         num_classes: ``{task: number of classes}`` in task order (the CLI links it from the data).
         unseen_tasks: tasks evaluated with the merged encoder only (the CLI links it from the data).
-        granularity: ``"task"`` or ``"layer"``, as the merge (or the ``coefficients_from`` checkpoint) has.
+        granularity: ``"task"``, or ``"layer"`` with ``coefficients_from`` (a layer-wise AdaMerging fit's).
         init: every coefficient when ``coefficients_from`` is not given (``None``: ``1 / tasks``);
             0.3 is task arithmetic.
         clamp: clamp the coefficients to ``[0, 1]`` (as AdaMerging).
@@ -95,6 +95,12 @@ class SurgeryModule(AdaMergingModule):
     ) -> None:
         if rank < 1:
             raise ValueError(f"rank must be a positive integer (the paper's 16), got {rank}.")
+        if granularity == "layer" and coefficients_from is None:
+            raise ValueError(
+                "granularity 'layer' without coefficients_from would merge every tensor with the same init, which is "
+                "granularity 'task'. Give coefficients_from, the checkpoint of a layer-wise AdaMerging fit "
+                "(lit-adamerging fit --method layer_wise), or use granularity 'task'."
+            )
         # The coefficients are frozen: no CUDA graphs of a training merge.
         super().__init__(
             zoo, num_classes, unseen_tasks, granularity, init, clamp, ties_k, ties_normalize, buffer_policy,
