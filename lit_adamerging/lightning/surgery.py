@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,6 @@ from torch import Tensor
 from torch.func import functional_call
 
 from lit_adamerging.lightning.module import (
-    CHECKPOINT_SETTINGS,
     COEFFICIENTS_KEY,
     AdaMergingModule,
     StorageDtype,
@@ -73,8 +72,8 @@ class SurgeryModule(AdaMergingModule):
         betas: Adam betas.
     """
 
-    fit_inputs: Literal["indices"] = "indices"
-    checkpoint_settings = (*CHECKPOINT_SETTINGS, "rank")
+    fit_inputs: ClassVar[Literal["indices"]] = "indices"
+    CHECKPOINT_SETTINGS: ClassVar[tuple[str, ...]] = (*AdaMergingModule.CHECKPOINT_SETTINGS, "rank")
 
     def __init__(
         self,
@@ -153,7 +152,8 @@ class SurgeryModule(AdaMergingModule):
     def _learned_coefficients(self, path: str) -> Tensor:
         """The coefficients of the AdaMerging checkpoint ``path``, after checking it was made with these settings."""
         checkpoint = read_adamerging_checkpoint(path)
-        lines = checkpoint_settings_differences(checkpoint.get("hyper_parameters", {}), self.hparams)
+        stored = checkpoint.get("hyper_parameters", {})
+        lines = checkpoint_settings_differences(stored, self.hparams, AdaMergingModule.CHECKPOINT_SETTINGS)
         if lines:
             raise ValueError(
                 f"coefficients_from={path!r} was learned with other settings than this surgery's, so its "
