@@ -10,10 +10,13 @@ Methods by name: ``--method NAME`` applies the preset of :mod:`lit_adamerging.me
 (``granularity``, ``init``, ``ties_k``, ``ties_normalize`` of the model) where it stands on the
 command line, as ``--config`` with that preset's file would. What comes after it wins: a later
 ``--model.init=0.5`` or ``--config`` sets those keys again. What comes before it loses to it: an
-earlier ``--config`` (``configs/tiny.yaml`` sets a method of its own) is how ``--method`` is meant
+earlier ``--config`` (a config may set a method of its own) is how ``--method`` is meant
 to be used, but an explicit ``--model.<key>`` for one of the preset's keys before ``--method`` is
 refused with an error (it would be dropped). ``--method`` belongs on the command line: a config
-file with a ``method:`` key is refused (write the settings themselves there).
+file with a ``method:`` key is refused (write the settings themselves there). A method that is not
+a coefficient merge (Fisher merging, RegMean, surgery) also chooses the model class, a subclass of
+:class:`~lit_adamerging.AdaMergingModule` (:func:`~lit_adamerging.methods.method_module`), so the
+``model:`` of the configs it is combined with may only hold settings that class takes (the zoo).
 
 Checkpoints are data, not configuration. LightningCLI itself would merge a checkpoint's stored
 hyperparameters over the user's config; here what the user passes decides, and a checkpoint made
@@ -44,7 +47,7 @@ from lit_adamerging.lightning.module import (
     intended_warnings_ignored,
     read_adamerging_checkpoint,
 )
-from lit_adamerging.methods import method_config, method_names, method_settings
+from lit_adamerging.methods import method_config, method_module, method_names, method_settings
 
 # Settings the model takes from the data module (the tasks, which are unseen): never from a checkpoint.
 DATA_SETTINGS = ("num_classes", "unseen_tasks")
@@ -89,10 +92,34 @@ def install_strict_yaml_loader() -> None:
 
 
 class _MethodPreset(argparse.Action):
-    """``--method NAME``: the preset of :mod:`lit_adamerging.methods`, applied where it stands like ``--config``."""
+    """``--method NAME``: the preset of :mod:`lit_adamerging.methods`, applied where it stands like ``--config``
+    (its ``model:`` settings; its ``module:`` chose the model class before parsing, see :func:`method_in_args`)."""
 
     def __call__(self, parser: Any, cfg: Any, values: Any, option_string: str | None = None) -> None:
-        ActionConfigFile.apply_config(parser, cfg, "config", str(method_config(values)))
+        ActionConfigFile.apply_config(parser, cfg, "config", yaml.safe_dump({"model": method_settings(values)}))
+        cfg["config"][-1] = str(method_config(values))
+
+
+def method_in_args(args: list[str]) -> str | None:
+    """The method ``--method`` names on a command line (the last one), ``None`` without one.
+
+    Raises:
+        ValueError: two ``--method`` options whose methods need different LightningModule classes.
+    """
+    names = []
+    for index, arg in enumerate(args):
+        option, _, inline = arg.partition("=")
+        if option == "--method":
+            name = inline or (args[index + 1] if index + 1 < len(args) else "")
+            if name in method_names():  # an unknown name is left to the parser, which lists the valid ones
+                names.append(name)
+    classes = {method_module(name) for name in names}
+    if len(classes) > 1:
+        raise ValueError(
+            f"--method is given {len(names)} times ({', '.join(names)}) for different kinds of model "
+            f"({', '.join(sorted(c.__name__ for c in classes))}); give one."
+        )
+    return names[-1] if names else None
 
 
 def _check_method_order(args: list[str]) -> None:
@@ -127,6 +154,27 @@ class AdaMergingCLI(LightningCLI):
     """
 
     _checkpoint: dict[str, Any] | None = None
+
+    def __init__(
+        self,
+        model_class: type[AdaMergingModule] | None = None,
+        datamodule_class: type[MultiTaskDataModule] | None = MultiTaskDataModule,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        """LightningCLI's arguments; the model class is the one of the command line's ``--method``
+        (:func:`~lit_adamerging.methods.method_module`), else ``model_class``, else
+        :class:`AdaMergingModule`. A ``model_class`` given must be that class or a base of it."""
+        command_line = kwargs.get("args")
+        given = sys.argv[1:] if command_line is None else command_line
+        method = method_in_args([str(arg) for arg in given]) if isinstance(given, list) else None
+        chosen = method_module(method) if method is not None else model_class or AdaMergingModule
+        if model_class is not None and not issubclass(chosen, model_class):
+            raise ValueError(
+                f"--method {method} runs {chosen.__name__}, which is not a {model_class.__name__} (the model class "
+                "given to AdaMergingCLI); pass model_class=None to let --method choose."
+            )
+        super().__init__(chosen, datamodule_class, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -214,8 +262,6 @@ def main(args: ArgsType = None) -> None:
     retain_freed_memory()
     with intended_warnings_ignored():
         AdaMergingCLI(
-            AdaMergingModule,
-            MultiTaskDataModule,
             save_config_kwargs={"overwrite": True},
             args=args,
         )

@@ -320,3 +320,62 @@ def test_temporary_file_of_a_killed_build_is_removed_by_the_next_build(tmp_path)
             process.wait()
     want = torch.stack([image for image, _ in task.decoded_test_set()])
     assert torch.equal(stored.images, want) and stored.images.shape[0] == 80
+
+
+class _Stub:
+    """What the data module reads of a Trainer and its model, for a chosen process and fit input kind."""
+
+    def __init__(self, world_size: int = 1, rank: int = 0, fit_inputs: str | None = None) -> None:
+        self.world_size, self.global_rank, self.training = world_size, rank, True
+        self.lightning_module = type("Model", (), {} if fit_inputs is None else {"fit_inputs": fit_inputs})()
+
+
+@pytest.mark.parametrize("cache", ["none", "memory", "disk"])
+def test_unlabeled_batches_are_the_evaluation_images_once_each_split_across_processes(tmp_path, trees, cache):
+    data = MultiTaskDataModule(trees, eval_batch_size=3, cache=cache, cache_dir=str(tmp_path / "cache"))
+    data.setup("test")
+    expected = eval_tensors(data)
+    for index, task in enumerate(data.task_names):
+        batches = list(data.unlabeled_batches(task))
+        assert all(len(positions) <= 3 for positions, _ in batches)
+        positions = torch.cat([p for p, _ in batches])
+        assert positions.tolist() == list(range(data.num_images(task)))
+        assert torch.equal(torch.cat([images for _, images in batches]), expected[index][0])
+        shares = []
+        for rank in range(2):
+            data.trainer = _Stub(world_size=2, rank=rank)
+            shares.append([(p, images) for p, images in data.unlabeled_batches(task)])
+        data.trainer = None
+        seen = torch.cat([p for share in shares for p, _ in share])
+        assert sorted(seen.tolist()) == list(range(data.num_images(task)))  # each image on exactly one process
+        for share in shares:
+            for p, images in share:
+                assert torch.equal(images, expected[index][0][p])
+
+
+def test_fit_batches_are_positions_for_a_model_that_asks_for_them(tmp_path, trees):
+    data = MultiTaskDataModule(trees, batch_size=2, cache="memory", unseen_tasks=["beta"])
+    data.setup("fit")
+    data.trainer = _Stub()
+    images = {task: [data.on_after_batch_transfer({task: b}, 0)[task] for b in loader]
+              for task, loader in data.train_dataloader().items()}
+    data.trainer = _Stub(fit_inputs="indices")
+    positions = {task: [data.on_after_batch_transfer({task: b}, 0)[task] for b in loader]
+                 for task, loader in data.train_dataloader().items()}
+    assert list(positions) == ["alpha"]  # unseen tasks get no fit loader either way
+    reference = eval_tensors(data)[0][0]
+    for step, batch in enumerate(positions["alpha"]):
+        assert batch.dtype == torch.long and batch.shape == (2,)
+        assert torch.equal(reference[batch], images["alpha"][step])  # the same stream, as positions
+    data.trainer = _Stub(fit_inputs="pixels")
+    with pytest.raises(ValueError, match="fit_inputs must be 'images' or 'indices'"):
+        data.train_dataloader()
+
+
+def test_unlabeled_batches_bad_input(trees):
+    data = MultiTaskDataModule(trees)
+    with pytest.raises(RuntimeError, match="not set up yet"):
+        next(data.unlabeled_batches("alpha"))
+    data.setup("test")
+    with pytest.raises(KeyError, match="unknown task 'gamma'"):
+        data.num_images("gamma")

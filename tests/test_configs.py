@@ -71,10 +71,15 @@ def test_method_composes_with_config_and_model_arguments_in_order(tmp_path):
     (tmp_path / "k.yaml").write_text("model:\n  ties_k: 0.4\n")
     cli = cli_with("--config", TINY, "--method", "ties_merging", "--config", str(tmp_path / "k.yaml"))
     assert method_of(cli) == ("task", 0.3, 0.4, True)
-    # Before it: a config (tiny.yaml is layer-wise from 0.3) loses to the preset ...
-    assert method_of(cli_with("--config", TINY, "--method", "weight_averaging")) == ("task", None, None, False)
+    # Before it: a config's method settings lose to the preset ...
+    (tmp_path / "layer.yaml").write_text("model:\n  granularity: layer\n  init: 0.4\n")
+    layer = str(tmp_path / "layer.yaml")
+    assert method_of(cli_with("--config", TINY, "--config", layer, "--method", "weight_averaging")) == (
+        "task", None, None, False
+    )
     # ... a config given after the preset wins over it ...
-    assert method_of(cli_with("--method", "task_wise", "--config", TINY)) == ("layer", 0.3, None, False)
+    after = cli_with("--config", TINY, "--method", "task_wise", "--config", layer)
+    assert method_of(after) == ("layer", 0.4, None, False)
     # ... and a --model.<key> the preset sets again is refused, not silently dropped; other --model.* are fine.
     with pytest.raises(ValueError, match="--model.init comes before --method task_arithmetic, whose preset sets it"):
         cli_with("--config", TINY, "--model.init=0.5", "--method", "task_arithmetic")

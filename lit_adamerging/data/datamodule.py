@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lit_adamerging.data.cache import DecodedImages, collate_batch, decoded_test_set
@@ -17,6 +19,40 @@ from lit_adamerging.data.tasks import ImagesOnly, TaskData
 from lit_adamerging.models.preprocess import Preprocess
 
 CacheMode = Literal["disk", "memory", "none"]
+FitInputs = Literal["images", "indices"]
+
+
+class _Indices(Dataset):
+    """The positions ``0 .. n-1`` of a task's images: fit batches of a model that reads its own per-image data."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class _Numbered(Dataset):
+    """``(position, image)`` of a dataset of images (an :class:`ImagesOnly` or an images-only cache)."""
+
+    def __init__(self, images: Dataset) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor]:
+        return index, self.images[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        if hasattr(self.images, "__getitems__"):  # a decoded cache reads the rows at once
+            images = self.images.__getitems__(indices)
+        else:
+            images = torch.stack([self.images[index] for index in indices])
+        return torch.tensor(indices), images
 
 
 def checked_unseen_tasks(unseen_tasks: Sequence[str], task_names: Sequence[str] | None, where: str) -> list[str]:
@@ -200,14 +236,63 @@ class MultiTaskDataModule(pl.LightningDataModule):
             for dataset in fit_sets.values()
         )
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        indices = self._fit_inputs() == "indices"
         loaders = {}
         for name, dataset in fit_sets.items():
             sampler = FitStreamSampler(
                 len(dataset), self.batch_size, steps_per_epoch, lambda: self._fit_steps, seed, world_size, rank  # type: ignore[arg-type]
             )
+            if indices:
+                loaders[name] = self._loader(_Indices(len(dataset)), sampler.batch_size, sampler=sampler)  # type: ignore[arg-type]
+                continue
             images = dataset.images_only() if isinstance(dataset, DecodedImages) else ImagesOnly(dataset)
             loaders[name] = self._loader(images, sampler.batch_size, sampler=sampler)
         return loaders
+
+    def num_images(self, task: str) -> int:
+        """The number of images in ``task``'s split (available after :meth:`setup`)."""
+        return len(self._test_set(task))  # type: ignore[arg-type]
+
+    def _test_set(self, task: str) -> Dataset:
+        if task not in self.tasks:
+            raise KeyError(f"unknown task {task!r}; the data module's tasks are {self.task_names}.")
+        if task not in self._test_sets:
+            raise RuntimeError(f"task {task!r}: the data module is not set up yet; call setup() (a Trainer does).")
+        return self._test_sets[task]
+
+    def unlabeled_batches(self, task: str, device: torch.device | str = "cpu") -> Iterator[tuple[Tensor, Tensor]]:
+        """One pass over ``task``'s images, labels left out: ``(positions, images)`` batches on ``device``.
+
+        The images come in order, ``eval_batch_size`` at a time, normalised as the model expects
+        (float32); ``positions`` (int64) are their places in the task's split. Under a Trainer with
+        several processes each process gets its own share, each image going to exactly one process
+        (no padding). This is how Fisher merging, RegMean and surgery read each task once.
+        """
+        dataset = self._test_set(task)
+        images = dataset.images_only() if isinstance(dataset, DecodedImages) else ImagesOnly(dataset)
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        sampler = None
+        if world_size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                images, num_replicas=world_size, rank=self.trainer.global_rank, shuffle=False  # type: ignore[union-attr]
+            )
+        loader = DataLoader(
+            _Numbered(images), batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=collate_batch,  # _Numbered.__getitems__ builds whole batches
+        )
+        for positions, batch in loader:
+            batch = batch.to(device, non_blocking=True)
+            if task in self._normalizers:
+                batch = self._normalizers[task].normalize(batch)
+            yield positions.to(device), batch
+
+    def _fit_inputs(self) -> FitInputs:
+        """What the model's fit batches hold: its class attribute ``fit_inputs`` (``"images"`` by default)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        inputs = getattr(module, "fit_inputs", "images")
+        if inputs not in ("images", "indices"):
+            raise ValueError(f"{type(module).__name__}.fit_inputs must be 'images' or 'indices', got {inputs!r}.")
+        return inputs
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and isinstance(batch, dict):
@@ -253,7 +338,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         """Normalise the uint8 images of cached tasks on the device (float32, the model's mean and std)."""
         if not self._normalizers:
             return batch
-        if isinstance(batch, dict):  # fit: {task: images}
+        if isinstance(batch, dict):  # fit: {task: images}, or {task: positions} (fit_inputs "indices")
+            if self._fit_inputs() == "indices":
+                return batch
             return {
                 task: self._normalizers[task].normalize(images) if task in self._normalizers else images
                 for task, images in batch.items()
@@ -263,3 +350,4 @@ class MultiTaskDataModule(pl.LightningDataModule):
             return batch
         images, labels = batch
         return self._normalizers[task].normalize(images), labels
+

@@ -11,7 +11,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -150,9 +150,11 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: list(value) if isinstance(value, tuple) else value}
 
 
-def checkpoint_settings_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """One line per setting of :data:`CHECKPOINT_SETTINGS` where a checkpoint's hyperparameters and the current
-    ones differ.
+def checkpoint_settings_differences(
+    stored: Mapping[str, Any], current: Mapping[str, Any], settings: Sequence[str] = CHECKPOINT_SETTINGS
+) -> list[str]:
+    """One line per setting of ``settings`` (default :data:`CHECKPOINT_SETTINGS`) where a checkpoint's
+    hyperparameters and the current ones differ.
 
     A setting missing on either side is not compared (a checkpoint made from Python stores no
     zoo; a module made from Python has no zoo configuration), except those of
@@ -164,7 +166,7 @@ def checkpoint_settings_differences(stored: Mapping[str, Any], current: Mapping[
     ignored = {f"model.zoo.init_args.{name}" for name in USER_ONLY_ZOO_ARGS}
     missing = "<not set>"
     lines = []
-    for key in CHECKPOINT_SETTINGS:
+    for key in settings:
         if key not in current or (key not in stored and key not in SETTINGS_BEFORE_STORED):
             continue
         stored_value = stored[key] if key in stored else SETTINGS_BEFORE_STORED[key]
@@ -183,9 +185,11 @@ def checkpoint_settings_differences(stored: Mapping[str, Any], current: Mapping[
     return lines
 
 
-def check_checkpoint_settings(stored: Mapping[str, Any], current: Mapping[str, Any], source: str) -> None:
-    """Raise a ``ValueError`` listing every setting that changes the result where ``stored`` and ``current`` differ."""
-    lines = checkpoint_settings_differences(stored, current)
+def check_checkpoint_settings(
+    stored: Mapping[str, Any], current: Mapping[str, Any], source: str, settings: Sequence[str] = CHECKPOINT_SETTINGS
+) -> None:
+    """Raise a ``ValueError`` listing every setting of ``settings`` where ``stored`` and ``current`` differ."""
+    lines = checkpoint_settings_differences(stored, current, settings)
     if lines:
         raise ValueError(
             f"the checkpoint {source} was made with other settings than the ones given now, and these change what "
@@ -259,6 +263,9 @@ class AdaMergingModule(pl.LightningModule):
             as CUDA graphs once and replay them (see :class:`MergedEncoder`); same results, fewer
             host calls. An encoder that cannot be captured falls back to eager after a warning.
     """
+
+    # The settings a checkpoint of this class is checked against (a subclass adds its own).
+    CHECKPOINT_SETTINGS: ClassVar[tuple[str, ...]] = CHECKPOINT_SETTINGS
 
     def __init__(
         self,
@@ -338,7 +345,9 @@ class AdaMergingModule(pl.LightningModule):
                 f"holds the coefficients and settings, never which model files to read. {hint}"
             )
         # Lightning writes these arguments over the checkpoint's before on_load_checkpoint sees them.
-        check_checkpoint_settings(stored, {k: v for k, v in kwargs.items() if k != "zoo"}, str(checkpoint_path))
+        check_checkpoint_settings(
+            stored, {k: v for k, v in kwargs.items() if k != "zoo"}, str(checkpoint_path), cls.CHECKPOINT_SETTINGS
+        )
         return super().load_from_checkpoint(  # type: ignore[return-value]
             checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
             weights_only=weights_only, **kwargs,
@@ -499,7 +508,9 @@ class AdaMergingModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made with other settings (see :func:`check_checkpoint_settings`)."""
-        check_checkpoint_settings(checkpoint.get("hyper_parameters", {}), self.hparams, "being loaded")
+        check_checkpoint_settings(
+            checkpoint.get("hyper_parameters", {}), self.hparams, "being loaded", self.CHECKPOINT_SETTINGS
+        )
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load the coefficients (the only learned state); other keys are ignored.
@@ -578,10 +589,22 @@ class AdaMergingModule(pl.LightningModule):
     def on_train_end(self) -> None:
         self._check_last_entropies()
 
+    def evaluation_tensors(self) -> dict[str, Tensor]:
+        """The merged tensors evaluation runs with, by name (the coefficients' merge; other methods override it)."""
+        with torch.no_grad():
+            return {name: value.detach() for name, value in self._built_merger().merged_tensors().items()}
+
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """The merged encoder as a plain state dict with the encoder's keys (:class:`ExportMergedEncoder` writes it)."""
+        merged = self.evaluation_tensors()
+        return {
+            name: (merged[name] if name in merged else tensor).detach().clone().contiguous()
+            for name, tensor in self._built_merger().encoder.state_dict().items()
+        }
+
     def _merge_for_evaluation(self) -> None:
         self._check_last_entropies()
-        with torch.no_grad():
-            self._eval_tensors = {k: v.detach() for k, v in self._built_merger().merged_tensors().items()}
+        self._eval_tensors = self.evaluation_tensors()
 
     def _end_evaluation(self) -> None:
         self._eval_tensors = None

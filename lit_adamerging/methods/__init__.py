@@ -1,12 +1,15 @@
 """The merging methods by name: each one a preset of :class:`~lit_adamerging.AdaMergingModule`'s method settings.
 
 A preset is a YAML file of this package, ``<name>.yaml``, holding a ``model:`` mapping of the
-module's ``granularity``, ``init``, ``ties_k`` and ``ties_normalize``. The same file serves both
-ways of choosing a method:
+module's settings (for AdaMerging and the data-free baselines ``granularity``, ``init``, ``ties_k``
+and ``ties_normalize``) and, for methods that are not coefficient merges, ``module:``, the import
+path of their LightningModule (a subclass of :class:`~lit_adamerging.AdaMergingModule`, which is
+the default). The same file serves both ways of choosing a method:
 
 * on the command line, ``lit-adamerging fit --config configs/tiny.yaml --method layer_wise`` (how
   ``--method`` combines with ``--config`` and ``--model.*``: see :mod:`lit_adamerging.cli`);
-* in Python, ``AdaMergingModule(zoo, num_classes, **method_settings("layer_wise"))``.
+* in Python, ``method_module(name)(zoo, num_classes, **method_settings(name))``, e.g.
+  ``AdaMergingModule(zoo, num_classes, **method_settings("layer_wise"))``.
 
 ==================  ===================================================================
 name                method
@@ -34,15 +37,20 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-__all__ = ["method_config", "method_names", "method_settings"]
+if TYPE_CHECKING:
+    from lit_adamerging.lightning.module import AdaMergingModule
+
+__all__ = ["method_config", "method_module", "method_names", "method_settings"]
 
 _SUFFIX = ".yaml"
+DEFAULT_MODULE = "lit_adamerging.lightning.module.AdaMergingModule"
 
 
 def method_names() -> tuple[str, ...]:
@@ -62,17 +70,44 @@ def method_config(name: str) -> Path:
     return Path(str(files(__name__).joinpath(name + _SUFFIX)))
 
 
+def _preset(name: str) -> dict[str, Any]:
+    path = method_config(name)
+    preset = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if (
+        not isinstance(preset, dict) or "model" not in preset or not set(preset) <= {"model", "module"}
+        or not isinstance(preset["model"], dict) or not isinstance(preset.get("module", DEFAULT_MODULE), str)
+    ):
+        raise ValueError(
+            f"method preset {path} must hold a 'model' mapping of settings to values and optionally 'module', "
+            "the import path of its LightningModule; nothing else."
+        )
+    return preset
+
+
 def method_settings(name: str) -> dict[str, Any]:
-    """The keyword arguments of :class:`~lit_adamerging.AdaMergingModule` that make it method ``name``.
+    """The keyword arguments of the method's module (:func:`method_module`) that make it method ``name``.
 
     Read from the same preset file as ``lit-adamerging --method name``; a fresh dict on every call.
 
     Raises:
         ValueError: ``name`` is not a shipped method (the message lists the valid names), or its
-            file does not hold a ``model:`` mapping.
+            file is not a preset (a ``model:`` mapping, optionally ``module:``).
     """
-    path = method_config(name)
-    preset = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(preset, dict) or set(preset) != {"model"} or not isinstance(preset["model"], dict):
-        raise ValueError(f"method preset {path} must hold exactly one key, 'model', mapping settings to values.")
-    return dict(preset["model"])
+    return dict(_preset(name)["model"])
+
+
+def method_module(name: str) -> type[AdaMergingModule]:
+    """The LightningModule class of method ``name``: :class:`~lit_adamerging.AdaMergingModule` or a subclass.
+
+    Example:
+        >>> method_module("layer_wise").__name__
+        'AdaMergingModule'
+    """
+    from lit_adamerging.lightning.module import AdaMergingModule
+
+    path = _preset(name).get("module", DEFAULT_MODULE)
+    module_name, _, class_name = path.rpartition(".")
+    found = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(found, type) and issubclass(found, AdaMergingModule)):
+        raise ValueError(f"method preset {name!r} names {path!r}, which is not a subclass of AdaMergingModule.")
+    return found
