@@ -18,6 +18,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "lit_adamerging.data.tasks": ["SyntheticTask", "TaskData"],
     "lit_adamerging.lightning.callbacks": ["CoefficientLogger", "ExportMergedEncoder", "PerTaskAccuracy"],
     "lit_adamerging.lightning.module": ["AdaMergingModule"],
+    "lit_adamerging.lightning.statistics": ["FisherMergingModule", "RegMeanModule"],
     "lit_adamerging.models.preprocess": ["Preprocess"],
     "lit_adamerging.models.zoo": ["ModelZoo", "OpenCLIPZoo", "StateDictZoo", "SyntheticZoo", "TimmZoo"],
 })
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from lit_adamerging.lightning.callbacks import ExportMergedEncoder as ExportMergedEncoder
     from lit_adamerging.lightning.callbacks import PerTaskAccuracy as PerTaskAccuracy
     from lit_adamerging.lightning.module import AdaMergingModule as AdaMergingModule
+    from lit_adamerging.lightning.statistics import FisherMergingModule as FisherMergingModule
+    from lit_adamerging.lightning.statistics import RegMeanModule as RegMeanModule
     from lit_adamerging.models.preprocess import Preprocess as Preprocess
     from lit_adamerging.models.zoo import ModelZoo as ModelZoo
     from lit_adamerging.models.zoo import OpenCLIPZoo as OpenCLIPZoo

@@ -11,7 +11,8 @@ import pytest
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.data import MultiTaskDataModule
 from lit_adamerging.lightning import AdaMergingModule
-from lit_adamerging.methods import method_names, method_settings
+from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModule
+from lit_adamerging.methods import method_module, method_names, method_settings
 from lit_adamerging.models import OpenCLIPZoo, SyntheticZoo, prompts
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -25,6 +26,11 @@ EXPECTED = {  # granularity, init, ties_k, ties_normalize
     "task_wise_pp": ("task", 0.3, 0.2, False),
     "layer_wise": ("layer", 0.3, None, False),
     "layer_wise_pp": ("layer", 0.3, 0.2, False),
+}
+# Methods with a LightningModule of their own: (class, settings the preset gives).
+OTHER_METHODS = {
+    "fisher_merging": (FisherMergingModule, {"num_images": 256, "floor": 1e-6, "normalize": True}),
+    "regmean": (RegMeanModule, {"num_images": 256, "alpha": 0.95}),
 }
 PAPER_TASKS = ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 
@@ -44,7 +50,34 @@ def method_of(cli: AdaMergingCLI) -> tuple:
 
 
 def test_every_method_is_listed():
-    assert list(method_names()) == sorted(EXPECTED)
+    assert list(method_names()) == sorted([*EXPECTED, *OTHER_METHODS])
+    assert all(method_module(name) is AdaMergingModule for name in EXPECTED)
+
+
+@pytest.mark.parametrize("method", sorted(OTHER_METHODS))
+def test_method_chooses_its_module_class(method):
+    module_class, settings = OTHER_METHODS[method]
+    assert method_module(method) is module_class and method_settings(method) == settings
+    cli = cli_with("--config", TINY, "--method", method)
+    assert type(cli.model) is module_class
+    assert {key: cli.model.hparams[key] for key in settings} == settings
+    assert cli.model.num_classes == {"alpha": 5, "beta": 10, "gamma": 3}
+
+
+def test_methods_of_different_classes_or_a_class_that_does_not_fit_are_refused():
+    with pytest.raises(ValueError, match="--method is given 2 times .* for different kinds of model"):
+        cli_with("--config", TINY, "--method", "regmean", "--method", "layer_wise")
+    with pytest.raises(ValueError, match=r"\(regmean, fisher_merging\) .* \(FisherMergingModule, RegMeanModule\)"):
+        cli_with("--config", TINY, "--method", "regmean", "--method=fisher_merging")
+    both = cli_with("--config", TINY, "--method", "layer_wise", "--method=task_wise")
+    assert method_of(both) == EXPECTED["task_wise"]
+    with pytest.raises(ValueError, match="--method regmean runs RegMeanModule, which is not a FisherMergingModule"):
+        with mock.patch.object(sys, "argv", ["lit-adamerging"]):
+            AdaMergingCLI(FisherMergingModule, MultiTaskDataModule, run=False, args=["--config", TINY, "--method",
+                                                                                     "regmean"])
+    # an AdaMerging setting in a config is an error for a class that does not take it, naming the key
+    with pytest.raises(SystemExit):
+        cli_with("--config", TINY, "--method", "regmean", "--model.granularity=layer")
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED))
@@ -92,7 +125,7 @@ def test_unknown_method_names_the_valid_ones(capsys):
         cli_with("--config", TINY, "--method", "magic")
     error = capsys.readouterr().err
     assert "invalid choice: 'magic'" in error and all(name in error for name in EXPECTED)
-    with pytest.raises(ValueError, match="unknown merging method 'magic'; choose one of: layer_wise, layer_wise_pp"):
+    with pytest.raises(ValueError, match="unknown merging method 'magic'; choose one of: fisher_merging, layer_wise, "):
         method_settings("magic")
 
 

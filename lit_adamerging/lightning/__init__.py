@@ -1,6 +1,10 @@
-"""Lightning glue: the AdaMerging LightningModule and its callbacks."""
+"""Lightning glue: the AdaMerging LightningModule, the modules of the other data-learning methods, callbacks."""
 
 from lit_adamerging.lightning.callbacks import CoefficientLogger, ExportMergedEncoder, PerTaskAccuracy
 from lit_adamerging.lightning.module import AdaMergingModule
+from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModule
 
-__all__ = ["AdaMergingModule", "CoefficientLogger", "ExportMergedEncoder", "PerTaskAccuracy"]
+__all__ = [
+    "AdaMergingModule", "CoefficientLogger", "ExportMergedEncoder", "FisherMergingModule", "PerTaskAccuracy",
+    "RegMeanModule",
+]

@@ -21,11 +21,13 @@ task_wise           task-wise AdaMerging: one learned coefficient per task
 task_wise_pp        task-wise AdaMerging++ (over TIES task vectors)
 layer_wise          layer-wise AdaMerging: one learned coefficient per task and tensor
 layer_wise_pp       layer-wise AdaMerging++ (over TIES task vectors)
+fisher_merging      Fisher merging: Fisher-weighted average of the fine-tuned encoders (``test`` only)
+regmean             RegMean: closed-form merge of every linear map from Gram matrices (``test`` only)
 ==================  ===================================================================
 
 Example:
-    >>> method_names()
-    ('layer_wise', 'layer_wise_pp', 'task_arithmetic', 'task_wise', 'task_wise_pp', 'ties_merging', 'weight_averaging')
+    >>> method_names()[:4]
+    ('fisher_merging', 'layer_wise', 'layer_wise_pp', 'regmean')
     >>> method_settings("ties_merging")
     {'granularity': 'task', 'init': 0.3, 'ties_k': 0.2, 'ties_normalize': True}
     >>> from lit_adamerging import AdaMergingModule, SyntheticZoo
