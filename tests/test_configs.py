@@ -12,6 +12,7 @@ from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.data import MultiTaskDataModule
 from lit_adamerging.lightning import AdaMergingModule
 from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModule
+from lit_adamerging.lightning.surgery import SurgeryModule
 from lit_adamerging.methods import method_module, method_names, method_settings
 from lit_adamerging.models import OpenCLIPZoo, SyntheticZoo, prompts
 
@@ -28,9 +29,12 @@ EXPECTED = {  # granularity, init, ties_k, ties_normalize
     "layer_wise_pp": ("layer", 0.3, 0.2, False),
 }
 # Methods with a LightningModule of their own: (class, settings the preset gives).
+SURGERY = {"init": 0.3, "ties_k": None, "ties_normalize": False, "rank": 16}
 OTHER_METHODS = {
     "fisher_merging": (FisherMergingModule, {"num_images": 256, "floor": 1e-6, "normalize": True}),
     "regmean": (RegMeanModule, {"num_images": 256, "alpha": 0.95}),
+    "task_arithmetic_surgery": (SurgeryModule, {"granularity": "task", **SURGERY}),
+    "layer_wise_surgery": (SurgeryModule, {"granularity": "layer", **SURGERY}),
 }
 PAPER_TASKS = ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 
@@ -58,7 +62,9 @@ def test_every_method_is_listed():
 def test_method_chooses_its_module_class(method):
     module_class, settings = OTHER_METHODS[method]
     assert method_module(method) is module_class and method_settings(method) == settings
-    cli = cli_with("--config", TINY, "--method", method)
+    # layer-wise surgery needs the learned coefficients' checkpoint (read when the model is built)
+    extra = ["--model.coefficients_from=runs/tiny/layer_wise.ckpt"] if method == "layer_wise_surgery" else []
+    cli = cli_with("--config", TINY, "--method", method, *extra)
     assert type(cli.model) is module_class
     assert {key: cli.model.hparams[key] for key in settings} == settings
     assert cli.model.num_classes == {"alpha": 5, "beta": 10, "gamma": 3}

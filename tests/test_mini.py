@@ -41,7 +41,8 @@ def test_whole_pipeline_on_a_tiny_setting(tmp_path, capsys, offline_datasets):
     data = tiny_copy(offline_datasets(*TASKS), tmp_path / "data", train=20, test=12)
     out = tmp_path / "out"
     args = ["--data-root", str(data), "--tasks", ",".join(TASKS), "--out", str(out), "--shots", "3",
-            "--finetune-steps", "30", "--finetune-lr", "1e-4", "--finetune-batch", "32", "--steps", "2"]
+            "--finetune-steps", "30", "--finetune-lr", "1e-4", "--finetune-batch", "32", "--steps", "2",
+            "--surgery-steps", "3"]
     results = mini.main(args)
 
     written = json.loads((out / "results.json").read_text())
@@ -64,6 +65,10 @@ def test_whole_pipeline_on_a_tiny_setting(tmp_path, capsys, offline_datasets):
     task_wise = load_file(out / "runs" / "task_wise_adamerging" / "-".join(TASKS) / "coefficients.safetensors")
     assert torch.all(task_wise["mnist"] == task_wise["mnist"][0])  # one value per task, over every tensor
     assert not (out / "runs" / "task_arithmetic" / "-".join(TASKS) / "coefficients.safetensors").exists()
+    # surgery on layer-wise AdaMerging read that row's checkpoint (and refuses to run without it)
+    assert (out / "runs" / "layer_wise_adamerging" / "-".join(TASKS) / "last.ckpt").is_file()
+    with pytest.raises(SystemExit, match="run --methods layer_wise_adamerging,layer_wise_adamerging_surgery"):
+        mini.main([*args, "--out", str(tmp_path / "other"), "--methods", "layer_wise_adamerging_surgery"])
     table = (out / "results.md").read_text()
     assert table.splitlines()[0] == "| method | mnist | fashion_mnist | avg | seconds |"
     assert len(table.splitlines()) == 2 + len(mini.METHODS)

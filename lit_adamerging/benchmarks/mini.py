@@ -12,7 +12,10 @@ source checkout, else torchvision's MNIST, Fashion-MNIST, CIFAR-10 and GTSRB, su
    ``--method`` and the method's name in :mod:`lit_adamerging.methods`) and evaluated on every
    task's full test split: ``pretrained`` (task arithmetic at 0), ``individual`` (each task's own
    model on its task), ``weight_averaging``, ``task_arithmetic``, ``ties_merging``,
-   ``task_wise_adamerging(_pp)``, ``layer_wise_adamerging(_pp)``.
+   ``task_wise_adamerging(_pp)``, ``layer_wise_adamerging(_pp)``, ``fisher_merging``, ``regmean``,
+   ``task_arithmetic_surgery`` and ``layer_wise_adamerging_surgery`` (Representation Surgery,
+   ``--surgery-steps``, on task arithmetic and on the coefficients the ``layer_wise_adamerging`` row
+   learned: its run's ``last.ckpt``).
 3. ``OUT/results.json`` (``{"tasks": [...], "methods": {name: {"per_task": {...}, "avg": a,
    "seconds": s}}}``, accuracies in [0, 1]) and ``OUT/results.md``, rewritten after every method;
    the learned coefficients of each AdaMerging method in
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 import time
@@ -65,6 +69,7 @@ from lit_adamerging.data import MultiTaskDataModule
 from lit_adamerging.data.corruptions import CORRUPTIONS, SEVERITIES
 from lit_adamerging.io import save_state_dict, write_text_atomic
 from lit_adamerging.lightning import AdaMergingModule
+from lit_adamerging.methods import method_module
 from lit_adamerging.models import efficientnet_lite0
 
 # row of the table -> (the CLI arguments that choose the method, learns coefficients?). The two
@@ -79,7 +84,13 @@ METHODS: dict[str, tuple[list[str], bool]] = {
     "task_wise_adamerging_pp": (["--method", "task_wise_pp"], True),
     "layer_wise_adamerging": (["--method", "layer_wise"], True),
     "layer_wise_adamerging_pp": (["--method", "layer_wise_pp"], True),
+    "fisher_merging": (["--method", "fisher_merging"], False),
+    "regmean": (["--method", "regmean"], False),
+    "task_arithmetic_surgery": (["--method", "task_arithmetic_surgery"], True),
+    # on the coefficients layer_wise_adamerging learned (its run's checkpoint: that row runs first)
+    "layer_wise_adamerging_surgery": (["--method", "layer_wise_surgery"], True),
 }
+SURGERY_ON = {"layer_wise_adamerging_surgery": "layer_wise_adamerging"}
 
 
 EXPERIMENTS = ("merge", "unseen", "shift")
@@ -96,6 +107,7 @@ UNSEEN_SPLITS = ((("mnist", "cifar10"), ("fashion_mnist", "gtsrb")), (("fashion_
 # more of the image): the second-mildest level, the one the corrupted CLIP test sets of the
 # follow-up work (WEMoE) are stored at.
 SHIFT_SEVERITY = 2
+SURGERY_STEPS = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +125,12 @@ class Variant:
 
 
 def base_config(
-    args: argparse.Namespace, tasks: Sequence[str], zoo: dict[str, Path], run_dir: Path, variant: Variant = Variant()
+    args: argparse.Namespace, tasks: Sequence[str], zoo: dict[str, Path], run_dir: Path, variant: Variant = Variant(),
+    model_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The run's config; ``model_settings`` are the module's settings beside the zoo (default: AdaMerging's)."""
+    if model_settings is None:
+        model_settings = {"lr": args.lr, "task_vector_dtype": args.task_vector_dtype}
     fields = dataclasses.asdict(task_preprocess(args))
     preprocess = {key: list(value) if isinstance(value, tuple) else value for key, value in fields.items()}
     task_args: dict[str, Any] = {"preprocess": preprocess}
@@ -145,8 +161,7 @@ def base_config(
                     "heads": {task: str(head_path(task, args)) for task in variant.unseen},
                 },
             },
-            "lr": args.lr,
-            "task_vector_dtype": args.task_vector_dtype,
+            **model_settings,
         },
         "data": {
             "batch_size": args.images_per_task,
@@ -174,11 +189,27 @@ def run_method(
     if variant.corruption is not None:
         name += f"-{variant.corruption}{variant.severity}"
     run_dir = Path(args.out) / "runs" / method / name
+    if method.endswith("_surgery"):
+        method_args = [*method_args, f"--trainer.max_steps={args.surgery_steps}"]
+    if method in SURGERY_ON:
+        learned = Path(args.out) / "runs" / SURGERY_ON[method] / name / "last.ckpt"
+        if not learned.is_file():
+            raise SystemExit(
+                f"mini: {method} improves the coefficients {SURGERY_ON[method]} learned, but {learned} does not "
+                f"exist; run --methods {SURGERY_ON[method]},{method}."
+            )
+        method_args = [*method_args, f"--model.coefficients_from={learned}"]
     config_path = run_dir / "base.yaml"
-    write_text_atomic(config_path, yaml.safe_dump(base_config(args, tasks, zoo, run_dir, variant)))
+    module = method_module(method_args[method_args.index("--method") + 1])
+    model_settings = {
+        key: value for key, value in (("lr", args.lr), ("task_vector_dtype", args.task_vector_dtype))
+        # the AdaMerging learning rate is AdaMerging's; other modules take the task vectors' storage only
+        if key in inspect.signature(module).parameters and (key != "lr" or module is AdaMergingModule)
+    }
+    write_text_atomic(config_path, yaml.safe_dump(base_config(args, tasks, zoo, run_dir, variant, model_settings)))
     with quiet_lightning():
         cli = AdaMergingCLI(
-            AdaMergingModule,
+            None,  # the module class --method chooses
             MultiTaskDataModule,
             args=["--config", str(config_path), *method_args],
             run=False,
@@ -186,9 +217,11 @@ def run_method(
         )
         if learns:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            learned = cli.model.coefficients()  # [seen tasks, merged tensors]
-            seen = [task for task in tasks if task not in variant.unseen]
-            save_state_dict({task: learned[k] for k, task in enumerate(seen)}, run_dir / "coefficients.safetensors")
+            if type(cli.model) is AdaMergingModule:
+                learned = cli.model.coefficients()  # [seen tasks, merged tensors]
+                seen = [task for task in tasks if task not in variant.unseen]
+                save_state_dict({task: learned[k] for k, task in enumerate(seen)}, run_dir / "coefficients.safetensors")
+                cli.trainer.save_checkpoint(run_dir / "last.ckpt")  # what surgery on these coefficients reads
         per_loader = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     metrics = {key: value for loader_metrics in per_loader for key, value in loader_metrics.items()}
     return {task: float(metrics[f"test/acc/{task}"]) for task in tasks}
@@ -315,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune-lr", type=float, default=2e-5)
     parser.add_argument("--finetune-batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200, help="AdaMerging steps")
+    parser.add_argument("--surgery-steps", type=int, default=SURGERY_STEPS,
+                        help="Representation Surgery steps (on cached features; the paper's 1000)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdaMerging learning rate")
     parser.add_argument("--images-per-task", type=int, default=16, help="AdaMerging images per task per step")
     parser.add_argument("--task-vector-dtype", choices=("float32", "bfloat16", "float16"), default="float32")

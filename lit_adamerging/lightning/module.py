@@ -298,6 +298,14 @@ class AdaMergingModule(pl.LightningModule):
             unseen_tasks, None if num_classes is None else list(num_classes), "the model's tasks (num_classes)"
         )
         self.save_hyperparameters()
+        # A subclass's LightningCLI instantiation records only its own signature's arguments: the
+        # settings it fixes for this class are recorded too.
+        fixed = dict(
+            granularity=granularity, init=init, clamp=clamp, ties_k=ties_k, ties_normalize=ties_normalize,
+            buffer_policy=buffer_policy, task_vector_dtype=task_vector_dtype, lr=lr, betas=betas,
+            cuda_graphs=cuda_graphs,
+        )
+        self.hparams.update({key: value for key, value in fixed.items() if key not in self.hparams})
         self.hparams["unseen_tasks"] = list(unseen_tasks)  # in task order: a checkpoint compares it as a list
         if isinstance(self.hparams.get("zoo"), ModelZoo):
             # Outside the CLI the zoo is a Python object; a checkpoint keeps only plain data, so

@@ -11,23 +11,25 @@ the default). The same file serves both ways of choosing a method:
 * in Python, ``method_module(name)(zoo, num_classes, **method_settings(name))``, e.g.
   ``AdaMergingModule(zoo, num_classes, **method_settings("layer_wise"))``.
 
-==================  ===================================================================
-name                method
-==================  ===================================================================
-weight_averaging    ``theta_0 + (1/T) sum_k tau_k`` (data-free: ``test`` only)
-task_arithmetic     ``theta_0 + 0.3 sum_k tau_k`` (data-free)
-ties_merging        TIES-merging: top-20% trim, sign election, disjoint mean, x 0.3 (data-free)
-task_wise           task-wise AdaMerging: one learned coefficient per task
-task_wise_pp        task-wise AdaMerging++ (over TIES task vectors)
-layer_wise          layer-wise AdaMerging: one learned coefficient per task and tensor
-layer_wise_pp       layer-wise AdaMerging++ (over TIES task vectors)
-fisher_merging      Fisher merging: Fisher-weighted average of the fine-tuned encoders (``test`` only)
-regmean             RegMean: closed-form merge of every linear map from Gram matrices (``test`` only)
-==================  ===================================================================
+=======================  ================================================================================
+name                     method
+=======================  ================================================================================
+weight_averaging         ``theta_0 + (1/T) sum_k tau_k`` (data-free: ``test`` only)
+task_arithmetic          ``theta_0 + 0.3 sum_k tau_k`` (data-free)
+ties_merging             TIES-merging: top-20% trim, sign election, disjoint mean, x 0.3 (data-free)
+task_wise                task-wise AdaMerging: one learned coefficient per task
+task_wise_pp             task-wise AdaMerging++ (over TIES task vectors)
+layer_wise               layer-wise AdaMerging: one learned coefficient per task and tensor
+layer_wise_pp            layer-wise AdaMerging++ (over TIES task vectors)
+fisher_merging           Fisher merging: Fisher-weighted average of the fine-tuned encoders (``test`` only)
+regmean                  RegMean: closed-form merge of every linear map from Gram matrices (``test`` only)
+task_arithmetic_surgery  Representation Surgery on task arithmetic: a rank-16 map per task on the features
+layer_wise_surgery       Representation Surgery on layer-wise AdaMerging (``coefficients_from`` its checkpoint)
+=======================  ================================================================================
 
 Example:
-    >>> method_names()[:4]
-    ('fisher_merging', 'layer_wise', 'layer_wise_pp', 'regmean')
+    >>> method_names()[:3]
+    ('fisher_merging', 'layer_wise', 'layer_wise_pp')
     >>> method_settings("ties_merging")
     {'granularity': 'task', 'init': 0.3, 'ties_k': 0.2, 'ties_normalize': True}
     >>> from lit_adamerging import AdaMergingModule, SyntheticZoo
