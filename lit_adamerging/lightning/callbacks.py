@@ -160,6 +160,9 @@ class ExportMergedEncoder(pl.Callback):
     so ``encoder.load_state_dict(safetensors.torch.load_file(path))`` works without this library.
     Whether ``path`` can be written is checked when the run starts, not after the last step; a
     merged encoder holding NaN or infinite values is never written (an error names its tensors).
+    A model with Representation Surgery (:class:`~lit_adamerging.lightning.surgery.SurgeryModule`)
+    also gets its surgery maps written beside it, to :attr:`surgery_path` (read them back with
+    :meth:`~lit_adamerging.merging.surgery.SurgeryModules.from_plain_state_dict`).
 
     Args:
         path: ``.safetensors`` (default choice) or ``.pt``/``.pth``; written atomically.
@@ -189,16 +192,28 @@ class ExportMergedEncoder(pl.Callback):
 
     def _export(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if trainer.is_global_zero:
-            state = pl_module.merger.merged_state_dict()
-            bad = [
-                key for key, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())
-            ]
-            if bad:
-                raise FloatingPointError(
-                    f"the merged encoder holds NaN or infinite values in {len(bad)} tensor(s) ({bad[:5]}); it was not "
-                    f"exported to {self.path}. Check the coefficients, the fine-tuned weights and the training loss."
-                )
-            save_state_dict(state, self.path)
+            files = {self.path: ("the merged encoder", pl_module.merged_state_dict())}
+            if callable(getattr(pl_module, "surgery_state_dict", None)):
+                files[self.surgery_path] = ("the surgery maps", pl_module.surgery_state_dict())
+            for path, (what, state) in files.items():
+                bad = [
+                    key for key, value in state.items()
+                    if value.is_floating_point() and not bool(value.isfinite().all())
+                ]
+                if bad:
+                    raise FloatingPointError(
+                        f"{what} holds NaN or infinite values in {len(bad)} tensor(s) ({bad[:5]}); it was not "
+                        f"exported to {path}, nor anything else. Check the coefficients, the fine-tuned weights and "
+                        "the training loss."
+                    )
+            for path, (_, state) in files.items():
+                save_state_dict(state, path)
+
+    @property
+    def surgery_path(self) -> str:
+        """Where a model's Representation Surgery maps go: ``<stem>.surgery<suffix>`` beside ``path``."""
+        path = Path(self.path)
+        return str(path.with_suffix(".surgery" + path.suffix))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._export(trainer, pl_module)

@@ -6,7 +6,8 @@
 4. :mod:`~lit_adamerging.merging.objective` - the entropy AdaMerging minimises;
 5. :mod:`~lit_adamerging.merging.baselines` - weight averaging, task arithmetic, TIES-merging;
 6. :mod:`~lit_adamerging.merging.fisher`, :mod:`~lit_adamerging.merging.regmean` - Fisher merging and
-   RegMean, from statistics of unlabeled images.
+   RegMean, from statistics of unlabeled images;
+7. :mod:`~lit_adamerging.merging.surgery` - Representation Surgery's per-task maps on the merged features.
 """
 
 from lit_adamerging.merging.baselines import task_arithmetic, ties_merging, weight_averaging
@@ -21,8 +22,8 @@ from lit_adamerging.merging.merge import (
     merge_groups,
 )
 from lit_adamerging.merging.objective import entropy
-from lit_adamerging.merging.surgery import SURGERY_RANK, FeatureSurgery, SurgeryModules
 from lit_adamerging.merging.regmean import GramRecorder, RegMeanAverage, regmean_layers, regmean_merge
+from lit_adamerging.merging.surgery import SURGERY_RANK, FeatureSurgery, SurgeryModules
 from lit_adamerging.merging.task_vectors import (
     BUFFER_POLICIES,
     BufferPolicy,
@@ -41,9 +42,9 @@ __all__ = [
     "GramRecorder",
     "MergedEncoder",
     "MergingCoefficients",
+    "RegMeanAverage",
     "SURGERY_RANK",
     "SurgeryModules",
-    "RegMeanAverage",
     "TaskVectorError",
     "check_compatible",
     "entropy",
