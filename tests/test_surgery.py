@@ -376,7 +376,7 @@ def test_coefficients_from_an_adamerging_fit_are_used_and_other_settings_refused
                                          r"model\.granularity: checkpoint 'layer', yours 'task'"):
         other.coefficients()
     missing = SurgeryModule(make_zoo(), num_classes=data.num_classes, coefficients_from=str(tmp_path / "none.ckpt"))
-    with pytest.raises(ValueError, match=r"none\.ckpt is not an AdaMerging checkpoint: no such file"):
+    with pytest.raises(ValueError, match=r"model\.coefficients_from: .*none\.ckpt is not an AdaMerging checkpoint"):
         missing.coefficients()
 
 

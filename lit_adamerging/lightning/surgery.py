@@ -151,7 +151,13 @@ class SurgeryModule(AdaMergingModule):
 
     def _learned_coefficients(self, path: str) -> Tensor:
         """The coefficients of the AdaMerging checkpoint ``path``, after checking it was made with these settings."""
-        checkpoint = read_adamerging_checkpoint(path)
+        try:
+            checkpoint = read_adamerging_checkpoint(path)
+        except ValueError as error:
+            raise ValueError(
+                f"model.coefficients_from: {error} It takes the checkpoint of an AdaMerging fit "
+                "(lit-adamerging fit --method layer_wise writes runs/.../checkpoints/last.ckpt)."
+            ) from None
         stored = checkpoint.get("hyper_parameters", {})
         lines = checkpoint_settings_differences(stored, self.hparams, AdaMergingModule.CHECKPOINT_SETTINGS)
         if lines:
