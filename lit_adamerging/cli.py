@@ -30,6 +30,7 @@ ones (evaluated, never merged) from ``data.unseen_tasks``, linked into the model
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from typing import Any
 
@@ -41,7 +42,6 @@ from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.data import MultiTaskDataModule
 from lit_adamerging.lightning import AdaMergingModule
 from lit_adamerging.lightning.module import (
-    CHECKPOINT_SETTINGS,
     USER_ONLY_ZOO_ARGS,
     check_checkpoint_settings,
     intended_warnings_ignored,
@@ -222,14 +222,18 @@ class AdaMergingCLI(LightningCLI):
             settings = self._settings_from_checkpoint(config.model, self._checkpoint.get("hyper_parameters", {}))
             self.config = self.parser.parse_object({subcommand: {"model": settings}}, self.config)
 
-    @staticmethod
-    def _settings_from_checkpoint(user: Any, stored: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint's zoo and method settings, without the zoo's user-only arguments.
+    def _settings_from_checkpoint(self, user: Any, stored: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's zoo and method settings (those of the model class's ``CHECKPOINT_SETTINGS`` its
+        signature takes), without the zoo's user-only arguments.
 
         Parsed over the user's config, those arguments keep the user's values (jsonargparse carries
         an argument over to another zoo class that has it), or the class's defaults.
         """
-        settings = {key: stored[key] for key in CHECKPOINT_SETTINGS if key in stored and key not in DATA_SETTINGS}
+        accepted = inspect.signature(self.model_class).parameters
+        settings = {
+            key: stored[key] for key in self.model_class.CHECKPOINT_SETTINGS
+            if key in stored and key not in DATA_SETTINGS and key in accepted
+        }
         if "zoo" not in settings:
             return settings
         zoo = settings["zoo"]
@@ -254,7 +258,10 @@ class AdaMergingCLI(LightningCLI):
         """Compare the checkpoint's settings with the run's now, before any weights or data are loaded."""
         if self._checkpoint is not None:
             ckpt_path = self.config[self.config.subcommand].ckpt_path
-            check_checkpoint_settings(self._checkpoint.get("hyper_parameters", {}), self.model.hparams, str(ckpt_path))
+            check_checkpoint_settings(
+                self._checkpoint.get("hyper_parameters", {}), self.model.hparams, str(ckpt_path),
+                type(self.model).CHECKPOINT_SETTINGS,
+            )
 
 
 def main(args: ArgsType = None) -> None:

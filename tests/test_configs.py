@@ -159,6 +159,20 @@ def test_paper_configs(model, method):
     assert cli.model.hparams.granularity == EXPECTED[method][0]
 
 
+@pytest.mark.parametrize("method", sorted(OTHER_METHODS))
+def test_paper_configs_run_the_other_methods_by_name(method):
+    paper = CONFIGS / "paper"
+    surgery = method.endswith("_surgery")
+    configs = [paper / "trainer.yaml", paper / "data.yaml", paper / "vit_b32.yaml"]
+    configs += [paper / "surgery.yaml"] if surgery else []
+    extra = ["--model.coefficients_from=runs/paper/layer_wise.ckpt"] if method == "layer_wise_surgery" else []
+    cli = cli_with(*(arg for config in configs for arg in ("--config", str(config))), "--method", method, *extra)
+    assert type(cli.model) is OTHER_METHODS[method][0]
+    assert list(cli.model.zoo.finetuned) == PAPER_TASKS == list(cli.model.num_classes)
+    # surgery's released schedule: 1000 steps of 16 images per task; the others fit nothing
+    assert (cli.trainer.max_steps, cli.datamodule.batch_size) == ((1000, 16) if surgery else (500, 32))
+
+
 UNSEEN_SPLITS = {  # the paper's two unseen-task splits: seen tasks, unseen tasks
     "unseen_split1": (["sun397", "cars", "resisc45", "svhn", "gtsrb", "dtd"], ["eurosat", "mnist"]),
     "unseen_split2": (["sun397", "cars", "eurosat", "gtsrb", "mnist", "dtd"], ["resisc45", "svhn"]),
