@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_adamerging.benchmarks import finetune, mini
+from lit_adamerging.benchmarks import finetune, mini, passes
 
 TASKS = ("mnist", "fashion_mnist")
 
@@ -206,3 +206,14 @@ def test_heads_frozen_or_trained_jointly(tmp_path, offline_datasets):
     frozen = head("frozen", 3)
     assert torch.equal(frozen, head("frozen", 1))  # the probe, untouched by fine-tuning
     assert not torch.allclose(head("joint", 3), frozen)  # trained with the backbone
+
+
+def test_passes_benchmark_times_every_phase_of_the_real_runs(tiny_zoo, capsys):
+    out, args, _ = tiny_zoo
+    results = passes.main([*args, "--tasks", ",".join(TASKS), "--surgery-steps", "3"])
+    assert list(results) == list(passes.TIMED)
+    assert set(results["task_arithmetic"]) == {"statistics", "evaluation"}
+    assert set(results["task_arithmetic_surgery"]) == {"features", "steps", "statistics", "evaluation"}
+    assert all(value > 0 for phases in results.values() for value in phases.values())
+    printed = capsys.readouterr().out
+    assert "| fisher_merging |" in printed and "| task_arithmetic_surgery |" in printed

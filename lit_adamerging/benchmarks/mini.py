@@ -180,6 +180,16 @@ def base_config(
     }
 
 
+def model_settings(args: argparse.Namespace, preset: str) -> dict[str, Any]:
+    """The benchmark's module settings that the class of method preset ``preset`` takes: the AdaMerging
+    learning rate for AdaMerging only, the task vectors' storage for every module that stacks them."""
+    module = method_module(preset)
+    return {
+        key: value for key, value in (("lr", args.lr), ("task_vector_dtype", args.task_vector_dtype))
+        if key in inspect.signature(module).parameters and (key != "lr" or module is AdaMergingModule)
+    }
+
+
 def run_method(
     method: str, args: argparse.Namespace, tasks: Sequence[str], zoo: dict[str, Path], variant: Variant = Variant()
 ) -> dict[str, float]:
@@ -200,13 +210,8 @@ def run_method(
             )
         method_args = [*method_args, f"--model.coefficients_from={learned}"]
     config_path = run_dir / "base.yaml"
-    module = method_module(method_args[method_args.index("--method") + 1])
-    model_settings = {
-        key: value for key, value in (("lr", args.lr), ("task_vector_dtype", args.task_vector_dtype))
-        # the AdaMerging learning rate is AdaMerging's; other modules take the task vectors' storage only
-        if key in inspect.signature(module).parameters and (key != "lr" or module is AdaMergingModule)
-    }
-    write_text_atomic(config_path, yaml.safe_dump(base_config(args, tasks, zoo, run_dir, variant, model_settings)))
+    settings = model_settings(args, method_args[method_args.index("--method") + 1])
+    write_text_atomic(config_path, yaml.safe_dump(base_config(args, tasks, zoo, run_dir, variant, settings)))
     with quiet_lightning():
         cli = AdaMergingCLI(
             None,  # the module class --method chooses
