@@ -379,3 +379,38 @@ def test_unlabeled_batches_bad_input(trees):
     data.setup("test")
     with pytest.raises(KeyError, match="unknown task 'gamma'"):
         data.num_images("gamma")
+
+
+@pytest.mark.parametrize("cache", ["none", "disk"])
+def test_a_task_learns_from_its_unlabeled_split_and_is_evaluated_on_its_own(tmp_path, trees, cache):
+    root = make_tree(tmp_path / "alpha_more", 3, 5, seed=7)
+    other = ImageFolderTask(root=str(root), preprocess=trees["alpha"].preprocess)
+    options = dict(batch_size=2, eval_batch_size=4, cache=cache, cache_dir=str(tmp_path / "cache"))
+    data = MultiTaskDataModule(trees, unlabeled={"alpha": other}, **options)
+    alone = MultiTaskDataModule({"alpha": other}, **options)
+    plain = MultiTaskDataModule(trees, **options)
+    for module in (data, alone, plain):
+        module.setup("fit")
+    other_images = eval_tensors(alone)[0][0]
+    # what alpha learns from: the other split (15 images), in order and in the fit stream
+    assert data.num_images("alpha") == 15 and data.num_images("beta") == plain.num_images("beta")
+    assert torch.equal(torch.cat([images for _, images in data.unlabeled_batches("alpha")]), other_images)
+    data.trainer = _Stub()
+    fit = data.train_dataloader()["alpha"]
+    for step, batch in zip(range(3), fit):
+        indices = fit.sampler.indices(step)
+        assert torch.equal(data.on_after_batch_transfer({"alpha": batch}, 0)["alpha"], other_images[indices])
+    data.trainer = None
+    # what it is evaluated on: its own test split, as without the option
+    for (images, labels), (expected_images, expected_labels) in zip(eval_tensors(data), eval_tensors(plain)):
+        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+
+
+def test_unlabeled_splits_bad_input(tmp_path, trees):
+    other = ImageFolderTask(root=str(make_tree(tmp_path / "more", 2, 2, seed=3)))
+    with pytest.raises(ValueError, match="'alpha': its unlabeled split has 2 classes but its evaluated split 3"):
+        MultiTaskDataModule(trees, unlabeled={"alpha": other})
+    with pytest.raises(ValueError, match="unlabeled names 'beta', an unseen task, which learns from nothing"):
+        MultiTaskDataModule(trees, unseen_tasks=["beta"], unlabeled={"beta": other})
+    with pytest.raises(ValueError, match="unlabeled names 'gamma', not a task"):
+        MultiTaskDataModule(trees, unlabeled={"gamma": other})

@@ -114,6 +114,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
     draws (the epoch length is counted over the seen tasks only). They still have their validation
     and test loaders. The model needs the same list (the CLI links it, like ``num_classes``).
 
+    The images a method learns from (AdaMerging's fit stream, the passes of Fisher merging, RegMean
+    and surgery: :meth:`unlabeled_batches`) are each task's evaluated split, labels left out (the
+    paper's setting), unless ``unlabeled`` gives a task another split to learn from.
+
     Args:
         tasks: ``{task name: TaskData}``.
         unseen_tasks: names among ``tasks`` to evaluate only (no fine-tuned model merged, no fit
@@ -127,6 +131,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
             runs, shared by the processes of a machine); ``"memory"``: decoded in each process;
             ``"none"``: every image read from its file each time.
         cache_dir: folder of the disk cache.
+        unlabeled: ``{task: TaskData}``, for seen tasks that learn from another split than the one
+            they are evaluated on (e.g. ``ImageFolderTask(root, split="train")``); same class count.
+            Its labels are never read.
     """
 
     def __init__(
@@ -138,6 +145,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         cache: CacheMode = "disk",
         cache_dir: str = "~/.cache/lit_adamerging/decoded",
+        unlabeled: dict[str, TaskData] | None = None,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -163,6 +171,18 @@ class MultiTaskDataModule(pl.LightningDataModule):
             unseen_tasks, self.task_names, "the data's tasks (data.tasks)"
         )
         self.seen_tasks: list[str] = [name for name in self.task_names if name not in self.unseen_tasks]
+        self.unlabeled: dict[str, TaskData] = dict(unlabeled or {})
+        for name, task in self.unlabeled.items():
+            if name not in self.seen_tasks:
+                what = "an unseen task, which learns from nothing" if name in self.unseen_tasks else "not a task"
+                raise ValueError(
+                    f"unlabeled names {name!r}, {what}; give other splits only for the seen tasks {self.seen_tasks}."
+                )
+            if task.num_classes != self.num_classes[name]:
+                raise ValueError(
+                    f"task {name!r}: its unlabeled split has {task.num_classes} classes but its evaluated split "
+                    f"{self.num_classes[name]}; both must be splits of the same task."
+                )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -170,6 +190,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self._test_sets: dict[str, Dataset] = {}
         self._normalizers: dict[str, Preprocess] = {}
+        self._learning_sets: dict[str, Dataset] = {}  # the images each task learns from
+        self._learning_normalizers: dict[str, Preprocess] = {}
         self._built_with: Preprocess | None = None
         # Stores found or built by prepare_data, so setup does not hash the files and read them again.
         self._decoded_sets: dict[tuple[str, Preprocess], DecodedImages] = {}
@@ -181,20 +203,27 @@ class MultiTaskDataModule(pl.LightningDataModule):
         report = getattr(module, "eval_preprocess", None)
         return report() if callable(report) else None
 
-    def _decoded(self, name: str, task: ImageFileTask, preprocess: Preprocess) -> DecodedImages:
-        if (name, preprocess) not in self._decoded_sets:
+    def _decoded(self, key: str, name: str, task: ImageFileTask, preprocess: Preprocess) -> DecodedImages:
+        if (key, preprocess) not in self._decoded_sets:
             cache_dir = self.cache_dir if self.cache == "disk" else None
-            self._decoded_sets[name, preprocess] = decoded_test_set(task, name, preprocess, cache_dir, self.num_workers)
-        return self._decoded_sets[name, preprocess]
+            self._decoded_sets[key, preprocess] = decoded_test_set(task, name, preprocess, cache_dir, self.num_workers)
+        return self._decoded_sets[key, preprocess]
+
+    def _splits(self) -> list[tuple[str, str, TaskData]]:
+        """``(key, task name, TaskData)`` of every split to read: the evaluated ones, then the other unlabeled ones."""
+        return [
+            *((name, name, task) for name, task in self.tasks.items()),
+            *((f"{name} (unlabeled)", name, task) for name, task in self.unlabeled.items()),
+        ]
 
     def prepare_data(self) -> None:
         """Build the disk cache (Lightning calls this once per machine, before :meth:`setup`)."""
         if self.cache != "disk":
             return
         preprocess = self.model_preprocess()
-        for name, task in self.tasks.items():
+        for key, name, task in self._splits():
             if isinstance(task, ImageFileTask):
-                self._decoded(name, task, task.chosen_preprocess(preprocess))
+                self._decoded(key, name, task, task.chosen_preprocess(preprocess))
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -202,19 +231,25 @@ class MultiTaskDataModule(pl.LightningDataModule):
         preprocess = self.model_preprocess()
         if self._test_sets and preprocess == self._built_with:
             return
-        test_sets: dict[str, Dataset] = {}
+        sets: dict[str, Dataset] = {}
         normalizers: dict[str, Preprocess] = {}
-        for name, task in self.tasks.items():
+        for key, name, task in self._splits():
             if isinstance(task, ImageFileTask) and self.cache != "none":
-                normalizers[name] = task.chosen_preprocess(preprocess)
-                dataset = self._decoded(name, task, normalizers[name])
+                normalizers[key] = task.chosen_preprocess(preprocess)
+                dataset = self._decoded(key, name, task, normalizers[key])
             else:
                 dataset = task.test_set(preprocess)
             if len(dataset) == 0:  # type: ignore[arg-type]
-                raise ValueError(f"task {name!r}: its test split is empty; there is nothing to merge on.")
-            test_sets[name] = dataset
-        self._test_sets, self._normalizers, self._built_with = test_sets, normalizers, preprocess
-        self._decoded_sets = {(name, normalizers[name]): test_sets[name] for name in normalizers}  # type: ignore[misc]
+                split = "unlabeled split" if key != name else "test split"
+                raise ValueError(f"task {name!r}: its {split} is empty; there is nothing to merge on.")
+            sets[key] = dataset
+        learning = {name: f"{name} (unlabeled)" if name in self.unlabeled else name for name in self.tasks}
+        self._test_sets = {name: sets[name] for name in self.tasks}
+        self._normalizers = {name: normalizers[name] for name in self.tasks if name in normalizers}
+        self._learning_sets = {name: sets[key] for name, key in learning.items()}
+        self._learning_normalizers = {name: normalizers[key] for name, key in learning.items() if key in normalizers}
+        self._built_with = preprocess
+        self._decoded_sets = {(key, normalizers[key]): sets[key] for key in normalizers}  # type: ignore[misc]
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         if isinstance(dataset, DecodedImages):
@@ -230,7 +265,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> dict[str, DataLoader]:
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         self._check_images_per_process(world_size, "fit")
-        fit_sets = {name: self._test_sets[name] for name in self.seen_tasks}  # unseen tasks: no fit images
+        fit_sets = {name: self._learning_sets[name] for name in self.seen_tasks}  # unseen tasks: no fit images
         steps_per_epoch = max(
             steps_per_pass(len(dataset), self.batch_size, world_size)  # type: ignore[arg-type]
             for dataset in fit_sets.values()
@@ -250,25 +285,26 @@ class MultiTaskDataModule(pl.LightningDataModule):
         return loaders
 
     def num_images(self, task: str) -> int:
-        """The number of images in ``task``'s split (available after :meth:`setup`)."""
-        return len(self._test_set(task))  # type: ignore[arg-type]
+        """The number of images ``task`` learns from (:meth:`unlabeled_batches`; available after :meth:`setup`)."""
+        return len(self._learning_set(task))  # type: ignore[arg-type]
 
-    def _test_set(self, task: str) -> Dataset:
+    def _learning_set(self, task: str) -> Dataset:
         if task not in self.tasks:
             raise KeyError(f"unknown task {task!r}; the data module's tasks are {self.task_names}.")
-        if task not in self._test_sets:
+        if task not in self._learning_sets:
             raise RuntimeError(f"task {task!r}: the data module is not set up yet; call setup() (a Trainer does).")
-        return self._test_sets[task]
+        return self._learning_sets[task]
 
     def unlabeled_batches(self, task: str, device: torch.device | str = "cpu") -> Iterator[tuple[Tensor, Tensor]]:
-        """One pass over ``task``'s images, labels left out: ``(positions, images)`` batches on ``device``.
+        """One pass over the images ``task`` learns from (its ``unlabeled`` split if given, else its evaluated
+        split), labels left out: ``(positions, images)`` batches on ``device``.
 
         The images come in order, ``eval_batch_size`` at a time, normalised as the model expects
         (float32); ``positions`` (int64) are their places in the task's split. Under a Trainer with
         several processes each process gets its own share, each image going to exactly one process
         (no padding). This is how Fisher merging, RegMean and surgery read each task once.
         """
-        dataset = self._test_set(task)
+        dataset = self._learning_set(task)
         images = dataset.images_only() if isinstance(dataset, DecodedImages) else ImagesOnly(dataset)
         world_size = self.trainer.world_size if self.trainer is not None else 1
         sampler = None
@@ -282,8 +318,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         )
         for positions, batch in loader:
             batch = batch.to(device, non_blocking=True)
-            if task in self._normalizers:
-                batch = self._normalizers[task].normalize(batch)
+            if task in self._learning_normalizers:
+                batch = self._learning_normalizers[task].normalize(batch)
             yield positions.to(device), batch
 
     def _fit_inputs(self) -> FitInputs:
@@ -307,11 +343,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self._fit_steps = int(state_dict.get("fit_steps", 0))
 
     def _check_images_per_process(self, world_size: int, stage: str) -> None:
-        for name, dataset in self._test_sets.items():
+        sets = self._test_sets if stage == "evaluate" else {name: self._learning_sets[name] for name in self.seen_tasks}
+        for name, dataset in sets.items():
             if len(dataset) < world_size:  # type: ignore[arg-type]
                 raise ValueError(
-                    f"task {name!r}: its test split has {len(dataset)} images, fewer than the "  # type: ignore[arg-type]
-                    f"{world_size} processes; {stage} on fewer devices."
+                    f"task {name!r}: its {'test' if stage == 'evaluate' else 'unlabeled'} split has {len(dataset)} "  # type: ignore[arg-type]
+                    f"images, fewer than the {world_size} processes; {stage} on fewer devices."
                 )
 
     def _eval_dataloaders(self) -> list[DataLoader]:
@@ -336,13 +373,14 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise the uint8 images of cached tasks on the device (float32, the model's mean and std)."""
-        if not self._normalizers:
+        if not self._normalizers and not self._learning_normalizers:
             return batch
         if isinstance(batch, dict):  # fit: {task: images}, or {task: positions} (fit_inputs "indices")
             if self._fit_inputs() == "indices":
                 return batch
             return {
-                task: self._normalizers[task].normalize(images) if task in self._normalizers else images
+                task: self._learning_normalizers[task].normalize(images) if task in self._learning_normalizers
+                else images
                 for task, images in batch.items()
             }
         task = self.task_names[dataloader_idx]
