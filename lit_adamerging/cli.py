@@ -100,19 +100,23 @@ class _MethodPreset(argparse.Action):
         cfg["config"][-1] = str(method_config(values))
 
 
+def _method_at(args: list[str], index: int) -> str | None:
+    """The shipped method the option at ``args[index]`` names if it is ``--method`` (``--method NAME`` or
+    ``--method=NAME``), else ``None``; an unknown name is left to the parser, which lists the valid ones."""
+    option, _, inline = args[index].partition("=")
+    if option != "--method":
+        return None
+    name = inline or (args[index + 1] if index + 1 < len(args) else "")
+    return name if name in method_names() else None
+
+
 def method_in_args(args: list[str]) -> str | None:
     """The method ``--method`` names on a command line (the last one), ``None`` without one.
 
     Raises:
         ValueError: two ``--method`` options whose methods need different LightningModule classes.
     """
-    names = []
-    for index, arg in enumerate(args):
-        option, _, inline = arg.partition("=")
-        if option == "--method":
-            name = inline or (args[index + 1] if index + 1 < len(args) else "")
-            if name in method_names():  # an unknown name is left to the parser, which lists the valid ones
-                names.append(name)
+    names = [name for index in range(len(args)) if (name := _method_at(args, index)) is not None]
     classes = {method_module(name) for name in names}
     if len(classes) > 1:
         raise ValueError(
@@ -126,20 +130,20 @@ def _check_method_order(args: list[str]) -> None:
     """Refuse ``--model.<key>`` before a ``--method`` whose preset sets that key again (it would be dropped)."""
     given: dict[str, str] = {}  # preset key -> the option that gave it
     for index, arg in enumerate(args):
-        option, _, inline = arg.partition("=")
+        option = arg.partition("=")[0]
         if option.startswith("--model."):
             given[option.removeprefix("--model.")] = option
-        elif option == "--method":
-            name = inline or (args[index + 1] if index + 1 < len(args) else "")
-            if name not in method_names():
-                continue  # the parser names the valid methods
-            overridden = [given[key] for key in method_settings(name) if key in given]
-            if overridden:
-                options, verb = ", ".join(overridden), "comes" if len(overridden) == 1 else "come"
-                raise ValueError(
-                    f"{options} {verb} before --method {name}, whose preset sets it again, so it would be dropped; "
-                    f"give {options} after --method {name}."
-                )
+            continue
+        name = _method_at(args, index)
+        if name is None:
+            continue
+        overridden = [given[key] for key in method_settings(name) if key in given]
+        if overridden:
+            options, verb = ", ".join(overridden), "comes" if len(overridden) == 1 else "come"
+            raise ValueError(
+                f"{options} {verb} before --method {name}, whose preset sets it again, so it would be dropped; "
+                f"give {options} after --method {name}."
+            )
 
 
 class AdaMergingCLI(LightningCLI):

@@ -69,8 +69,6 @@ class StatisticsMergingModule(AdaMergingModule):
         if num_images is not None and num_images < 1:
             raise ValueError(f"num_images must be positive or None (every image), got {num_images}.")
         super().__init__(zoo, num_classes, unseen_tasks, buffer_policy=buffer_policy, **self.FIXED_SETTINGS)
-        # LightningCLI hands save_hyperparameters only the arguments of this class's own signature.
-        self.hparams.update(self.FIXED_SETTINGS)
         self._merged: dict[str, Tensor] | None = None
         self.images_read: dict[str, int] = {}  # per seen task, images this process ran statistics on
 
