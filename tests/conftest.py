@@ -177,15 +177,23 @@ def naive_accuracies(config: dict, coefficients: torch.Tensor) -> dict[str, floa
     ``coefficients`` is ``[tasks, 1]`` (task-wise) or ``[tasks, merged tensors]``, already clamped.
     """
     tasks = {name: SyntheticTask(**spec["init_args"]) for name, spec in config["data"]["tasks"].items()}
-    num_classes = {name: task.num_classes for name, task in tasks.items()}
-    loaded = SyntheticZoo(**config["model"]["zoo"]["init_args"]).load(num_classes)
+    return reference_accuracies(SyntheticZoo(**config["model"]["zoo"]["init_args"]), tasks, list(tasks), coefficients)
+
+
+def reference_accuracies(
+    zoo: SyntheticZoo, tasks: dict[str, SyntheticTask], seen: list[str], coefficients: Tensor
+) -> dict[str, float]:
+    """Every task's accuracy with theta0 + sum over the seen tasks k of lam[k, p] tau[k, p] (a plain loop).
+
+    ``coefficients`` is ``[seen tasks, 1]`` (task-wise) or ``[seen tasks, merged tensors]``, already clamped.
+    """
+    loaded = zoo.load({name: task.num_classes for name, task in tasks.items()})
     theta0 = loaded.encoder.state_dict()
     parameters = {name for name, _ in loaded.encoder.named_parameters()}
-    names = [k for k in theta0 if k in parameters]
     merged = dict(theta0)
-    for p, name in enumerate(names):
+    for p, name in enumerate(key for key in theta0 if key in parameters):
         total = theta0[name].clone()
-        for k, task in enumerate(tasks):
+        for k, task in enumerate(seen):
             lam = coefficients[k, p if coefficients.shape[1] > 1 else 0]
             total += lam * (loaded.finetuned[task][name] - theta0[name])
         merged[name] = total
@@ -196,6 +204,5 @@ def naive_accuracies(config: dict, coefficients: torch.Tensor) -> dict[str, floa
     with torch.no_grad():
         for name, task in tasks.items():
             images, labels = task.test_set().tensors
-            predictions = loaded.heads[name](encoder(images)).argmax(dim=-1)
-            accuracies[name] = (predictions == labels).float().mean().item()
+            accuracies[name] = (loaded.heads[name](encoder(images)).argmax(-1) == labels).float().mean().item()
     return accuracies

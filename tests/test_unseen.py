@@ -21,10 +21,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from conftest import TINY_CONFIG, load_config, printed_metric, run_cli
+from conftest import TINY_CONFIG, load_config, printed_metric, reference_accuracies, run_cli
 from lit_adamerging import AdaMergingModule, ModelZoo, MultiTaskDataModule, SyntheticTask, SyntheticZoo, TaskData
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning.module import COEFFICIENTS_KEY, checkpoint_settings_differences, intended_warnings_ignored
@@ -72,31 +71,6 @@ def fit(tmp_path: Path, tasks: dict[str, TaskData], unseen: list[str], steps: in
     with intended_warnings_ignored():
         trainer.fit(module, datamodule=data)
     return module, data, trainer
-
-
-def reference_accuracies(
-    zoo: SyntheticZoo, tasks: dict[str, TaskData], seen: list[str], coefficients: Tensor
-) -> dict[str, float]:
-    """Every task's accuracy with theta0 + sum over the seen tasks k of lam[k, p] tau[k, p] (a plain loop)."""
-    loaded = zoo.load({name: task.num_classes for name, task in tasks.items()})
-    theta0 = loaded.encoder.state_dict()
-    parameters = {name for name, _ in loaded.encoder.named_parameters()}
-    merged = dict(theta0)
-    for p, name in enumerate(key for key in theta0 if key in parameters):
-        total = theta0[name].clone()
-        for k, task in enumerate(seen):
-            lam = coefficients[k, p if coefficients.shape[1] > 1 else 0]
-            total += lam * (loaded.finetuned[task][name] - theta0[name])
-        merged[name] = total
-    encoder = copy.deepcopy(loaded.encoder)
-    encoder.load_state_dict(merged)
-    encoder.eval()
-    accuracies = {}
-    with torch.no_grad():
-        for name, task in tasks.items():
-            images, labels = task.test_set().tensors
-            accuracies[name] = (loaded.heads[name](encoder(images)).argmax(-1) == labels).float().mean().item()
-    return accuracies
 
 
 # ----------------------------------------------------------------------------- Python API
