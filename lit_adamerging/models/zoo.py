@@ -7,11 +7,13 @@ does the heavy work and is called once, when the LightningModule is set up on it
 from __future__ import annotations
 
 import functools
+import inspect
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -77,6 +79,29 @@ class ModelZoo(ABC):
     ``merged_tasks`` existed (``load(self, num_classes)``) still works for runs without unseen tasks.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> ModelZoo:
+        zoo = super().__new__(cls)
+        try:  # what it was built with, as LightningCLI would store it (unpickling calls __new__ with no arguments)
+            bound = inspect.signature(cls).bind(*args, **kwargs)
+        except TypeError:
+            return zoo
+        bound.apply_defaults()
+        zoo._init_arguments = dict(bound.arguments)
+        return zoo
+
+    def configuration(self) -> dict[str, Any] | None:
+        """``{"class_path": ..., "init_args": {...}}``: the class and the arguments this zoo was built with, as
+        plain data (paths as strings); ``None`` if they are unknown. A checkpoint stores it."""
+        arguments = getattr(self, "_init_arguments", None)
+        if arguments is None:
+            return None
+        cls = type(self)
+        plain = {name: _plain(value) for name, value in arguments.items()}
+        return {
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": {name: value for name, value in plain.items() if value is not _UNREPRESENTABLE},
+        }
+
     @abstractmethod
     def load(self, num_classes: Mapping[str, int], merged_tasks: Collection[str] | None = None) -> LoadedZoo:
         """Load the encoder, a head for each task in ``num_classes``, and the fine-tuned weights of each task in
@@ -88,6 +113,24 @@ class ModelZoo(ABC):
         Tasks without a ``preprocess`` of their own read their images with it.
         """
         return None
+
+
+_UNREPRESENTABLE = object()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as the plain data a config file would hold (paths as strings); ``_UNREPRESENTABLE`` otherwise."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item) for item in value]
+        return _UNREPRESENTABLE if any(item is _UNREPRESENTABLE for item in items) else items
+    if isinstance(value, Mapping):
+        entries = {str(key): _plain(item) for key, item in value.items()}
+        return _UNREPRESENTABLE if any(item is _UNREPRESENTABLE for item in entries.values()) else entries
+    return _UNREPRESENTABLE
 
 
 def merged_task_list(num_classes: Mapping[str, int], merged_tasks: Collection[str] | None) -> list[str]:
