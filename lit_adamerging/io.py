@@ -4,7 +4,8 @@ A file is written under a temporary name next to its destination, ``.<name>.<hos
 flushed to disk and renamed over the destination. A writer killed mid-write (``kill -9``, out of
 memory) leaves its temporary file behind; the next write to the same destination removes the ones
 whose writer is gone (written on this host by a process that no longer runs), never one that a
-running process is still writing. :func:`atomic_directory` does the same for a whole folder.
+running process is still writing. :func:`atomic_directory` does the same for a whole folder, and
+:func:`write_all_atomic` for several files that must change together.
 """
 
 from __future__ import annotations
@@ -33,21 +34,97 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     were killed are removed before the new one is created.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    temporary = _temporary_name(path)
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0o666 & ~umask, as open() gives
+    temporary = _new_temporary(path)
     try:
         yield temporary
-        handle = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(handle)  # the data reaches the disk before the name does
-        finally:
-            os.close(handle)
+        _fsync(temporary)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_all_atomic(writers: Mapping[str | Path, Callable[[str], None]]) -> list[Path]:
+    """Write several files, all of them or none: ``write(temporary_path)`` for each destination, then every
+    temporary file renamed over its destination, in order.
+
+    If a write fails, no destination is touched. If a rename fails (the destination turned into a folder,
+    the disk went read-only), the destinations already replaced get back what they held before (a hard
+    link, or a copy, of each old file is kept until every rename succeeded) or are removed if they were
+    new; the error is raised. Temporary files are removed either way.
+    """
+    destinations = [Path(path) for path in writers]
+    if len({os.path.abspath(path) for path in destinations}) != len(destinations):
+        raise ValueError(f"write_all_atomic: a destination is given twice in {[str(p) for p in destinations]}.")
+    temporaries: dict[Path, Path] = {}
+    replaced: list[tuple[Path, Path | None]] = []  # destination, and the backup of what it held (None: new)
+    try:
+        for destination, write in zip(destinations, writers.values()):
+            temporaries[destination] = _new_temporary(destination)
+            write(str(temporaries[destination]))
+            _fsync(temporaries[destination])
+        for destination in destinations:
+            backup = _backup(destination)
+            try:
+                os.replace(temporaries[destination], destination)
+            except BaseException:
+                if backup is not None:
+                    backup.unlink(missing_ok=True)
+                raise
+            del temporaries[destination]
+            replaced.append((destination, backup))
+    except BaseException:
+        _roll_back(replaced)
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
+        raise
+    for _, backup in replaced:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+    return destinations
+
+
+def _new_temporary(path: Path) -> Path:
+    """An empty temporary file next to ``path`` (its folder created), after removing those of dead writers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    temporary = _temporary_name(path)
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0o666 & ~umask, as open() gives
+    return temporary
+
+
+def _fsync(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)  # the data reaches the disk before the name does
+    finally:
+        os.close(handle)
+
+
+def _backup(path: Path) -> Path | None:
+    """A second name (hard link, else copy) for the file at ``path``, so that it can be put back; ``None``
+    when there is no file there."""
+    if not os.path.lexists(path) or path.is_dir():
+        return None
+    backup = _temporary_name(path)
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except OSError:  # a file system without hard links
+        shutil.copy2(path, backup, follow_symlinks=False)
+    return backup
+
+
+def _roll_back(replaced: list[tuple[Path, Path | None]]) -> None:
+    """Put back what the replaced destinations held, latest first; a failure to do so is logged, not raised
+    (the error that caused the roll-back is the one to report)."""
+    for destination, backup in reversed(replaced):
+        try:
+            if backup is None:
+                destination.unlink(missing_ok=True)
+            else:
+                os.replace(backup, destination)
+        except OSError as error:
+            log.error("could not restore %s after a failed write of several files: %s", destination, error)
 
 
 @contextmanager
@@ -139,12 +216,21 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def save_state_dict(state: Mapping[str, Tensor], path: str | Path) -> Path:
     """Write ``state`` to ``path`` (``.safetensors``, or ``.pt``/``.pth`` through ``torch.save``) atomically."""
-    path = Path(path)
+    return write_atomic(path, _state_dict_writer(state, Path(path)))
+
+
+def save_state_dicts(states: Mapping[str | Path, Mapping[str, Tensor]]) -> list[Path]:
+    """Write ``{path: state}`` as :func:`save_state_dict` does, all of them or none (:func:`write_all_atomic`)."""
+    return write_all_atomic({path: _state_dict_writer(state, Path(path)) for path, state in states.items()})
+
+
+def _state_dict_writer(state: Mapping[str, Tensor], path: Path) -> Callable[[str], None]:
+    """What writes ``state`` to a temporary file, in ``path``'s format."""
     if path.suffix not in (".safetensors", ".pt", ".pth"):
         raise ValueError(f"{path}: choose a .safetensors, .pt or .pth file name for the state dict.")
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        return write_atomic(path, lambda temporary: save_file(tensors, temporary))
-    return write_atomic(path, lambda temporary: torch.save(tensors, temporary))
+        return lambda temporary: save_file(tensors, temporary)
+    return lambda temporary: torch.save(tensors, temporary)

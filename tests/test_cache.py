@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -414,3 +415,34 @@ def test_unlabeled_splits_bad_input(tmp_path, trees):
         MultiTaskDataModule(trees, unseen_tasks=["beta"], unlabeled={"beta": other})
     with pytest.raises(ValueError, match="unlabeled names 'gamma', not a task"):
         MultiTaskDataModule(trees, unlabeled={"gamma": other})
+
+
+def test_disk_cache_serves_the_new_images_behind_a_symlinked_class_folder(tmp_path):
+    make_tree(tmp_path / "ds", 1, 3, seed=6)  # ds/test/c0, a real folder
+    behind = make_tree(tmp_path / "behind", 1, 4, seed=7) / "test" / "c0"
+    link = tmp_path / "ds" / "test" / "c1"
+    link.symlink_to(behind, target_is_directory=True)
+    cache_dir = tmp_path / "cache"
+
+    def served_and_fresh() -> tuple[torch.Tensor, torch.Tensor]:
+        """The images the disk cache serves, and those decoded from the files now (no cache), both normalised."""
+        preprocess = Preprocess(image_size=12)
+        data = MultiTaskDataModule({"alpha": ImageFolderTask(str(tmp_path / "ds"), preprocess=preprocess)},
+                                   cache="disk", cache_dir=str(cache_dir))
+        data.setup("test")
+        fresh = ImageFolderTask(str(tmp_path / "ds"), preprocess=preprocess).test_set()
+        return eval_tensors(data)[0][0], torch.stack([image for image, _ in fresh])
+
+    first, fresh = served_and_fresh()
+    assert first.shape[0] == 7 and torch.equal(first, fresh)
+    make_tree(tmp_path / "changed", 1, 4, seed=8)
+    for image in (tmp_path / "changed" / "test" / "c0").iterdir():  # the images behind the link change
+        shutil.copyfile(image, behind / image.name)
+    changed, fresh = served_and_fresh()
+    assert torch.equal(changed, fresh) and not torch.equal(changed[3:], first[3:])
+    assert torch.equal(changed[:3], first[:3])  # the real folder's images are as they were
+    link.unlink()  # the link is pointed elsewhere
+    link.symlink_to(make_tree(tmp_path / "elsewhere", 1, 4, seed=9) / "test" / "c0", target_is_directory=True)
+    repointed, fresh = served_and_fresh()
+    assert torch.equal(repointed, fresh) and not torch.equal(repointed[3:], changed[3:])
+    assert len(list(cache_dir.glob("*.json"))) == 3  # one store per state of the files

@@ -12,7 +12,8 @@ from lit_adamerging._lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "lit_adamerging.data.datamodule": ["MultiTaskDataModule"],
     "lit_adamerging.data.datasets": [
-        "ImageFolderTask", "TorchvisionTask", "eurosat_split_indices", "eurosat_test_indices", "sun397_test_indices",
+        "ImageFolderTask", "ImageReadError", "TorchvisionTask", "eurosat_split_indices", "eurosat_test_indices",
+        "sun397_test_indices",
     ],
     "lit_adamerging.data.tasks": ["ImagesOnly", "SyntheticTask", "TaskData"],
 })
@@ -20,6 +21,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
 if TYPE_CHECKING:
     from lit_adamerging.data.datamodule import MultiTaskDataModule as MultiTaskDataModule
     from lit_adamerging.data.datasets import ImageFolderTask as ImageFolderTask
+    from lit_adamerging.data.datasets import ImageReadError as ImageReadError
     from lit_adamerging.data.datasets import TorchvisionTask as TorchvisionTask
     from lit_adamerging.data.datasets import eurosat_split_indices as eurosat_split_indices
     from lit_adamerging.data.datasets import eurosat_test_indices as eurosat_test_indices

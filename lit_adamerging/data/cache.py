@@ -12,7 +12,8 @@ in-place write to an image changes that process's copy, never the file) and ``<n
 size, labels). Both are written atomically (:func:`~lit_adamerging.io.atomic_path`); the JSON comes
 last, so its presence marks a complete store, and an interrupted build leaves nothing behind that
 gets read (its temporary file is removed by the next build).
-The name holds a hash of the task's files (:meth:`ImageFileTask.source_key`), of the geometric
+The name holds a hash of the task's files (:meth:`ImageFileTask.source_key`; symbolic links followed, so
+images changed behind a linked folder are seen), of the geometric
 preprocessing, of the Pillow and torchvision versions and, for a corrupted task, of its corruption,
 severity, seed and the corruption library's version (:meth:`ImageFileTask.corruption_settings`):
 change any and the store is rebuilt. A corrupted split is thus computed once and then reused.
@@ -25,7 +26,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,7 +36,7 @@ import torchvision
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lit_adamerging.data.datasets import ImageFileTask
+from lit_adamerging.data.datasets import ImageFileTask, ImageReadError
 from lit_adamerging.io import atomic_path, write_text_atomic
 from lit_adamerging.models.preprocess import Preprocess
 
@@ -173,7 +174,7 @@ def _decode(dataset: Dataset, task_name: str, num_workers: int, writer: BinaryIO
     done = reported = 0
     # Its own generator: building the cache must not draw from the global RNG (the run's shuffles stay the same).
     loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, generator=torch.Generator())
-    for batch_images, batch_labels in loader:
+    for batch_images, batch_labels in _named_errors(loader, task_name):
         if writer is None:
             images.append(batch_images)
         else:
@@ -187,6 +188,14 @@ def _decode(dataset: Dataset, task_name: str, num_workers: int, writer: BinaryIO
     if writer is None:
         return torch.cat(images), all_labels
     return (total, *batch_images.shape[1:]), all_labels
+
+
+def _named_errors(loader: DataLoader, task_name: str) -> Iterator[Any]:
+    """``loader``'s batches; an image file it cannot decode is reported with the task's name."""
+    try:
+        yield from loader
+    except ImageReadError as error:
+        raise error.in_task(task_name) from error
 
 
 def _read_store(data_path: Path, meta_path: Path) -> DecodedImages | None:

@@ -13,9 +13,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lit_adamerging.data.cache import DecodedImages, collate_batch, decoded_test_set
-from lit_adamerging.data.datasets import ImageFileTask
+from lit_adamerging.data.datasets import ImageFileTask, ImageReadError
 from lit_adamerging.data.sampling import FitStreamSampler, steps_per_pass
-from lit_adamerging.data.tasks import ImagesOnly, TaskData
+from lit_adamerging.data.tasks import ImagesOnly, TaskData, check_task_name
 from lit_adamerging.models.preprocess import Preprocess
 
 CacheMode = Literal["disk", "memory", "none"]
@@ -53,6 +53,23 @@ class _Numbered(Dataset):
         else:
             images = torch.stack([self.images[index] for index in indices])
         return torch.tensor(indices), images
+
+
+class _NamedTask(Dataset):
+    """A task's uncached image files: an unreadable one is reported with the task's name."""
+
+    def __init__(self, dataset: Dataset, task: str) -> None:
+        self.dataset = dataset
+        self.task = task
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except ImageReadError as error:
+            raise error.in_task(self.task) from error
 
 
 def checked_unseen_tasks(unseen_tasks: Sequence[str], task_names: Sequence[str] | None, where: str) -> list[str]:
@@ -119,7 +136,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
     paper's setting), unless ``unlabeled`` gives a task another split to learn from.
 
     Args:
-        tasks: ``{task name: TaskData}``.
+        tasks: ``{task name: TaskData}``. A name may not be one of the logged means' names
+            (:data:`~lit_adamerging.data.tasks.AVERAGE_NAMES`: ``avg``, ``avg_seen``, ``avg_unseen``) nor hold
+            ``/``, ``.`` or unprintable characters (:func:`~lit_adamerging.data.tasks.check_task_name`).
         unseen_tasks: names among ``tasks`` to evaluate only (no fine-tuned model merged, no fit
             images); at least one task must stay seen. Kept in task order.
         batch_size: images per task per training step. The default 16 is one batch of the paper's
@@ -158,6 +177,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             raise ValueError(f"cache must be 'disk', 'memory' or 'none', got {cache!r}.")
         by_lowercase: dict[str, str] = {}
         for name in tasks:
+            check_task_name(name)
             if name.lower() in by_lowercase:
                 raise ValueError(
                     f"task names {by_lowercase[name.lower()]!r} and {name!r} differ only in case; give each task "
@@ -239,6 +259,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
                 dataset = self._decoded(key, name, task, normalizers[key])
             else:
                 dataset = task.test_set(preprocess)
+                if isinstance(task, ImageFileTask):
+                    dataset = _NamedTask(dataset, name)
             if len(dataset) == 0:  # type: ignore[arg-type]
                 split = "unlabeled split" if key != name else "test split"
                 raise ValueError(f"task {name!r}: its {split} is empty; there is nothing to merge on.")
@@ -303,6 +325,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
         (float32); ``positions`` (int64) are their places in the task's split. Under a Trainer with
         several processes each process gets its own share, each image going to exactly one process
         (no padding). This is how Fisher merging, RegMean and surgery read each task once.
+
+        Raises:
+            ValueError: a batch holds an image with NaN or infinite values (the message names the task and
+                the images' positions): statistics computed from it would be NaN or infinite.
         """
         dataset = self._learning_set(task)
         images = dataset.images_only() if isinstance(dataset, DecodedImages) else ImagesOnly(dataset)
@@ -320,6 +346,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             batch = batch.to(device, non_blocking=True)
             if task in self._learning_normalizers:
                 batch = self._learning_normalizers[task].normalize(batch)
+            _check_finite_images(task, positions, batch)
             yield positions.to(device), batch
 
     def _fit_inputs(self) -> FitInputs:
@@ -389,3 +416,18 @@ class MultiTaskDataModule(pl.LightningDataModule):
         images, labels = batch
         return self._normalizers[task].normalize(images), labels
 
+
+def _check_finite_images(task: str, positions: Tensor, images: Tensor) -> None:
+    """A ``ValueError`` naming ``task`` and the positions of its images that hold NaN or infinite values."""
+    if not images.is_floating_point():
+        return
+    finite = images.isfinite().flatten(1).all(dim=1).cpu()
+    if bool(finite.all()):
+        return
+    bad = positions.cpu()[~finite].tolist()
+    shown = ", ".join(map(str, bad[:10])) + (f", ... ({len(bad)} in this batch)" if len(bad) > 10 else "")
+    raise ValueError(
+        f"task {task!r}: the image(s) at position(s) {shown} of the split it learns from hold NaN or infinite "
+        "values, so statistics computed from them (Fisher, Gram matrices, features) would not be finite. Fix or "
+        "remove those images, or have the task's dataset return finite pixel values."
+    )

@@ -31,6 +31,7 @@ keeps the corrupted split.
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Collection, Sequence
@@ -59,6 +60,7 @@ __all__ = [
     "TORCHVISION_NUM_CLASSES",
     "ImageFileTask",
     "ImageFolderTask",
+    "ImageReadError",
     "TorchvisionTask",
     "eurosat_split_indices",
     "eurosat_test_indices",
@@ -86,15 +88,38 @@ def _check_preprocess(owner: str, preprocess: Any) -> Preprocess | None:
 
 
 def fingerprint(*paths: Path) -> str:
-    """SHA-256 of the names, sizes and modification times of every file under ``paths`` (files or folders)."""
+    """SHA-256 of the names, sizes and modification times of every file under ``paths`` (files or folders).
+
+    Symbolic links are followed, to files and to folders: a file is keyed by its target's real path, size
+    and time, so a task whose class folder links elsewhere gets a new fingerprint when the images behind
+    the link change or the link is pointed elsewhere.
+    """
     digest = hashlib.sha256()
     for top in paths:
         top = top.expanduser()
-        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
-        for path in files:
-            stat = path.stat()
-            digest.update(f"{path.relative_to(top.parent).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        for path in _files_under(top):
+            stat = path.stat()  # follows links: the target's size and time
+            shown = path.relative_to(top.parent).as_posix()
+            digest.update(f"{shown}\0{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def _files_under(top: Path) -> list[Path]:
+    """``top`` if it is a file, else the files under it in sorted order, through linked folders (each folder
+    once, so a link back up the tree cannot loop)."""
+    if top.is_file():
+        return [top]
+    files: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for folder, subfolders, names in os.walk(top, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        subfolders.sort()
+        files.extend(path for path in (Path(folder) / name for name in names) if path.is_file())
+    return sorted(files)
 
 
 class ImageFileTask(TaskData):
@@ -190,10 +215,52 @@ class ImageFileTask(TaskData):
 # --------------------------------------------------------------------------------------------- #
 
 
+class ImageReadError(OSError):
+    """An image file cannot be decoded: damaged, truncated, not an image, or too many pixels (a decompression
+    bomb). The message names the file and says what to do; the data module adds the task's name."""
+
+    def in_task(self, task: str) -> ImageReadError:
+        """The same error, naming the task whose image it is."""
+        return ImageReadError(f"task {task!r}: {self}")
+
+
+# What decoding a file may raise: Pillow's errors (OSError, UnidentifiedImageError, SyntaxError and EOFError
+# from damaged data, ValueError from odd modes) and its decompression-bomb error, or its warning when a
+# caller's filters turn warnings into errors.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+                  Image.DecompressionBombWarning)  # fmt: skip
+
+
 def read_rgb(path: str | Path) -> Image.Image:
-    """The image file at ``path`` decoded (truncated files fail here) as 8-bit RGB (16-bit grayscale scaled)."""
+    """The image file at ``path`` decoded (truncated files fail here) as 8-bit RGB (16-bit grayscale scaled).
+
+    Raises:
+        PIL.Image.DecompressionBombError: the file declares more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``
+            (read when called, never changed here). Pillow itself only warns up to twice that limit and
+            decodes the image; here that is an error too: such an image costs hundreds of megabytes per
+            decode in every worker only to be resized to a few hundred pixels, a merging dataset has none,
+            and the warning would be lost in a DataLoader worker's log. Whoever trusts such files raises
+            the limit in their own script.
+    """
     with Image.open(path) as opened:
+        limit = Image.MAX_IMAGE_PIXELS
+        width, height = opened.size
+        if limit is not None and width * height > limit:
+            raise Image.DecompressionBombError(
+                f"it declares {width} x {height} = {width * height} pixels, more than Pillow's limit of {limit} "
+                "(PIL.Image.MAX_IMAGE_PIXELS), so it may be a decompression bomb"
+            )
         return to_rgb(opened)
+
+
+def unreadable_image(path: str | Path, error: BaseException, where: str = "") -> ImageReadError:
+    """The :class:`ImageReadError` for ``path`` that failed to decode with ``error``: what went wrong and what to do."""
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        advice = ("replace it with a downscaled copy (the model sees a few hundred pixels a side), or remove it "
+                  "from the dataset")
+    else:
+        advice = "the file is damaged, truncated or not an image: replace it with an intact copy, or remove it"
+    return ImageReadError(f"cannot read image file {str(path)!r}{where}: {str(error).rstrip('.')}; {advice}.")
 
 
 class _ImageList(Dataset):
@@ -210,8 +277,8 @@ class _ImageList(Dataset):
         path, label = self.samples[index]
         try:
             image = read_rgb(path)
-        except (OSError, ValueError, SyntaxError) as error:
-            raise OSError(f"cannot read image file {str(path)!r} (item {index}): {error}") from error
+        except _DECODE_ERRORS as error:
+            raise unreadable_image(path, error, f" (item {index})") from error
         return self.transform(image), label
 
 
@@ -244,8 +311,24 @@ class _IntLabels(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         if self.indices is not None:
             index = self.indices[index]
-        image, label = self.dataset[index]
+        try:
+            image, label = self.dataset[index]
+        except _DECODE_ERRORS as error:
+            path = _item_file(self.dataset, index)
+            if path is None:  # not a dataset of image files: the error is not about one
+                raise
+            raise unreadable_image(path, error, f" (item {index} of torchvision's dataset)") from error
         return image, int(label)
+
+
+def _item_file(dataset: Any, index: int) -> str | None:
+    """The image file of item ``index`` of a torchvision dataset that lists its files, else ``None``."""
+    for attribute in ("samples", "_samples", "_image_files"):  # ImageFolder/EuroSAT; GTSRB, Cars; DTD, SUN397
+        items = getattr(dataset, attribute, None)
+        if isinstance(items, list) and 0 <= index < len(items):
+            item = items[index]
+            return str(item[0] if isinstance(item, tuple) else item)
+    return None
 
 
 def _visible(path: Path) -> bool:
@@ -297,7 +380,8 @@ class ImageFolderTask(ImageFileTask):
         FileNotFoundError: ``root`` or ``root/split`` is missing.
         ValueError: ``root/split`` has no class folders, a class folder has no images, or the class
             names file's line count differs from the class folder count.
-        OSError: (when an item is loaded) its image file cannot be read.
+        ImageReadError: (an OSError, when an item is loaded) its image file cannot be decoded: damaged,
+            truncated, not an image, or more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (see :func:`read_rgb`).
     """
 
     def __init__(

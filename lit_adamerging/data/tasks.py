@@ -10,6 +10,34 @@ from torch.utils.data import Dataset, TensorDataset
 
 from lit_adamerging.models.preprocess import Preprocess
 
+AVERAGE_NAMES: tuple[str, ...] = ("avg", "avg_seen", "avg_unseen")
+"""What :class:`~lit_adamerging.PerTaskAccuracy` logs its means under (``<stage>/acc/avg``, over every task;
+``avg_seen`` and ``avg_unseen``), beside each task's ``<stage>/acc/<task>``: no task may bear one of these names."""
+
+FORBIDDEN_IN_TASK_NAMES: tuple[str, ...] = ("/", ".")
+"""Characters a task name may not hold: ``/`` nests metric names (``test/acc/<task>``), ``.`` separates module
+names (the heads and surgery maps are kept under the task's name)."""
+
+
+def check_task_name(name: object) -> str:
+    """``name`` if it can name a task; else a ``ValueError`` naming it and the rule it breaks."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"task name {name!r} is not a non-empty string; name each task with a word such as 'mnist'.")
+    if name in AVERAGE_NAMES:
+        raise ValueError(
+            f"task name {name!r} is reserved: the means of the accuracies are logged as <stage>/acc/<name> under "
+            f"the reserved names {', '.join(AVERAGE_NAMES)}, so this task's own accuracy would be hidden behind a "
+            f"mean. Rename the task (e.g. {name + '_task'!r})."
+        )
+    bad = sorted({char for char in name if char in FORBIDDEN_IN_TASK_NAMES or not char.isprintable()})
+    if bad:
+        raise ValueError(
+            f"task name {name!r} holds {', '.join(map(repr, bad))}: a task name becomes part of metric names "
+            f"(<stage>/acc/<task>) and module names, which {' and '.join(map(repr, FORBIDDEN_IN_TASK_NAMES))} and "
+            "unprintable characters break. Rename the task with letters, digits, '_' or '-'."
+        )
+    return name
+
 
 class TaskData(ABC):
     """One task's labeled test split: a dataset of ``(image tensor, label)`` and its class count."""

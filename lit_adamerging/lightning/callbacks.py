@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_adamerging.io import save_state_dict
+from lit_adamerging.data.tasks import AVERAGE_NAMES
+from lit_adamerging.io import save_state_dicts
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -27,8 +28,9 @@ class PerTaskAccuracy(pl.Callback):
     ``test``); with unseen tasks (``pl_module.unseen_tasks``) also the means over the seen tasks,
     ``<stage>/acc/avg_seen``, and over the unseen ones, ``<stage>/acc/avg_unseen``. One
     torchmetrics metric per task (class counts differ); under DDP ``compute()`` gathers the counts
-    of every process. :class:`AdaMergingModule` adds this callback when none
-    is configured.
+    of every process. The names of the means (:data:`~lit_adamerging.data.tasks.AVERAGE_NAMES`) are refused
+    as task names by :class:`~lit_adamerging.MultiTaskDataModule`. :class:`AdaMergingModule` adds this
+    callback when none is configured.
     """
 
     def __init__(self, top_k: int = 1) -> None:
@@ -74,10 +76,11 @@ class PerTaskAccuracy(pl.Callback):
         for task, metric in self._metrics.items():
             if metric.update_called:  # a loader that ended before its announced length
                 self._log_task(pl_module, stage, task)
-        groups = {"avg": list(self._accuracies)}
+        every, seen, unseen = AVERAGE_NAMES  # the data module refuses tasks of these names
+        groups = {every: list(self._accuracies)}
         if pl_module.unseen_tasks:
-            groups["avg_seen"] = [task for task in self._accuracies if task not in pl_module.unseen_tasks]
-            groups["avg_unseen"] = [task for task in self._accuracies if task in pl_module.unseen_tasks]
+            groups[seen] = [task for task in self._accuracies if task not in pl_module.unseen_tasks]
+            groups[unseen] = [task for task in self._accuracies if task in pl_module.unseen_tasks]
         for name, tasks in groups.items():
             if tasks:
                 average = torch.stack([self._accuracies[task] for task in tasks]).mean()
@@ -162,7 +165,8 @@ class ExportMergedEncoder(pl.Callback):
     merged encoder holding NaN or infinite values is never written (an error names its tensors).
     A model with Representation Surgery (:class:`~lit_adamerging.lightning.surgery.SurgeryModule`)
     also gets its surgery maps written beside it, to :attr:`surgery_path` (read them back with
-    :meth:`~lit_adamerging.merging.surgery.SurgeryModules.from_plain_state_dict`).
+    :meth:`~lit_adamerging.merging.surgery.SurgeryModules.from_plain_state_dict`); both paths are
+    checked when the run starts, and the two files are written together or not at all.
 
     Args:
         path: ``.safetensors`` (default choice) or ``.pt``/``.pth``; written atomically.
@@ -174,26 +178,20 @@ class ExportMergedEncoder(pl.Callback):
         self.path = path
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
-        """Fail now if the export path cannot be written: it is a folder, or lies under a file or a read-only folder."""
-        path = Path(self.path).absolute()
-        if path.is_dir():
-            raise ValueError(
-                f"export path {self.path!r} is a folder; give a file name ending in .safetensors, .pt or .pth."
+        """Fail now, before any step, if a file to write cannot be: it is a folder, or lies under a file or a
+        read-only folder (the encoder's path, and the surgery maps' for a model with surgery)."""
+        _check_writable(self.path, "export path", "give a file name ending in .safetensors, .pt or .pth")
+        if _has_surgery(pl_module):
+            _check_writable(
+                self.surgery_path, "the surgery maps' export path",
+                "move it away, or give ExportMergedEncoder another path (the maps go beside it, to "
+                "<stem>.surgery<suffix>)",
             )
-        existing = path.parent
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir():
-            raise ValueError(
-                f"export path {self.path!r} cannot be written: {existing} is a file, not a folder. Choose another path."
-            )
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"export path {self.path!r} cannot be written: the folder {existing} is not writable.")
 
     def _export(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if trainer.is_global_zero:
             files = {self.path: ("the merged encoder", pl_module.merged_state_dict())}
-            if callable(getattr(pl_module, "surgery_state_dict", None)):
+            if _has_surgery(pl_module):
                 files[self.surgery_path] = ("the surgery maps", pl_module.surgery_state_dict())
             for path, (what, state) in files.items():
                 bad = [
@@ -206,8 +204,7 @@ class ExportMergedEncoder(pl.Callback):
                         f"exported to {path}, nor anything else. Check the coefficients, the fine-tuned weights and "
                         "the training loss."
                     )
-            for path, (_, state) in files.items():
-                save_state_dict(state, path)
+            save_state_dicts({path: state for path, (_, state) in files.items()})  # both files or neither
 
     @property
     def surgery_path(self) -> str:
@@ -220,3 +217,22 @@ class ExportMergedEncoder(pl.Callback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._export(trainer, pl_module)
+
+
+def _has_surgery(pl_module: Any) -> bool:
+    return callable(getattr(pl_module, "surgery_state_dict", None))
+
+
+def _check_writable(path: str, what: str, advice: str) -> None:
+    """A ``ValueError`` naming ``path`` if a file cannot be written there: a folder is in the way, a file stands
+    where a folder must be, or the folder that would hold it is not writable."""
+    absolute = Path(path).absolute()
+    if absolute.is_dir():
+        raise ValueError(f"{what} {path!r} is a folder; {advice}.")
+    existing = absolute.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path!r} cannot be written: {existing} is a file, not a folder. Choose another path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path!r} cannot be written: the folder {existing} is not writable.")

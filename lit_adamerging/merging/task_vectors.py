@@ -86,7 +86,8 @@ def stack_task_vectors(
             read once, in order, so a mapping that loads a state dict on access keeps one in memory at a time.
         buffers: the keys of ``pretrained`` that are buffers, not parameters (see :data:`BufferPolicy`).
         buffer_policy: what to do with floating-point buffers.
-        dtype: storage dtype of the stacked vectors (``torch.bfloat16`` halves their memory).
+        dtype: storage dtype of the stacked vectors (``torch.bfloat16`` halves their memory; an entry that
+            overflows it, as float16's 65504 can be, is a :class:`TaskVectorError`).
 
     Returns:
         ``{key: Tensor[T, *shape]}`` in the key order of ``pretrained``, tasks in the order of ``finetuned``;
@@ -136,7 +137,25 @@ def _fill_row(
     for key, rows in stacked.items():
         base = pretrained[key]
         _check_finite(state[key], f"task {task!r}, key {key!r}")
-        rows[row].copy_(state[key].to(base.device, torch.float32) - base.float())
+        vector = state[key].to(base.device, torch.float32) - base.float()
+        rows[row].copy_(vector)
+        if torch.finfo(rows.dtype).max < torch.finfo(torch.float32).max:  # float16, bfloat16: may overflow
+            _check_cast(vector, rows[row], task, key)
+
+
+def _check_cast(vector: Tensor, stored: Tensor, task: str, key: str) -> None:
+    """A :class:`TaskVectorError` if storing ``vector`` in ``stored``'s dtype turned finite entries into infinities."""
+    overflowed = vector.isfinite() & ~stored.isfinite()
+    if not bool(overflowed.any()):
+        return
+    largest = float(vector[overflowed].abs().max())
+    dtype = str(stored.dtype).removeprefix("torch.")
+    raise TaskVectorError(
+        f"task {task!r}, key {key!r}: the task vector holds entries up to {largest:.6g} in magnitude, beyond "
+        f"{dtype}'s largest finite value {torch.finfo(stored.dtype).max:.6g}, so {int(overflowed.sum())} of them "
+        f"would be stored as infinities. Store the task vectors as bfloat16 (float32's range in half the memory) "
+        "or float32 (task_vector_dtype / dtype)."
+    )
 
 
 def empty_stacked(like: Mapping[str, Tensor], num_tasks: int, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
