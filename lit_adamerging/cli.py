@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -41,17 +42,13 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.data import MultiTaskDataModule
 from lit_adamerging.lightning import AdaMergingModule
-from lit_adamerging.lightning.module import (
-    USER_ONLY_ZOO_ARGS,
-    check_checkpoint_settings,
-    intended_warnings_ignored,
-    read_adamerging_checkpoint,
-)
-from lit_adamerging.methods import method_config, method_module, method_names, method_settings
+from lit_adamerging.lightning.checkpoint_io import fetch_checkpoint, load_checkpoint, private_copy
+from lit_adamerging.lightning.module import USER_ONLY_ZOO_ARGS, check_checkpoint_settings, intended_warnings_ignored
+from lit_adamerging.methods import method_config, method_learns, method_module, method_names, method_settings
 
 # Settings the model takes from the data module (the tasks, which are unseen): never from a checkpoint.
 DATA_SETTINGS = ("num_classes", "unseen_tasks")
-# ckpt_path values the Trainer resolves itself (no file named on the command line).
+# ckpt_path values the Trainer resolves to a file itself (read then through SafeCheckpointIO).
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc")
 
 
@@ -89,6 +86,28 @@ def install_strict_yaml_loader() -> None:
 
     strict_yaml_load.rejects_duplicate_keys = True  # type: ignore[attr-defined]
     set_loader("yaml", strict_yaml_load, exceptions=(yaml.YAMLError,))
+
+
+def check_config_files(args: list[str]) -> None:
+    """Parse every YAML file named on the command line (``--config FILE``, ``--data=FILE``, ...) once beforehand, so
+    that a syntax error or a key given twice is reported with the file's name, line and column.
+
+    Raises:
+        ValueError: a file is not valid YAML or gives a key twice.
+    """
+    for arg in args:
+        value = arg.partition("=")[2] if arg.startswith("--") and "=" in arg else arg
+        path = Path(value).expanduser()
+        if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
+            continue
+        with path.open(encoding="utf-8") as stream:
+            try:
+                for document in yaml.compose_all(stream, Loader=yaml.SafeLoader):
+                    _reject_duplicate_keys(document)
+            except DuplicateKeyError as error:
+                raise ValueError(f"{path}: {error}") from None
+            except yaml.YAMLError as error:
+                raise ValueError(f"{path} is not valid YAML: {error}") from None
 
 
 class _MethodPreset(argparse.Action):
@@ -158,6 +177,7 @@ class AdaMergingCLI(LightningCLI):
     """
 
     _checkpoint: dict[str, Any] | None = None
+    _checkpoint_copy: str | None = None  # where the checked bytes of --ckpt_path were copied for the Trainer
 
     def __init__(
         self,
@@ -172,6 +192,7 @@ class AdaMergingCLI(LightningCLI):
         command_line = kwargs.get("args")
         given = sys.argv[1:] if command_line is None else command_line
         method = method_in_args([str(arg) for arg in given]) if isinstance(given, list) else None
+        self._method = method
         chosen = method_module(method) if method is not None else model_class or AdaMergingModule
         if model_class is not None and not issubclass(chosen, model_class):
             raise ValueError(
@@ -199,7 +220,12 @@ class AdaMergingCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse as LightningCLI does, after checking ``--method``'s place; refuse a config file's ``method:``."""
         if args is None or isinstance(args, list):
-            _check_method_order(sys.argv[1:] if args is None else [str(arg) for arg in args])
+            given = sys.argv[1:] if args is None else [str(arg) for arg in args]
+            try:
+                check_config_files(given)
+            except ValueError as error:
+                parser.error(str(error))  # as jsonargparse reports its own config errors: usage, message, exit 2
+            _check_method_order(given)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
@@ -211,20 +237,53 @@ class AdaMergingCLI(LightningCLI):
             )
 
     def _parse_ckpt_path(self) -> None:
-        """Read the checkpoint (to check it later); replace Lightning's merge of its hyperparameters over the config."""
+        """Read the checkpoint once (to check it, and for the Trainer to load); replace Lightning's merge of its
+        hyperparameters over the config."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         config = self.config[subcommand]
         ckpt_path, from_checkpoint = config.get("ckpt_path"), config.get("settings_from_checkpoint")
-        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_ALIASES or str(ckpt_path).startswith("registry"):
+        if config.get("weights_only") is False:
+            raise ValueError(
+                "--weights_only=false is refused: a merging checkpoint holds plain data only and is always read with "
+                "weights_only=true."
+            )
+        self._check_method_for(subcommand, ckpt_path)
+        if str(ckpt_path).lower() == "registry" or str(ckpt_path).lower().startswith("registry:"):
+            raise ValueError(
+                f"--ckpt_path {ckpt_path}: lit-adamerging does not fetch checkpoints from Lightning's model registry; "
+                "download the .ckpt file and give its path."
+            )
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_ALIASES:
             if from_checkpoint:
                 raise ValueError("--settings_from_checkpoint=true needs --ckpt_path to name the checkpoint's file.")
-            return  # a checkpoint the Trainer finds itself is still checked, by AdaMergingModule.on_load_checkpoint
-        self._checkpoint = read_adamerging_checkpoint(ckpt_path)
+            return  # the Trainer resolves an alias to a file and reads it once through SafeCheckpointIO
+        data = fetch_checkpoint(ckpt_path)
+        self._checkpoint = load_checkpoint(data, str(ckpt_path))
+        self._checkpoint_copy = str(private_copy(data, str(ckpt_path)))
         if from_checkpoint:
             settings = self._settings_from_checkpoint(config.model, self._checkpoint.get("hyper_parameters", {}))
             self.config = self.parser.parse_object({subcommand: {"model": settings}}, self.config)
+
+    def _check_method_for(self, subcommand: str, ckpt_path: Any) -> None:
+        """Refuse to fit a method with nothing to learn, and to evaluate a learned method without its checkpoint."""
+        if self._method is None:
+            return
+        learns = method_learns(self._method)
+        if subcommand == "fit" and not learns:
+            raise ValueError(
+                f"--method {self._method} has nothing to learn: it runs with `lit-adamerging test`, and `fit` would "
+                f"train coefficients and report them as {self._method}. To learn coefficients use --method task_wise "
+                "or --method layer_wise (see lit_adamerging.methods)."
+            )
+        if subcommand != "fit" and learns and not ckpt_path:
+            raise ValueError(
+                f"--method {self._method} is learned by `lit-adamerging fit`; `{subcommand}` needs that fit's "
+                "checkpoint: add --ckpt_path (e.g. runs/tiny/checkpoints/last.ckpt). Without it nothing learned "
+                f"would be evaluated and reported as {self._method}; for the data-free starting point use "
+                "--method task_arithmetic."
+            )
 
     def _settings_from_checkpoint(self, user: Any, stored: dict[str, Any]) -> dict[str, Any]:
         """The checkpoint's zoo and method settings (those of the model class's ``CHECKPOINT_SETTINGS`` its
@@ -266,6 +325,16 @@ class AdaMergingCLI(LightningCLI):
                 self._checkpoint.get("hyper_parameters", {}), self.model.hparams, str(ckpt_path),
                 type(self.model).CHECKPOINT_SETTINGS,
             )
+
+    def _hand_over_checkpoint(self) -> None:
+        """The Trainer loads the private copy of the bytes checked above, weights-only."""
+        arguments = self.config_init[self.subcommand]
+        if self._checkpoint_copy is not None:
+            arguments["ckpt_path"] = self._checkpoint_copy
+        if "weights_only" in arguments:
+            arguments["weights_only"] = True
+
+    before_fit = before_validate = before_test = before_predict = _hand_over_checkpoint
 
 
 def main(args: ArgsType = None) -> None:

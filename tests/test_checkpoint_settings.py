@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_CONFIG, load_config, naive_accuracies, printed_metric, run_cli
 from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticZoo
 from lit_adamerging.cli import AdaMergingCLI
-from lit_adamerging.lightning.module import COEFFICIENTS_KEY, read_adamerging_checkpoint
+from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
 from lit_adamerging.models.checkpoints import CheckpointError
 
 pytestmark = [
@@ -129,20 +129,38 @@ def test_crafted_checkpoint_runs_no_code_from_python(layer_wise, tmp_path):
     with pytest.raises(TypeError, match="needs zoo=<a ModelZoo>") as refused:
         AdaMergingModule.load_from_checkpoint(crafted)
     hint = str(refused.value)
-    assert "from lit_adamerging import StateDictZoo; zoo = StateDictZoo(encoder='open_clip:test-vit-tiny'" in hint
-    assert "allow_pickle=True" not in hint.split("\n")[1]  # the stored configuration, printed without it
+    # The stored configuration is quoted as data (JSON), without allow_pickle, never as code to paste.
+    assert '"class_path": "lit_adamerging.StateDictZoo", "init_args": {"encoder": "open_clip:test-vit-tiny"' in hint
+    assert "allow_pickle\"" not in hint and "import" not in hint
     assert not (tmp_path / MARKER).exists()
-    # With the user's zoo, the checkpoint's coefficients load and its stored zoo is never built.
-    module = AdaMergingModule.load_from_checkpoint(crafted, zoo=SyntheticZoo("open_clip:test-vit-tiny", seed=0))
-    raw = torch.load(crafted, weights_only=True)["state_dict"][COEFFICIENTS_KEY]
-    torch.testing.assert_close(module.coefficients(), raw.clamp(0, 1), rtol=0, atol=0)
+    # A zoo other than the stored one is refused, listing the differences; the stored zoo is never built.
+    with pytest.raises(ValueError, match="other settings") as refused:
+        AdaMergingModule.load_from_checkpoint(crafted, zoo=SyntheticZoo("open_clip:test-vit-tiny", seed=0))
+    assert ("model.zoo.class_path: checkpoint 'lit_adamerging.StateDictZoo', "
+            "yours 'lit_adamerging.models.zoo.SyntheticZoo'") in str(refused.value)
     assert not (tmp_path / MARKER).exists()
 
-    # A checkpoint made through the CLI: the hint is the zoo it was made with, to copy.
-    with pytest.raises(
-        TypeError, match=r"zoo = SyntheticZoo\(encoder='open_clip:test-vit-tiny', seed=0, perturbation=0.05\)"
-    ):
+    # A checkpoint made through the CLI: the hint quotes the zoo it was made with.
+    with pytest.raises(TypeError) as refused:
         AdaMergingModule.load_from_checkpoint(checkpoint_of(layer_wise))
+    assert ('{"class_path": "lit_adamerging.SyntheticZoo", "init_args": {"encoder": "open_clip:test-vit-tiny", '
+            '"seed": 0, "perturbation": 0.05}}') in str(refused.value)
+
+
+def test_a_stored_zoo_is_quoted_never_turned_into_code(layer_wise, tmp_path):
+    state = torch.load(checkpoint_of(layer_wise), weights_only=True)
+    state["hyper_parameters"]["zoo"] = {
+        "class_path": "os.system", "init_args": {"command": "x')\nfrom os import system; system('touch /tmp/pwned"},
+    }
+    torch.save(state, tmp_path / "crafted.ckpt")
+    with pytest.raises(TypeError) as refused:
+        AdaMergingModule.load_from_checkpoint(tmp_path / "crafted.ckpt")
+    message = str(refused.value)
+    quoted = ('{"class_path": "os.system", "init_args": '
+              '{"command": "x\')\\nfrom os import system; system(\'touch /tmp/pwned"}}')
+    assert quoted in message, message
+    assert "\n" not in message  # the stored newline stays an escape inside a JSON string
+    assert message.count("from os import") == 1  # only inside that quoted string
 
 
 def test_another_method_zoo_or_task_order_is_refused_unless_asked_for(layer_wise, tmp_path):

@@ -31,7 +31,7 @@ from lit_adamerging import (
     SyntheticZoo,
     TaskData,
 )
-from lit_adamerging.lightning.module import COEFFICIENTS_KEY
+from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY
 from lit_adamerging.merging import task_arithmetic, ties_merging, weight_averaging
 from lit_adamerging.models import LoadedZoo, create_encoder
 
@@ -526,7 +526,11 @@ def test_checkpoint_is_small_coefficients_only_and_reloads(tmp_path):
     torch.testing.assert_close(state["state_dict"][COEFFICIENTS_KEY], trained, rtol=0, atol=0)
     assert state["global_step"] == 4
     assert state["hyper_parameters"]["num_classes"] == NUM_CLASSES
-    assert "zoo" not in state["hyper_parameters"]  # a Python object: given again on load
+    # The zoo is a Python object: the checkpoint keeps the arguments it was built with, never the object.
+    assert state["hyper_parameters"]["zoo"] == {
+        "class_path": "lit_adamerging.models.zoo.SyntheticZoo",
+        "init_args": {"encoder": CLIP, "seed": 0, "perturbation": 0.05},
+    }
 
     loaded = AdaMergingModule.load_from_checkpoint(path, zoo=zoo, weights_only=True)
     torch.testing.assert_close(loaded.coefficients(), trained.clamp(0, 1), rtol=0, atol=0)
@@ -570,10 +574,14 @@ def test_python_checkpoint_needs_the_zoo_and_its_settings(tmp_path):
     trainer.strategy.connect(module)
     path = tmp_path / "python.ckpt"
     trainer.save_checkpoint(path)
-    with pytest.raises(
-        TypeError, match=r"needs zoo=<a ModelZoo>.*Pass the ModelZoo the coefficients were learned with"
-    ):
+    with pytest.raises(TypeError, match=r"needs zoo=<a ModelZoo>.*quoted here as data: .*\"seed\": 0"):
         AdaMergingModule.load_from_checkpoint(path)
+    # Another zoo than the one the coefficients were learned with is refused, from Python as through the Trainer.
+    with pytest.raises(ValueError, match=r"model.zoo.init_args.seed: checkpoint 0, yours 1"):
+        AdaMergingModule.load_from_checkpoint(path, zoo=SyntheticZoo(CLIP, seed=1))
+    with pytest.raises(ValueError, match=r"model.zoo.init_args.seed: checkpoint 0, yours 1"):
+        make_trainer(tmp_path).test(make_module(SyntheticZoo(CLIP, seed=1)),
+                                    datamodule=MultiTaskDataModule(make_tasks()), ckpt_path=str(path), verbose=False)
     # A module made with another method is refused by the Trainer, listing each difference.
     other = make_module(zoo, granularity="task", ties_k=0.2)
     with pytest.raises(ValueError, match=r"(?s)model.granularity: checkpoint 'layer', yours 'task'.*"

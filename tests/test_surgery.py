@@ -32,7 +32,8 @@ from lit_adamerging import (
     SyntheticTask,
     SyntheticZoo,
 )
-from lit_adamerging.lightning.module import COEFFICIENTS_KEY, intended_warnings_ignored, read_adamerging_checkpoint
+from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
+from lit_adamerging.lightning.module import intended_warnings_ignored
 from lit_adamerging.lightning.surgery import SurgeryModule
 from lit_adamerging.merging.surgery import FeatureSurgery, SurgeryModules
 from lit_adamerging.models.encoders import feature_dim

@@ -26,7 +26,8 @@ from torch.utils.data import Dataset, TensorDataset
 from conftest import TINY_CONFIG, load_config, printed_metric, reference_accuracies, run_cli
 from lit_adamerging import AdaMergingModule, ModelZoo, MultiTaskDataModule, SyntheticTask, SyntheticZoo, TaskData
 from lit_adamerging.cli import AdaMergingCLI
-from lit_adamerging.lightning.module import COEFFICIENTS_KEY, checkpoint_settings_differences, intended_warnings_ignored
+from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY
+from lit_adamerging.lightning.module import checkpoint_settings_differences, intended_warnings_ignored
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect
+import io
+import json
 import math
-import pickle
-import re
+import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -15,11 +18,17 @@ from typing import IO, Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from torch import Tensor, nn
 
 from lit_adamerging.data.datamodule import checked_unseen_tasks
 from lit_adamerging.lightning.callbacks import PerTaskAccuracy
+from lit_adamerging.lightning.checkpoint_io import (
+    COEFFICIENTS_KEY,
+    SafeCheckpointIO,
+    fetch_checkpoint,
+    load_checkpoint,
+    source_name,
+)
 from lit_adamerging.merging import (
     BufferPolicy,
     Granularity,
@@ -33,7 +42,6 @@ from lit_adamerging.models.preprocess import Preprocess
 from lit_adamerging.models.zoo import LazyStateDicts, LoadedZoo, ModelZoo
 
 StorageDtype = Literal["float32", "bfloat16", "float16"]
-COEFFICIENTS_KEY = "merger.coefficients.raw"
 
 # The settings a checkpoint's coefficients only make sense with: the zoo (its class and init args),
 # the tasks, which of them are unseen (the coefficients' rows are the seen tasks) and the method.
@@ -74,73 +82,6 @@ def intended_warnings_ignored() -> Iterator[None]:
         yield
 
 
-def read_adamerging_checkpoint(source: str | Path | IO[bytes]) -> dict[str, Any]:
-    """The contents of a checkpoint written by :class:`AdaMergingModule` (``weights_only``: runs no code).
-
-    ``source`` is a path or URL (as Lightning takes them) or a seekable binary file (read from its
-    position, then put back there). Raises a ``ValueError`` naming the file when it is something
-    else: a fine-tuned model's weights, a ``.safetensors`` file, a pickled object, a folder.
-    """
-    name = str(source) if isinstance(source, (str, Path)) else str(getattr(source, "name", "<file object>"))
-    advice = (
-        "--ckpt_path (and load_from_checkpoint) take the .ckpt file `lit-adamerging fit` writes "
-        "(e.g. runs/tiny/checkpoints/last.ckpt); fine-tuned weights go in the zoo (model.zoo.init_args.finetuned)."
-    )
-    if isinstance(source, (str, Path)):
-        filesystem = get_filesystem(name)
-        if not filesystem.isfile(name):
-            what = "a folder" if filesystem.isdir(name) else "no such file"
-            raise ValueError(f"{name} is not an AdaMerging checkpoint: {what}. {advice}")
-        with filesystem.open(name, "rb") as handle:
-            checkpoint = _load_weights_only(handle, name, advice)
-    else:
-        checkpoint = _load_weights_only(source, name, advice)
-    state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, Mapping) or "pytorch-lightning_version" not in checkpoint:
-        keys = list(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(
-            f"{name} is not an AdaMerging checkpoint: it is not a Lightning checkpoint (top level: {keys}). {advice}"
-        )
-    if COEFFICIENTS_KEY not in state_dict:
-        raise ValueError(
-            f"{name} is not an AdaMerging checkpoint: it holds no merging coefficients ({COEFFICIENTS_KEY!r}; "
-            f"its state dict has {list(state_dict)[:5]}). {advice}"
-        )
-    if not isinstance(checkpoint.get("hyper_parameters", {}), Mapping):
-        raise ValueError(f"{name}: its 'hyper_parameters' are not a mapping; the file is damaged or was edited.")
-    return checkpoint
-
-
-def _load_weights_only(handle: IO[bytes], name: str, advice: str) -> Any:
-    """``torch.load(handle, weights_only=True)``, its failures said in terms of what the file is.
-
-    ``handle`` is put back where it was.
-    """
-    position = handle.tell()
-    head = handle.read(9)
-    handle.seek(position)
-    # safetensors: an 8-byte little-endian header length, then the JSON header.
-    if len(head) == 9 and head[8:9] == b"{":
-        raise ValueError(f"{name} is not an AdaMerging checkpoint: it is a safetensors file (tensors only). {advice}")
-    try:
-        return torch.load(handle, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        text = str(error)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        if found:  # torch's advice (weights_only=False) is not for this file
-            reason = (
-                f"it holds pickled Python objects ({found.group(1)}), not a checkpoint's plain data; "
-                "it was not unpickled"
-            )
-        else:
-            cause = detail.group(1) if detail else text.strip() or type(error).__name__
-            reason = f"torch.load cannot read it ({cause[:200]})"
-        raise ValueError(f"{name} is not an AdaMerging checkpoint: {reason}. {advice}") from None
-    finally:
-        handle.seek(position)
-
-
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     if isinstance(value, Mapping) and value:
         flat: dict[str, Any] = {}
@@ -150,18 +91,54 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: list(value) if isinstance(value, tuple) else value}
 
 
+def _zoo_class(class_path: str) -> type | None:
+    """The class a zoo's ``class_path`` names, found without running code outside lit_adamerging; ``None`` if not."""
+    module_name, _, name = class_path.rpartition(".")
+    if module_name == "lit_adamerging" or module_name.startswith("lit_adamerging."):
+        try:
+            found = getattr(importlib.import_module(module_name), name, None)
+        except ImportError:
+            return None
+    else:
+        module = sys.modules.get(module_name)  # never imported on a checkpoint's word
+        found = None if module is None else inspect.getattr_static(module, name, None)
+    return found if isinstance(found, type) else None
+
+
+def _same_zoo_class(stored: Any, current: Any) -> bool:
+    """Whether two zoo class paths name one class (``lit_adamerging.SyntheticZoo`` is
+    ``lit_adamerging.models.zoo.SyntheticZoo``)."""
+    if not isinstance(stored, str) or not isinstance(current, str):
+        return False
+    if stored == current:
+        return True
+    cls = _zoo_class(current)
+    return cls is not None and _zoo_class(stored) is cls
+
+
+def _same_value(stored: Any, current: Any) -> bool:
+    """Equal, or two strings naming the same existing file or folder (``runs/a.pt`` and its absolute path)."""
+    if stored == current:
+        return True
+    if isinstance(stored, str) and isinstance(current, str) and stored and current:
+        first, second = Path(stored).expanduser(), Path(current).expanduser()
+        return first.exists() and second.exists() and os.path.samefile(first, second)
+    return False
+
+
 def checkpoint_settings_differences(
     stored: Mapping[str, Any], current: Mapping[str, Any], settings: Sequence[str] = CHECKPOINT_SETTINGS
 ) -> list[str]:
     """One line per setting of ``settings`` (default :data:`CHECKPOINT_SETTINGS`) where a checkpoint's
     hyperparameters and the current ones differ.
 
-    A setting missing on either side is not compared (a checkpoint made from Python stores no
-    zoo; a module made from Python has no zoo configuration), except those of
-    :data:`SETTINGS_BEFORE_STORED`, which a checkpoint that lacks them was made with. Nested values
-    are compared key by key, a key on one side only being a difference (unless the other side
-    leaves it at ``None``: a zoo argument added since the checkpoint was made, at its default), and
-    the tasks' order too. The zoo's :data:`USER_ONLY_ZOO_ARGS` are never compared.
+    A setting missing on either side is not compared (a checkpoint made before zoos recorded their
+    arguments stores no zoo), except those of :data:`SETTINGS_BEFORE_STORED`, which a checkpoint
+    that lacks them was made with. Nested values are compared key by key, a key on one side only
+    being a difference (unless the other side leaves it at ``None``: a zoo argument added since the
+    checkpoint was made, at its default), and the tasks' order too. Two zoo class paths naming the
+    same class are the same, and so are two paths naming the same existing file. The zoo's
+    :data:`USER_ONLY_ZOO_ARGS` are never compared.
     """
     ignored = {f"model.zoo.init_args.{name}" for name in USER_ONLY_ZOO_ARGS}
     missing = "<not set>"
@@ -171,11 +148,13 @@ def checkpoint_settings_differences(
             continue
         stored_value = stored[key] if key in stored else SETTINGS_BEFORE_STORED[key]
         before, after = _flatten(stored_value, f"model.{key}"), _flatten(current[key], f"model.{key}")
+        if key == "zoo" and _same_zoo_class(before.get("model.zoo.class_path"), after.get("model.zoo.class_path")):
+            after["model.zoo.class_path"] = before["model.zoo.class_path"]
         for name in [*before, *(name for name in after if name not in before)]:
             in_checkpoint, given = before.get(name, missing), after.get(name, missing)
             if name in ignored or (None in (in_checkpoint, given) and missing in (in_checkpoint, given)):
                 continue
-            if in_checkpoint != given:
+            if not _same_value(in_checkpoint, given):
                 lines.append(f"  {name}: checkpoint {in_checkpoint!r}, yours {given!r}")
         if key == "num_classes" and isinstance(stored[key], Mapping) and isinstance(current[key], Mapping):
             if set(stored[key]) == set(current[key]) and list(stored[key]) != list(current[key]):
@@ -202,17 +181,15 @@ def check_checkpoint_settings(
         )
 
 
-def _zoo_expression(zoo: Any) -> str | None:
-    """``zoo``'s stored configuration as a Python call, leaving out :data:`USER_ONLY_ZOO_ARGS`.
-
-    ``None`` if there is none.
-    """
-    if not isinstance(zoo, Mapping) or not isinstance(zoo.get("class_path"), str):
+def _stored_zoo(zoo: Any) -> str | None:
+    """A checkpoint's stored zoo configuration quoted as JSON data (never as code to run); ``None`` if it has none."""
+    if not isinstance(zoo, Mapping) or "class_path" not in zoo:
         return None
-    module, _, name = zoo["class_path"].rpartition(".")
-    init_args = zoo.get("init_args") or {}
-    arguments = ", ".join(f"{key}={value!r}" for key, value in init_args.items() if key not in USER_ONLY_ZOO_ARGS)
-    return f"from {module} import {name}; zoo = {name}({arguments})"
+    init_args = zoo.get("init_args")
+    if isinstance(init_args, Mapping):
+        zoo = {**zoo, "init_args": {key: value for key, value in init_args.items() if key not in USER_ONLY_ZOO_ARGS}}
+    text = json.dumps(zoo, default=repr, sort_keys=False)
+    return text if len(text) <= 2000 else text[:2000] + " ... (cut)"
 
 
 class AdaMergingModule(pl.LightningModule):
@@ -308,9 +285,13 @@ class AdaMergingModule(pl.LightningModule):
         self.hparams.update({key: value for key, value in fixed.items() if key not in self.hparams})
         self.hparams["unseen_tasks"] = list(unseen_tasks)  # in task order: a checkpoint compares it as a list
         if isinstance(self.hparams.get("zoo"), ModelZoo):
-            # Outside the CLI the zoo is a Python object; a checkpoint keeps only plain data, so
-            # load_from_checkpoint then needs zoo=... again.
-            del self.hparams["zoo"]
+            # Outside the CLI the zoo is a Python object; a checkpoint keeps only plain data: the class and
+            # arguments it was built with (compared when a checkpoint is loaded), never the object.
+            configuration = zoo.configuration()
+            if configuration is None:
+                del self.hparams["zoo"]
+            else:
+                self.hparams["zoo"] = configuration
         self.zoo = zoo
         self.num_classes = dict(num_classes) if num_classes is not None else None
         self.unseen_tasks: list[str] = list(unseen_tasks)
@@ -334,31 +315,42 @@ class AdaMergingModule(pl.LightningModule):
         """The module with a checkpoint's settings and coefficients, its frozen weights from ``zoo=``.
 
         ``zoo`` is required: a checkpoint never chooses which files are read nor whether pickles
-        may be loaded, even when it stores the zoo's configuration (CLI checkpoints do). The error
-        without it shows that configuration as Python, to check and pass:
-        ``AdaMergingModule.load_from_checkpoint(path, zoo=OpenCLIPZoo(...))``. The other settings
-        come from the checkpoint; a setting of :data:`CHECKPOINT_SETTINGS` passed here that
-        differs from the checkpoint's is an error.
+        may be loaded, even when it stores the zoo's configuration (every checkpoint since zoos
+        record their arguments does). Without it, the error quotes that configuration as data to
+        check. The other settings come from the checkpoint; a setting of :data:`CHECKPOINT_SETTINGS`
+        passed here that differs from the checkpoint's is an error, and so is a zoo built with other
+        arguments than the stored ones (``allow_pickle`` and ``head_cache_dir`` aside).
+
+        The file is read once (``checkpoint_path`` may be a URL), checked as
+        :func:`~lit_adamerging.lightning.checkpoint_io.load_checkpoint` says, and those bytes are
+        what Lightning loads, always with ``weights_only=True``.
         """
-        stored = read_adamerging_checkpoint(checkpoint_path).get("hyper_parameters", {})
-        if not isinstance(kwargs.get("zoo"), ModelZoo):
-            zoo = _zoo_expression(stored.get("zoo"))
+        if weights_only is False:
+            raise ValueError(
+                "weights_only=False is refused: a merging checkpoint holds plain data only, and is always read with "
+                "weights_only=True."
+            )
+        name, data = source_name(checkpoint_path), fetch_checkpoint(checkpoint_path)
+        stored = load_checkpoint(data, name).get("hyper_parameters", {})
+        zoo = kwargs.get("zoo")
+        if not isinstance(zoo, ModelZoo):
+            described = _stored_zoo(stored.get("zoo"))
             hint = (
-                f"It stores this zoo configuration; check that these are the files you mean, then pass it:\n    {zoo}\n"
-                "(allow_pickle is left out: add allow_pickle=True only for pickled files you trust.)"
-                if zoo else "Pass the ModelZoo the coefficients were learned with."
+                f"It stores this zoo configuration, quoted here as data: {described}. Check that these are the files "
+                "you mean, then build that zoo yourself and pass it (allow_pickle=True only for pickled files you "
+                "trust)." if described else "Pass the ModelZoo the coefficients were learned with."
             )
             raise TypeError(
-                f"AdaMergingModule.load_from_checkpoint({str(checkpoint_path)!r}) needs zoo=<a ModelZoo>: a checkpoint "
-                f"holds the coefficients and settings, never which model files to read. {hint}"
+                f"{cls.__name__}.load_from_checkpoint({name!r}) needs zoo=<a ModelZoo>: a checkpoint holds the "
+                f"coefficients and settings, never which model files to read. {hint}"
             )
-        # Lightning writes these arguments over the checkpoint's before on_load_checkpoint sees them.
-        check_checkpoint_settings(
-            stored, {k: v for k, v in kwargs.items() if k != "zoo"}, str(checkpoint_path), cls.CHECKPOINT_SETTINGS
-        )
+        given = {key: value for key, value in kwargs.items() if key != "zoo"}
+        if zoo.configuration() is not None:
+            given["zoo"] = zoo.configuration()
+        check_checkpoint_settings(stored, given, name, cls.CHECKPOINT_SETTINGS)
         return super().load_from_checkpoint(  # type: ignore[return-value]
-            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
-            weights_only=weights_only, **kwargs,
+            io.BytesIO(data), map_location=map_location, hparams_file=hparams_file, strict=strict,
+            weights_only=True, **kwargs,
         )
 
     @property
@@ -376,7 +368,16 @@ class AdaMergingModule(pl.LightningModule):
         return [task for task in self.task_names if task not in self.unseen_tasks]
 
     def setup(self, stage: str) -> None:
-        """Match the data module's tasks to this model's by name (its evaluation loaders come in its task order)."""
+        """Read checkpoints safely and match the data module's tasks to this model's by name.
+
+        The Trainer's checkpoint reader becomes a :class:`SafeCheckpointIO` (before the Trainer
+        reads any ``ckpt_path``): the file is read once, as plain data, within the size limits.
+        The evaluation loaders come in the data module's task order.
+        """
+        if self._trainer is not None:
+            strategy = self._trainer.strategy
+            if not isinstance(strategy.checkpoint_io, SafeCheckpointIO):
+                strategy.checkpoint_io = SafeCheckpointIO(strategy.checkpoint_io)
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         data_classes = getattr(datamodule, "num_classes", None)
         if not isinstance(data_classes, Mapping):
@@ -507,6 +508,11 @@ class AdaMergingModule(pl.LightningModule):
                 f"{tuple(target.shape)} ({len(self.seen_tasks)} merged tasks, granularity "
                 f"{self.hparams.granularity!r}); it was saved for other tasks, models or settings."
             )
+        if not bool(torch.isfinite(raw).all()):
+            raise ValueError(
+                "the coefficients being loaded hold NaN or infinite values; they describe no merge (clamping would "
+                "turn +inf into 1 silently). Load coefficients from a run that did not diverge."
+            )
         with torch.no_grad():
             target.copy_(raw)
 
@@ -516,9 +522,12 @@ class AdaMergingModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made with other settings (see :func:`check_checkpoint_settings`)."""
-        check_checkpoint_settings(
-            checkpoint.get("hyper_parameters", {}), self.hparams, "being loaded", self.CHECKPOINT_SETTINGS
-        )
+        stored = dict(checkpoint.get("hyper_parameters", {}))
+        if isinstance(stored.get("zoo"), ModelZoo):  # load_from_checkpoint's zoo=, written over the stored one
+            stored["zoo"] = stored["zoo"].configuration()
+        reader = self._trainer.strategy.checkpoint_io if self._trainer is not None else None
+        source = reader.last_source if isinstance(reader, SafeCheckpointIO) and reader.last_source else "being loaded"
+        check_checkpoint_settings(stored, self.hparams, source, self.CHECKPOINT_SETTINGS)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load the coefficients (the only learned state); other keys are ignored.

@@ -10,13 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from lit_adamerging.lightning.module import (
-    COEFFICIENTS_KEY,
-    AdaMergingModule,
-    StorageDtype,
-    checkpoint_settings_differences,
-    read_adamerging_checkpoint,
-)
+from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
+from lit_adamerging.lightning.module import AdaMergingModule, StorageDtype, checkpoint_settings_differences
 from lit_adamerging.merging import BufferPolicy, Granularity, check_compatible
 from lit_adamerging.merging.surgery import SURGERY_RANK, SurgeryModules
 from lit_adamerging.models.zoo import LoadedZoo, ModelZoo

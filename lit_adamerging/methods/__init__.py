@@ -1,8 +1,10 @@
 """The merging methods by name: each one a preset of :class:`~lit_adamerging.AdaMergingModule`'s method settings.
 
-A preset is a YAML file of this package, ``<name>.yaml``, holding a ``model:`` mapping of the
-module's settings (for AdaMerging and the data-free baselines ``granularity``, ``init``, ``ties_k``
-and ``ties_normalize``) and, for methods that are not coefficient merges, ``module:``, the import
+A preset is a YAML file of this package, ``<name>.yaml``, holding ``learns:`` (whether ``fit``
+learns the method from unlabeled images, so that evaluating it needs that fit's checkpoint, or
+there is nothing to learn and ``fit`` is refused), a ``model:`` mapping of the module's settings
+(for AdaMerging and the data-free baselines ``granularity``, ``init``, ``ties_k`` and
+``ties_normalize``) and, for methods that are not coefficient merges, ``module:``, the import
 path of their LightningModule (a subclass of :class:`~lit_adamerging.AdaMergingModule`, which is
 the default). The same file serves both ways of choosing a method:
 
@@ -51,7 +53,7 @@ import yaml
 if TYPE_CHECKING:
     from lit_adamerging.lightning.module import AdaMergingModule
 
-__all__ = ["method_config", "method_module", "method_names", "method_settings"]
+__all__ = ["method_config", "method_learns", "method_module", "method_names", "method_settings"]
 
 _SUFFIX = ".yaml"
 DEFAULT_MODULE = "lit_adamerging.lightning.module.AdaMergingModule"
@@ -64,7 +66,7 @@ def method_names() -> tuple[str, ...]:
 
 
 def method_config(name: str) -> Path:
-    """The preset file of method ``name`` (a config fragment ``lit-adamerging --config`` also reads).
+    """The preset file of method ``name`` (``--method name`` records it in the run's saved config).
 
     Raises:
         ValueError: ``name`` is not a shipped method; the message lists the valid names.
@@ -78,12 +80,13 @@ def _preset(name: str) -> dict[str, Any]:
     path = method_config(name)
     preset = yaml.safe_load(path.read_text(encoding="utf-8"))
     if (
-        not isinstance(preset, dict) or "model" not in preset or not set(preset) <= {"model", "module"}
+        not isinstance(preset, dict) or not {"model", "learns"} <= set(preset) <= {"model", "module", "learns"}
         or not isinstance(preset["model"], dict) or not isinstance(preset.get("module", DEFAULT_MODULE), str)
+        or not isinstance(preset["learns"], bool)
     ):
         raise ValueError(
-            f"method preset {path} must hold a 'model' mapping of settings to values and optionally 'module', "
-            "the import path of its LightningModule; nothing else."
+            f"method preset {path} must hold 'learns' (true or false), a 'model' mapping of settings to values and "
+            "optionally 'module', the import path of its LightningModule; nothing else."
         )
     return preset
 
@@ -98,6 +101,17 @@ def method_settings(name: str) -> dict[str, Any]:
             file is not a preset (a ``model:`` mapping, optionally ``module:``).
     """
     return dict(_preset(name)["model"])
+
+
+def method_learns(name: str) -> bool:
+    """Whether ``fit`` learns method ``name`` (then evaluating it needs that fit's checkpoint); ``False`` for the
+    methods with nothing to learn, which run with ``test`` only.
+
+    Example:
+        >>> method_learns("layer_wise"), method_learns("task_arithmetic")
+        (True, False)
+    """
+    return _preset(name)["learns"]
 
 
 def method_module(name: str) -> type[AdaMergingModule]:
