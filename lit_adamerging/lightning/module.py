@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_adamerging.data.datamodule import checked_unseen_tasks
+from lit_adamerging.data.tasks import check_task_name
 from lit_adamerging.lightning.callbacks import PerTaskAccuracy
 from lit_adamerging.lightning.checkpoint_io import (
     COEFFICIENTS_KEY,
@@ -271,6 +272,8 @@ class AdaMergingModule(pl.LightningModule):
             raise ValueError("ties_normalize needs ties_k: set ties_k (e.g. 0.2) to use TIES.")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
+        for task in num_classes or {}:
+            check_task_name(task)
         unseen_tasks = checked_unseen_tasks(
             unseen_tasks, None if num_classes is None else list(num_classes), "the model's tasks (num_classes)"
         )
