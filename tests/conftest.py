@@ -151,6 +151,16 @@ def offline_datasets() -> Callable[..., Path]:
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
+class Payload:
+    """Unpickling it writes ``path``: what a malicious checkpoint would do with os.system."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return eval, (f"__import__('pathlib').Path({self.path!r}).write_text('code ran')",)
+
+
 def run_cli(cwd: Path, *args: str, script: bool = False) -> subprocess.CompletedProcess:
     """``lit-adamerging *args`` in ``cwd`` (``python -m lit_adamerging.cli``; the installed script with ``script``)."""
     executable = shutil.which("lit-adamerging", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])

@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, run_cli
+from conftest import TINY_CONFIG, Payload, run_cli
 from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticTask, SyntheticZoo
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning import checkpoint_io
@@ -39,16 +39,6 @@ pytestmark = [
 
 QUIET = ["--trainer.logger=false", "--trainer.enable_model_summary=false"]
 MARKER = "pwned.txt"
-
-
-class Payload:
-    """Unpickling it writes ``path``: what a malicious checkpoint would do with os.system."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return eval, (f"__import__('pathlib').Path({self.path!r}).write_text('code ran')",)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_CONFIG, load_config, naive_accuracies, printed_metric, run_cli
+from conftest import TINY_CONFIG, Payload, load_config, naive_accuracies, printed_metric, run_cli
 from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticZoo
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
@@ -34,16 +34,6 @@ pytestmark = [
 
 MARKER = "pwned.txt"
 QUIET = ["--trainer.logger=false", "--trainer.enable_model_summary=false"]
-
-
-class Payload:
-    """Unpickling it writes ``path`` (what a malicious fine-tuned checkpoint would do with os.system)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return eval, (f"__import__('pathlib').Path({self.path!r}).write_text('code ran')",)
 
 
 @pytest.fixture(scope="module")
