@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import nn
 
+from lit_adamerging.limits import LimitExceeded
 from lit_adamerging.models.checkpoints import CheckpointError, read_checkpoint
 
 
@@ -394,3 +395,103 @@ def test_attributes_cannot_hide_methods(tmp_path):
     torch.save({"state_dict": state}, path)
     with pytest.raises(CheckpointError, match=r"refused setting the state of a OrderedDict object"):
         read_checkpoint(path, allow_pickle=True)
+
+
+# ---------------------------------------------------------------------- bounded by what the file holds
+class Node(nn.Module):
+    """A module class of the test's own, read as a stand-in."""
+
+
+def _shared_tree(depth: int, fan_out: int) -> Node:
+    """``depth`` levels, each holding the same child ``fan_out`` times: fan_out**depth paths to one weight."""
+    node = Node()
+    node.weight = nn.Parameter(torch.ones(1))
+    for _ in range(depth):
+        parent = Node()
+        for i in range(fan_out):
+            parent.add_module(str(i), node)
+        node = parent
+    return node
+
+
+def test_shared_modules_read_as_state_dict_reads_them(tmp_path):
+    tree = _shared_tree(depth=3, fan_out=2)
+    path = tmp_path / "shared.pt"
+    torch.save(tree, path)
+    loaded = read_checkpoint(path, allow_pickle=True)
+    expected = tree.state_dict()
+    assert list(loaded) == list(expected) and len(expected) == 8  # one key per path, in state_dict()'s order
+    assert all(torch.equal(loaded[key], value) for key, value in expected.items())
+
+
+def test_a_small_pickle_of_shared_references_is_refused_at_the_limit(tmp_path):
+    """2**20 paths (a million weights, about a gigabyte) from a file of a few kilobytes, with the default limit."""
+    path = tmp_path / "shared.pt"
+    torch.save(_shared_tree(depth=20, fan_out=2), path)
+    assert path.stat().st_size < 8 * 1024
+    with pytest.raises(LimitExceeded, match=r"shared\.pt: \d+ modules, weights and characters of their names is more "
+                                            r"than the limit of 1000000 .*LIT_ADAMERGING_MAX_PICKLED_OBJECTS"):
+        read_checkpoint(path, allow_pickle=True)
+
+
+def _put(index: int) -> bytes:  # LONG_BINPUT: keep the top of the stack in the memo
+    return b"r" + index.to_bytes(4, "little")
+
+
+def _get(index: int) -> bytes:  # LONG_BINGET
+    return b"j" + index.to_bytes(4, "little")
+
+
+def _text(value: str) -> bytes:  # BINUNICODE
+    return b"X" + len(value).to_bytes(4, "little") + value.encode()
+
+
+def _module_chain(depth: int) -> bytes:
+    """A protocol-2 pickle of ``depth`` nested modules of a class that cannot be imported, written bottom-up
+    (no recursion here, nor in the pickle's nesting): each module is the only child (``c``) of the next."""
+    out = [b"\x80\x02cgone_package\nNode\n", _put(0), b"0"]
+    for level in range(1, depth + 1):
+        child = _text("c") + _get(level - 1) + b"s" if level > 1 else b""  # SETITEM in the new _modules dict
+        out += [_get(0), b")\x81}", _text("_modules"), b"}", child, b"sb", _put(level), b"0"]  # NEWOBJ, BUILD
+    out += [_get(depth), b"."]
+    return b"".join(out)
+
+
+def test_modules_nested_deeper_than_the_limit_are_refused(tmp_path):
+    path = _torch_file(tmp_path, _module_chain(5000))
+    with pytest.raises(LimitExceeded, match=r"crafted\.pt: 201 levels of nested modules is more than the limit of 200 "
+                                            r".*LIT_ADAMERGING_MAX_NESTING_DEPTH"):
+        read_checkpoint(path, allow_pickle=True)
+
+
+def test_the_limits_can_be_raised(tmp_path, monkeypatch):
+    path = _torch_file(tmp_path, _module_chain(300))
+    monkeypatch.setenv("LIT_ADAMERGING_MAX_NESTING_DEPTH", "400")
+    with pytest.raises(CheckpointError, match=r"found no tensors to use as weights in a gone_package\.Node object"):
+        read_checkpoint(path, allow_pickle=True)  # read to the end: the chain holds no weights
+
+
+def test_objects_built_by_a_pickle_count_against_the_limit(tmp_path, monkeypatch):
+    module = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2))
+    path = tmp_path / "model.pt"
+    torch.save(module, path)
+    loaded = read_checkpoint(path, allow_pickle=True)  # the default limits read a real module
+    assert list(loaded) == list(module.state_dict())
+    assert all(torch.equal(loaded[key], value) for key, value in module.state_dict().items())
+    monkeypatch.setenv("LIT_ADAMERGING_MAX_PICKLED_OBJECTS", "20")
+    with pytest.raises(LimitExceeded, match=r"model\.pt: 21 objects built by the pickle is more than the limit of 20"):
+        read_checkpoint(path, allow_pickle=True)
+
+
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_a_structure_too_deep_for_python_is_refused_naming_the_file(tmp_path, allow_pickle):
+    """A state dict key nested 100,000 tuples deep (built without recursion) exceeds Python's recursion limit."""
+    path = tmp_path / "plain.pt"
+    torch.save({"weight": torch.ones(2)}, path)
+    with zipfile.ZipFile(path) as archive:
+        (pickled,) = [archive.read(name) for name in archive.namelist() if name.endswith("/data.pkl")]
+    key = b"X\x06\x00\x00\x00weight"
+    assert pickled.count(key) == 1
+    path = _torch_file(tmp_path, pickled.replace(key, b"K\x00" + b"\x85" * 100_000))
+    with pytest.raises(CheckpointError, match=r"crafted\.pt: nested too deeply to read \(Python's recursion limit"):
+        read_checkpoint(path, allow_pickle=allow_pickle)

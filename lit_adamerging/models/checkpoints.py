@@ -38,6 +38,7 @@ import _compat_pickle
 import copyreg
 import inspect
 import json
+import os
 import pickle
 import re
 import sys
@@ -45,14 +46,22 @@ import types
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CHECKPOINT_SUFFIXES", "CheckpointError", "read_checkpoint", "select_encoder_weights"]
+from lit_adamerging.limits import NESTING_DEPTH, PICKLED_OBJECTS, LimitExceeded, open_regular_file
+
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "CheckpointError",
+    "read_checkpoint",
+    "select_encoder_weights",
+    "unusable_tensor_kind",
+]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
@@ -73,6 +82,25 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Tensor]:
     """Read weights from a file or folder into a flat ``{key: tensor}`` dict.
+
+    What a file may make the reader do is bounded by the file itself, so a small file cannot make it
+    allocate or walk much more than it holds:
+
+    * only regular files are opened (a FIFO, socket or device named as a weights file, config or shard
+      is refused before it can block the run);
+    * a ``torch.save`` zip must hold its entries uncompressed, as ``torch.save`` writes them, and they may
+      declare no more bytes in all than the file has (no entry can inflate beyond the file);
+    * every tensor must be dense, on the CPU and hold values: sparse, meta, quantized and nested tensors
+      are refused by key;
+    * no tensor may declare more bytes (elements times element size) than its storage holds: such a view
+      (stride 0 or overlapping, e.g. from ``expand()``) repeats memory and would grow to its declared
+      size when copied, so it is refused by key rather than materialised. A tensor that shares its
+      storage with others (tied weights, views of one buffer) is read as it is;
+    * with ``allow_pickle``, the objects a pickle builds and the modules, weights and weight-name
+      characters read from a pickled module count against
+      :data:`~lit_adamerging.limits.PICKLED_OBJECTS`, and modules may nest no deeper than
+      :data:`~lit_adamerging.limits.NESTING_DEPTH` (modules reached along several paths are read once
+      per path, as ``state_dict()`` does, so that limit also bounds a pickle of shared references).
 
     Args:
         path: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` file, or a Hugging Face
@@ -97,9 +125,13 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str
 
     Raises:
         FileNotFoundError: nothing exists at ``path``.
-        CheckpointError: the file type is unsupported, the file is unreadable, holds no tensors,
-            holds pickled objects while ``allow_pickle`` is false, or (with ``allow_pickle``) would
-            call something that could run code.
+        CheckpointError: the file type is unsupported, the file is unreadable, holds no tensors, holds
+            a tensor refused above (naming its key), holds pickled objects while ``allow_pickle`` is
+            false, or (with ``allow_pickle``) would call something that could run code.
+        lit_adamerging.limits.NotARegularFile: the file (or a config or shard of a folder) is a FIFO,
+            socket, device or folder.
+        lit_adamerging.limits.LimitExceeded: a pickle builds or nests more than a limit allows; the
+            message names the environment variable that raises it.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -110,51 +142,173 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str
             "folders, by FusionBench (e.g. tanganke/clip-vit-base-patch32_<task>; download them with "
             "`huggingface-cli download <repo> --local-dir <folder>`)."
         )
-    if path.is_dir():
-        return _read_hf_clip_folder(path, allow_pickle=allow_pickle)
+    try:
+        if path.is_dir():
+            return _read_hf_clip_folder(path, allow_pickle=allow_pickle)
+        return _read_file(path, allow_pickle=allow_pickle)
+    except RecursionError:  # a structure deeper than Python's stack, wherever it was met
+        raise CheckpointError(
+            f"{path}: nested too deeply to read (Python's recursion limit was reached); the file is corrupt or "
+            "crafted. Re-save the weights as a plain state dict (.safetensors) where they were made."
+        ) from None
+
+
+def _read_file(path: Path, *, allow_pickle: bool) -> dict[str, Tensor]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return _read_safetensors(path)
-    if suffix in TORCH_SUFFIXES:
-        return _read_torch_file(path, allow_pickle=allow_pickle)
-    raise CheckpointError(
-        f"{path}: unsupported checkpoint file type {path.suffix!r}; give a file ending in one of "
-        f"{', '.join(CHECKPOINT_SUFFIXES)}, or a Hugging Face CLIP model folder."
-    )
+        state = _read_safetensors(path)
+    elif suffix in TORCH_SUFFIXES:
+        state = _read_torch_file(path, allow_pickle=allow_pickle)
+    else:
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint file type {path.suffix!r}; give a file ending in one of "
+            f"{', '.join(CHECKPOINT_SUFFIXES)}, or a Hugging Face CLIP model folder."
+        )
+    _refuse_unusable_tensors(state, path)
+    return state
+
+
+def _same_file_path(file: IO[bytes], path: Path) -> str:
+    """A path that opens the very file ``file`` has open, for readers that take a path, not a file.
+
+    Giving them ``path`` again would open whatever is there by then, e.g. a FIFO swapped in after the check.
+    """
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        reopened = f"{folder}/{file.fileno()}"
+        if os.path.exists(reopened):
+            return reopened
+    return str(path)
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    try:
-        state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file ({error}); the file may be truncated."
-        ) from error
+    with open_regular_file(path, "checkpoint") as file:
+        try:
+            state = load_file(_same_file_path(file, path), device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({error}); the file may be truncated."
+            ) from error
     if not state:
         raise CheckpointError(f"{path}: the safetensors file holds no tensors; it is not a model checkpoint.")
     return state
 
 
 def _read_torch_file(path: Path, *, allow_pickle: bool) -> dict[str, Tensor]:
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if not allow_pickle:
-            raise _refusal(path, error) from error
-        # Only pickles get here: TorchScript and legacy tar archives fail above with a RuntimeError.
-        loaded = _load_pickled(path)
-    except Exception as error:  # zip/EOF/key errors of corrupt or foreign files
-        raise _unreadable(path, error) from error
-    state = _extract_state_dict(loaded)
+    with open_regular_file(path, "checkpoint") as file:
+        is_zip = file.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC  # how torch.load tells its zip format from the legacy one
+        if is_zip:
+            _check_zip_entries(file, path)
+        file.seek(0)
+        try:
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if not allow_pickle:
+                raise _refusal(path, file, is_zip, error) from error
+            # Only pickles get here: TorchScript and legacy tar archives fail above with a RuntimeError.
+            loaded = _load_pickled(file, path)
+        except Exception as error:  # zip/EOF/key errors of corrupt or foreign files
+            raise _unreadable(path, error) from error
+    state = _extract_state_dict(loaded, str(path))
     if state is None:
         raise CheckpointError(
             f"{path}: found no tensors to use as weights in a {_describe(loaded)}; expected a state dict, "
             f"or a dict holding one under one of the keys {list(CONTAINER_KEYS)}."
         )
     return state
+
+
+def _has_zip_end_record(file: IO[bytes]) -> bool:
+    file.seek(0)
+    try:
+        return zipfile.is_zipfile(file)
+    except zipfile.BadZipFile:  # an end record that cannot be used
+        return True
+
+
+def _check_zip_entries(file: IO[bytes], path: Path) -> None:
+    """Refuse a zip whose entries could inflate beyond the file: compressed, or together larger than it.
+
+    A file without a zip end record (e.g. truncated) is left to torch.load, whose reader looks for that
+    record in the same place, finds none either and reads no entry; it says why the file is unreadable.
+    """
+    size = os.fstat(file.fileno()).st_size
+    try:
+        with zipfile.ZipFile(file) as archive:  # a ZipFile given a file object leaves it open
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+        if not _has_zip_end_record(file):
+            return
+        raise _unreadable(path, error) from error
+    compressed = [entry.filename for entry in entries if entry.compress_type != zipfile.ZIP_STORED]
+    if compressed and any(entry.filename.rpartition("/")[2] == "constants.pkl" for entry in entries):
+        raise CheckpointError(  # torch.jit.save compresses its code entries
+            f"{path}: not a readable PyTorch checkpoint (it is one of the TorchScript archives that torch.jit.save "
+            "writes, a program rather than weights); save the model's state_dict() with torch.save and give that "
+            "file."
+        )
+    if compressed:
+        raise CheckpointError(
+            f"{path}: the zip entries {_few(compressed)} are compressed; torch.save never compresses them, so "
+            "another tool rewrote the file, and a compressed entry can inflate to far more than the file holds. "
+            "Re-save the weights with torch.save (or as .safetensors) and give that file."
+        )
+    declared = sum(entry.file_size for entry in entries)
+    if declared > size:
+        raise CheckpointError(
+            f"{path}: the zip entries declare {declared} bytes in all, more than the file's {size} bytes, so "
+            "entries overlap or the zip directory is corrupt. Re-save the weights with torch.save (or as "
+            ".safetensors) and give that file."
+        )
+
+
+_UNUSABLE_ADVICE = (
+    "only dense tensors with values, on the CPU, can be used as weights. Save dense, materialised weights "
+    "(load the real weights into the model, then save `{k: v.to_dense().contiguous().cpu()}` for each "
+    "tensor, with torch.save or as .safetensors) and give that file."
+)
+
+
+def unusable_tensor_kind(value: Any) -> str | None:
+    """What kind of tensor ``value`` is if it cannot serve as weights (sparse, meta, quantized, nested), or None.
+
+    Example:
+        >>> unusable_tensor_kind(torch.zeros(2, device="meta")), unusable_tensor_kind(torch.zeros(2))
+        ('a meta tensor (a shape without values)', None)
+    """
+    if isinstance(value, _UnusableTensor):
+        return value.kind
+    if value.is_meta:
+        return _UNUSABLE_KINDS["torch._utils._rebuild_meta_tensor_no_storage"]
+    if value.layout != torch.strided:
+        return f"a {'sparse ' if 'sparse' in str(value.layout) else ''}tensor of layout {value.layout}"
+    if value.is_quantized:
+        return _UNUSABLE_KINDS["torch._utils._rebuild_qtensor"]
+    if value.is_nested:
+        return _UNUSABLE_KINDS["torch._utils._rebuild_nested_tensor"]
+    return None
+
+
+def _refuse_unusable_tensors(state: Mapping[str, Any], path: Path) -> None:
+    """The checks of :func:`read_checkpoint` on each tensor read: usable kind, CPU, no more bytes than stored."""
+    for key, value in state.items():
+        kind = unusable_tensor_kind(value)
+        if kind is None and value.device.type != "cpu":
+            kind = f"a tensor on the device {value.device}"
+        if kind is not None:
+            raise CheckpointError(f"{path}: {key!r} is {kind}; {_UNUSABLE_ADVICE}")
+        declared = value.numel() * value.element_size()
+        stored = value.untyped_storage().nbytes()
+        if declared > stored:
+            raise CheckpointError(
+                f"{path}: {key!r} is a {value.dtype} tensor of shape {list(value.shape)} ({declared} bytes) over "
+                f"only {stored} stored bytes: a view that repeats values (strides {list(value.stride())}, e.g. "
+                "made by expand()), which would take all its declared bytes once copied, so it is refused. Save "
+                "materialised weights (`.contiguous()` or `.clone()` of each tensor before torch.save, or "
+                ".safetensors) and give that file."
+            )
 
 
 def _reason(error: Exception) -> str:
@@ -172,20 +326,15 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
     )
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # how torch.save >= 1.6 files begin
 _LEGACY_HEADER = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how torch.save < 1.6 files begin
 
 
-def _written_by_torch_save(path: Path) -> bool:
-    if zipfile.is_zipfile(path):
-        return True
-    with path.open("rb") as file:
-        return file.read(len(_LEGACY_HEADER)) == _LEGACY_HEADER
-
-
-def _refusal(path: Path, error: Exception) -> CheckpointError:
+def _refusal(path: Path, file: IO[bytes], is_zip: bool, error: Exception) -> CheckpointError:
     """The error for a file that ``torch.load(weights_only=True)`` refused, when ``allow_pickle`` is false."""
-    if not _written_by_torch_save(path):  # random bytes, or a plain pickle: allow_pickle would not help
-        return _unreadable(path, error)
+    file.seek(0)
+    if not is_zip and file.read(len(_LEGACY_HEADER)) != _LEGACY_HEADER:
+        return _unreadable(path, error)  # random bytes, or a plain pickle: allow_pickle would not help
     found = re.search(r"GLOBAL ([\w.]+)", str(error))
     if found:
         what = f"the file holds pickled Python objects (it references {found.group(1)}), not just tensors"
@@ -212,15 +361,19 @@ def _describe(obj: Any) -> str:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(v, (Tensor, _UnusableTensor)) for v in obj.values())
+    )
 
 
-def _extract_state_dict(obj: Any, depth: int = 0) -> dict[str, Tensor] | None:
+def _extract_state_dict(obj: Any, source: str, depth: int = 0) -> dict[str, Tensor] | None:
     """The state dict in a loaded object: a dict of tensors, a container of one, or a pickled module."""
     if depth > 4:
         return None
     if isinstance(obj, _StandIn):
-        weights = _module_weights(obj)
+        weights = _module_weights(obj, source)
         if weights:
             return weights
         obj = obj.items or obj.attributes  # a dict subclass's items, or an object's attributes
@@ -229,7 +382,7 @@ def _extract_state_dict(obj: Any, depth: int = 0) -> dict[str, Tensor] | None:
     if isinstance(obj, Mapping):
         for key in CONTAINER_KEYS:
             if key in obj:
-                found = _extract_state_dict(obj[key], depth + 1)
+                found = _extract_state_dict(obj[key], source, depth + 1)
                 if found is not None:
                     return found
     return None
@@ -264,12 +417,67 @@ def _rebuild_from_type(func: Any, new_type: Any, args: tuple[Any, ...], state: A
     if new_type is not Tensor and new_type is not nn.Parameter:
         raise _Refused(f"rebuilding a tensor as {new_type!r}")
     tensor = _SafeUnpickler.call(func, args, {})
-    return tensor if type(tensor) is new_type else tensor.as_subclass(new_type)
+    if isinstance(tensor, _UnusableTensor) or type(tensor) is new_type:
+        return tensor
+    return tensor.as_subclass(new_type)
 
 
-def _rebuild_parameter(data: Tensor, requires_grad: bool, hooks: Any, state: Any = None) -> nn.Parameter:
+def _rebuild_parameter(data: Any, requires_grad: bool, hooks: Any, state: Any = None) -> Any:
     """torch's ``_rebuild_parameter(_with_state)``, without the Python attributes in ``state``."""
+    if isinstance(data, _UnusableTensor):
+        return data
     return torch._utils._rebuild_parameter(data, requires_grad, hooks)
+
+
+def _rebuild_on_cpu(data: Any, dtype: Any, device: Any, requires_grad: bool) -> Any:
+    """torch's ``_rebuild_device_tensor_from_cpu_tensor`` with every device mapped to the CPU, as torch.load's
+    ``map_location="cpu"`` maps it."""
+    if isinstance(data, _UnusableTensor):
+        return data
+    if not isinstance(data, Tensor) or not isinstance(dtype, torch.dtype):
+        raise _Refused("rebuilding a device tensor from something other than a tensor and a dtype")
+    return data.to(dtype=dtype)
+
+
+def _layout_name(name: Any) -> Any:
+    """``torch.serialization._get_layout`` for the sparse tensors refused later: the layout is not needed."""
+    return name
+
+
+# The tensors torch pickles through these functions cannot serve as weights; allow_pickle does not rebuild
+# them (some allocate their declared size, some run subclass code) but keeps an _UnusableTensor in their place,
+# refused by key once the state dict is read.
+_UNUSABLE_KINDS = {
+    "torch._utils._rebuild_sparse_tensor": "a sparse tensor",
+    "torch._utils._rebuild_meta_tensor_no_storage": "a meta tensor (a shape without values)",
+    "torch._utils._rebuild_qtensor": "a quantized tensor",
+    "torch._utils._rebuild_nested_tensor": "a nested tensor",
+    "torch.nested._internal.nested_tensor._rebuild_njt": "a nested tensor",
+    "torch._utils._rebuild_wrapper_subclass": "a tensor subclass (e.g. a distributed DTensor)",
+    "torch._utils._rebuild_device_tensor_from_numpy": "a tensor of a non-CPU device",
+    "torch._utils._rebuild_xla_tensor": "a tensor of a non-CPU device",
+}
+
+
+class _UnusableTensor:
+    """Where a pickle holds a tensor of a kind in ``_UNUSABLE_KINDS``: its kind, nothing of its data."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+class _UnusableRebuild:
+    """A function of ``_UNUSABLE_KINDS``: called from a pickle, it makes an :class:`_UnusableTensor`."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _UnusableTensor:
+        return _UnusableTensor(self.kind)
 
 
 _ALLOWED: dict[str, Any] = {
@@ -288,6 +496,8 @@ _ALLOWED: dict[str, Any] = {
     "torch._utils._rebuild_tensor_v3": torch._utils._rebuild_tensor_v3,
     "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "torch.serialization._get_layout": _layout_name,
+    "torch._utils._rebuild_device_tensor_from_cpu_tensor": _rebuild_on_cpu,
 }
 _ALLOWED_IDS = frozenset(id(value) for value in _ALLOWED.values())
 
@@ -366,29 +576,61 @@ class _StandIn:
         self.elements.extend(values)
 
 
-def _module_weights(root: _StandIn) -> dict[str, Tensor]:
-    """What ``state_dict()`` returns for a pickled ``nn.Module``, read from its stand-in tree (no hooks run)."""
-    weights: dict[str, Tensor] = {}
+def _module_weights(root: _StandIn, source: str) -> dict[str, Any]:
+    """What ``state_dict()`` returns for a pickled ``nn.Module``, read from its stand-in tree (no hooks run).
 
-    def visit(module: _StandIn, prefix: str, path: frozenset[int]) -> None:
+    As ``state_dict()`` does, a module reached along several paths is read once per path (a cycle is not
+    followed), so a pickle of shared references could ask for exponentially many weights. The walk uses no
+    recursion and holds one entry per module on the current path; every module read, every entry of its
+    parameters, buffers and children looked at, and every character of the names made count against
+    PICKLED_OBJECTS, the depth against NESTING_DEPTH.
+    """
+    limit = PICKLED_OBJECTS.value()
+    weights: dict[str, Any] = {}
+    detached: dict[int, Tensor] = {}  # one detached view per tensor, however many paths reach it
+    spent = 0
+    path: list[tuple[int, Iterator[tuple[Any, Any]], str]] = []  # per module from the root: id, children left, prefix
+    on_path: set[int] = set()
+    module: _StandIn | None = root
+    prefix = ""
+    while module is not None:
+        NESTING_DEPTH.check(len(path) + 1, source, "levels of nested modules")
+        spent += 1 + len(prefix)
         attributes = module.attributes
         transient = attributes.get("_non_persistent_buffers_set")
         transient = transient if isinstance(transient, (set, frozenset)) else frozenset()
         for group in ("_parameters", "_buffers"):
             tensors = attributes.get(group)
-            if isinstance(tensors, Mapping):
-                for name, value in tensors.items():
-                    if not isinstance(name, str) or not isinstance(value, Tensor):
-                        continue
-                    if group == "_parameters" or name not in transient:  # state_dict() skips transient buffers
-                        weights[prefix + name] = value.detach()
+            if not isinstance(tensors, Mapping):
+                continue
+            for name, value in tensors.items():
+                spent += 1
+                if not isinstance(name, str) or (group == "_buffers" and name in transient):
+                    continue  # state_dict() skips transient buffers
+                if isinstance(value, Tensor):
+                    if id(value) not in detached:
+                        detached[id(value)] = value.detach()
+                    value = detached[id(value)]
+                elif not isinstance(value, _UnusableTensor):
+                    continue
+                spent += len(prefix) + len(name)
+                weights[prefix + name] = value
         children = attributes.get("_modules")
-        if isinstance(children, Mapping):
-            for name, child in children.items():
-                if isinstance(name, str) and isinstance(child, _StandIn) and id(child) not in path:
-                    visit(child, f"{prefix}{name}.", path | {id(child)})
-
-    visit(root, "", frozenset({id(root)}))
+        path.append((id(module), iter(children.items() if isinstance(children, Mapping) else ()), prefix))
+        on_path.add(id(module))
+        module = None
+        while path and module is None:  # the next child of the deepest module on the path that has one left
+            module_id, remaining, parent = path[-1]
+            for name, child in remaining:
+                spent += 1
+                if isinstance(name, str) and isinstance(child, _StandIn) and id(child) not in on_path:
+                    module, prefix = child, f"{parent}{name}."
+                    break
+            else:
+                path.pop()
+                on_path.discard(module_id)
+            if spent > limit:
+                PICKLED_OBJECTS.check(spent, source, "modules, weights and characters of their names")
     return weights
 
 
@@ -399,10 +641,20 @@ class _Opcodes(dict):
 
 class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler, whose opcodes can be overridden
     dispatch = _Opcodes(pickle._Unpickler.dispatch)
+    source = "a pickle"  # the file read, in errors; set by _pickle_module_for
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._globals: dict[str, _Global] = {}
+        self._built = 0
+        self._limit = PICKLED_OBJECTS.value()
+
+    def _counted(self, built: Any) -> Any:
+        """``built``, after counting it against PICKLED_OBJECTS."""
+        self._built += 1
+        if self._built > self._limit:
+            PICKLED_OBJECTS.check(self._built, self.source, "objects built by the pickle")
+        return built
 
     def find_class(self, module: str, name: str) -> Any:
         if self.proto < 3 and self.fix_imports:  # Python 2 names, as protocol 2 (torch.save's) spells them
@@ -413,6 +665,8 @@ class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler, whose opc
         qualified = f"{module}.{name}"
         if qualified in _ALLOWED:
             return _ALLOWED[qualified]
+        if qualified in _UNUSABLE_KINDS:
+            return _UnusableRebuild(_UNUSABLE_KINDS[qualified])
         if module == "torch" and isinstance(vars(torch).get(name), torch.dtype):
             return vars(torch)[name]
         if module.partition(".")[0] in _CODE_MODULES:
@@ -431,12 +685,12 @@ class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler, whose opc
     @staticmethod
     def call(func: Any, args: Any, kwargs: Any) -> Any:
         """Call ``func`` if it is allowed, or a name (which makes a stand-in if it names a class)."""
-        if type(func) is _Global or id(func) in _ALLOWED_IDS:
+        if type(func) in (_Global, _UnusableRebuild) or id(func) in _ALLOWED_IDS:
             return func(*args, **kwargs)
         raise _Refused(f"a call of a {type(func).__qualname__} object")
 
     def _instantiate(self, klass: Any, args: Any) -> None:  # INST and OBJ
-        self.append(self.call(klass, args, {}))
+        self.append(self._counted(self.call(klass, args, {})))
 
     def _new(self, cls: Any, args: Any, kwargs: Any) -> Any:
         if type(cls) is _Global:
@@ -447,16 +701,16 @@ class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler, whose opc
 
     def load_reduce(self) -> None:
         args = self.stack.pop()
-        self.stack[-1] = self.call(self.stack[-1], args, {})
+        self.stack[-1] = self._counted(self.call(self.stack[-1], args, {}))
 
     def load_newobj(self) -> None:
         args = self.stack.pop()
-        self.stack[-1] = self._new(self.stack[-1], args, {})
+        self.stack[-1] = self._counted(self._new(self.stack[-1], args, {}))
 
     def load_newobj_ex(self) -> None:
         kwargs = self.stack.pop()
         args = self.stack.pop()
-        self.stack[-1] = self._new(self.stack[-1], args, kwargs)
+        self.stack[-1] = self._counted(self._new(self.stack[-1], args, kwargs))
 
     def load_build(self) -> None:
         state = self.stack.pop()
@@ -474,18 +728,24 @@ class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler, whose opc
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def _safe_load(file: Any, **kwargs: Any) -> Any:
-    return _SafeUnpickler(file, **kwargs).load()
+def _pickle_module_for(source: str) -> types.SimpleNamespace:
+    """The ``pickle_module`` torch.load reads ``source`` with: :class:`_SafeUnpickler`, naming it in errors."""
+    unpickler = type("_SafeUnpickler", (_SafeUnpickler,), {"source": source})
+
+    def load(file: Any, **kwargs: Any) -> Any:
+        return unpickler(file, **kwargs).load()
+
+    return types.SimpleNamespace(__name__="lit_adamerging_safe_pickle", Unpickler=unpickler, load=load)
 
 
-_SAFE_PICKLE = types.SimpleNamespace(__name__="lit_adamerging_safe_pickle", Unpickler=_SafeUnpickler, load=_safe_load)
-
-
-def _load_pickled(path: Path) -> Any:
+def _load_pickled(file: IO[bytes], path: Path) -> Any:
+    file.seek(0)
     try:
         with warnings.catch_warnings():  # the pre-1.6 format's source check has no source to compare for a name
             warnings.filterwarnings("ignore", "Couldn't retrieve source code for container")
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_SAFE_PICKLE)
+            return torch.load(file, map_location="cpu", weights_only=False, pickle_module=_pickle_module_for(str(path)))
+    except LimitExceeded:
+        raise
     except _Refused as refused:
         raise CheckpointError(
             f"{path}: refused {refused}, which could run code. allow_pickle rebuilds only tensors and containers "
@@ -514,18 +774,17 @@ _HF_LAYER = {
 
 def _read_hf_clip_folder(folder: Path, *, allow_pickle: bool) -> dict[str, Tensor]:
     config_file = folder / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists():
         raise CheckpointError(
             f"{folder}: a folder, but not a Hugging Face model folder (no config.json); give a weights file "
             f"({', '.join(CHECKPOINT_SUFFIXES)}) or a folder saved by transformers' save_pretrained."
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{config_file}: not a readable JSON config ({error}).") from error
+    config = _read_json(config_file, "Hugging Face config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: not a Hugging Face config (a JSON object); the folder is damaged.")
     state: dict[str, Tensor] | None = None
     for name in HF_WEIGHT_FILES:
-        if (folder / name).is_file():
+        if (folder / name).exists():  # not is_file(): a FIFO or folder there is refused, not passed over
             state = _read_hf_weights(folder / name, allow_pickle=allow_pickle)
             break
     if state is None:
@@ -535,16 +794,37 @@ def _read_hf_clip_folder(folder: Path, *, allow_pickle: bool) -> dict[str, Tenso
     return _convert_hf_clip_vision(state, source=str(folder), model_type=str(config.get("model_type")))
 
 
+def _read_json(file: Path, what: str) -> Any:
+    with open_regular_file(file, what) as handle:
+        try:
+            return json.loads(handle.read())
+        except (OSError, ValueError, RecursionError) as error:
+            raise CheckpointError(f"{file}: not a readable JSON {what} ({type(error).__name__}: {error}).") from error
+
+
 def _read_hf_weights(file: Path, *, allow_pickle: bool) -> dict[str, Tensor]:
     if not file.name.endswith(".index.json"):
-        return read_checkpoint(file, allow_pickle=allow_pickle)
-    try:
-        weight_map = json.loads(file.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{file}: not a readable shard index (needs a 'weight_map'): {error}.") from error
+        return _read_file(file, allow_pickle=allow_pickle)
+    index = _read_json(file, "shard index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise CheckpointError(
+            f"{file}: not a shard index: it needs a 'weight_map' of weight names to shard file names; the folder "
+            "is damaged, so download it again."
+        )
     state: dict[str, Tensor] = {}
     for shard in dict.fromkeys(weight_map.values()):
-        state.update(read_checkpoint(file.parent / shard, allow_pickle=allow_pickle))
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(
+                f"{file}: the shard {shard!r} is not a file name in the folder; a shard index names files beside "
+                "it, so the index is damaged or crafted."
+            )
+        if not (file.parent / shard).exists():
+            raise CheckpointError(
+                f"{file}: the shard {shard!r} it names is not in the folder; the download is incomplete, so "
+                "download the folder again."
+            )
+        state.update(_read_file(file.parent / shard, allow_pickle=allow_pickle))
     return state
 
 

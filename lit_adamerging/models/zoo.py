@@ -27,7 +27,7 @@ from lit_adamerging.models.checkpoints import (
     select_encoder_weights,
 )
 from lit_adamerging.models.encoders import check_open_clip_model, create_encoder, encoder_preprocess, feature_dim
-from lit_adamerging.models.heads import ClassificationHead, head_source
+from lit_adamerging.models.heads import ClassificationHead, check_head_fits, head_source
 from lit_adamerging.models.preprocess import Preprocess
 from lit_adamerging.models.prompts import read_class_names
 from lit_adamerging.models.zeroshot import cached_zero_shot_head, text_tower_digest
@@ -150,11 +150,24 @@ def _require_files(kind: str, files: Mapping[str, str], tasks: Iterable[str]) ->
         raise ValueError(f"the zoo's {kind!r} has no file for task(s) {missing}; give one file per {which}.")
 
 
-def head_from_file(path: str, task: str, *, normalize: bool = False, allow_pickle: bool = False) -> ClassificationHead:
-    """The head of ``task`` read from a file holding ``weight`` ``[classes, features]`` and optionally ``bias``."""
+def head_from_file(
+    path: str,
+    task: str,
+    *,
+    normalize: bool = False,
+    allow_pickle: bool = False,
+    num_classes: int | None = None,
+    features: int | None = None,
+) -> ClassificationHead:
+    """The head of ``task`` read from a file holding ``weight`` ``[classes, features]`` and optionally ``bias``.
+
+    ``num_classes`` (the task's) and ``features`` (the encoder's width), where given, are compared with the
+    weight's shape before any of its values is read.
+    """
     state = read_checkpoint(path, allow_pickle=allow_pickle)
     if "weight" not in state:
         raise CheckpointError(f"{path}: the head file of task {task!r} has no 'weight' tensor.")
+    check_head_fits(state["weight"], path, task, num_classes=num_classes, features=features)
     return ClassificationHead(state["weight"], state.get("bias"), normalize, head_source(path, task))
 
 
@@ -259,9 +272,11 @@ class StateDictZoo(ModelZoo):
             task: functools.partial(encoder_weights, self.finetuned[task], encoder, allow_pickle=self.allow_pickle)
             for task in merged
         })
+        width = feature_dim(encoder)
         heads = {
             task: head_from_file(
-                self.heads[task], task, normalize=self.normalize_features, allow_pickle=self.allow_pickle
+                self.heads[task], task, normalize=self.normalize_features, allow_pickle=self.allow_pickle,
+                num_classes=num_classes[task], features=width,
             )
             for task in num_classes
         }
@@ -441,13 +456,18 @@ class TimmZoo(ModelZoo):
         backbone = create_encoder(f"timm:{self.model}")
         backbone.load_state_dict(self._pretrained_weights(backbone))
         classifier = backbone.pretrained_cfg.get("classifier", "classifier")
+        width = feature_dim(backbone)
         heads = {}
         for task in num_classes:  # the heads now; the backbone weights again, one task at a time, when stacked
             if task in self.heads:
-                heads[task] = head_from_file(self.heads[task], task, allow_pickle=self.allow_pickle)
+                heads[task] = head_from_file(
+                    self.heads[task], task, allow_pickle=self.allow_pickle, num_classes=num_classes[task],
+                    features=width,
+                )
                 continue
             path = self.finetuned[task]
             weight, bias = _classifier(read_checkpoint(path, allow_pickle=self.allow_pickle), classifier, path)
+            check_head_fits(weight, path, task, num_classes=num_classes[task], features=width)
             heads[task] = ClassificationHead(weight, bias, source=head_source(path, task))
         finetuned = LazyStateDicts({
             task: functools.partial(encoder_weights, self.finetuned[task], backbone, allow_pickle=self.allow_pickle)
