@@ -30,6 +30,7 @@ from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticTask,
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning import checkpoint_io
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
+from lit_adamerging.lightning.module import checkpoint_settings_differences
 from lit_adamerging.limits import CHECKPOINT_BYTES, NESTING_DEPTH, LimitExceeded
 
 pytestmark = [
@@ -313,3 +314,55 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "broken.yaml is not valid YAML: while parsing a flow sequence" in result.stderr
     assert 'in "broken.yaml", line 2, column 9' in result.stderr
+
+
+def test_a_stored_file_path_that_is_a_fifo_fails_the_run_instead_of_hanging(fitted, tmp_path):
+    fifo = tmp_path / "pretrained.pt"
+    os.mkfifo(fifo)
+    state = torch.load(last_checkpoint(fitted), weights_only=True)
+    tasks = list(state["hyper_parameters"]["num_classes"])
+    state["hyper_parameters"]["zoo"] = {
+        "class_path": "lit_adamerging.StateDictZoo",
+        "init_args": {"encoder": "open_clip:test-vit-tiny", "pretrained": str(fifo),
+                      "finetuned": {task: str(fifo) for task in tasks}, "heads": {task: str(fifo) for task in tasks},
+                      "normalize_features": False},
+    }
+    torch.save(state, tmp_path / "fifo.ckpt")
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            in_process(fitted, "test", "--config", "tiny.yaml", "--ckpt_path", str(tmp_path / "fifo.ckpt"),
+                       "--settings_from_checkpoint=true")
+        except BaseException as error:  # noqa: BLE001 (handed to the test thread)
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    if thread.is_alive():  # unblock the reader before failing
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("the run waited on the FIFO named in the checkpoint")
+    assert len(outcome) == 1 and f"{fifo}: the " in str(outcome[0]) and "FIFO (named pipe)" in str(outcome[0])
+
+
+def test_zoo_paths_compare_as_files_and_class_paths_as_classes(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "a.pt").touch()
+    stored = {"zoo": {"class_path": "lit_adamerging.StateDictZoo", "init_args": {"pretrained": "models/a.pt"}}}
+
+    def differences(class_path: str, pretrained: str) -> list[str]:
+        current = {"zoo": {"class_path": class_path, "init_args": {"pretrained": pretrained}}}
+        return checkpoint_settings_differences(stored, current, ("zoo",))
+
+    full = "lit_adamerging.models.zoo.StateDictZoo"
+    assert differences(full, str(tmp_path / "models" / "a.pt")) == []  # a relative path the absolute one ends with
+    with contextlib.chdir(tmp_path):
+        assert differences(full, "./models/../models/a.pt") == []  # the same existing file
+    assert differences(full, str(tmp_path / "other" / "a.pt")) == [
+        f"  model.zoo.init_args.pretrained: checkpoint 'models/a.pt', yours '{tmp_path / 'other' / 'a.pt'}'"
+    ]
+    assert differences("lit_adamerging.models.zoo.TimmZoo", "models/a.pt") == [
+        "  model.zoo.class_path: checkpoint 'lit_adamerging.StateDictZoo', yours 'lit_adamerging.models.zoo.TimmZoo'"
+    ]

@@ -118,13 +118,18 @@ def _same_zoo_class(stored: Any, current: Any) -> bool:
 
 
 def _same_value(stored: Any, current: Any) -> bool:
-    """Equal, or two strings naming the same existing file or folder (``runs/a.pt`` and its absolute path)."""
+    """Equal, or two strings naming the same file: the same existing file (``runs/a.pt`` and its absolute path),
+    or a relative path in the checkpoint that the given path ends with (a checkpoint does not record the folder
+    its run started in)."""
     if stored == current:
         return True
-    if isinstance(stored, str) and isinstance(current, str) and stored and current:
-        first, second = Path(stored).expanduser(), Path(current).expanduser()
-        return first.exists() and second.exists() and os.path.samefile(first, second)
-    return False
+    if not (isinstance(stored, str) and isinstance(current, str) and stored and current):
+        return False
+    first, second = Path(stored).expanduser(), Path(current).expanduser()
+    if first.exists() and second.exists():
+        return os.path.samefile(first, second)
+    relative = [part for part in first.parts if part != "."]
+    return not first.is_absolute() and ".." not in relative and list(second.parts[-len(relative):]) == relative
 
 
 def checkpoint_settings_differences(
