@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lit_adamerging.merging import MergedEncoder, stack_task_vectors
-from lit_adamerging.merging.merge import row_dots, weighted_sum
+from lit_adamerging.merging._kernels import row_dots, weighted_sum
 from lit_adamerging.models import create_encoder
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -104,13 +104,13 @@ def test_cuda_graph_steps_match_eager_steps(name, storage, granularity, autocast
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _compare_steps(graphed, eager, generator, autocast, addresses)
-    (graph,) = graphed._captured.values()
+    (graph,) = graphed._graphs.captured.values()
     if graph is None:  # the encoder could not be captured: it said so and ran eagerly (still exact, above)
         print(f"{name} {storage} {granularity} {autocast}: not captured: {[str(w.message) for w in caught]}")
         assert any("could not be captured" in str(w.message) for w in caught)
     else:
         assert len(addresses) == 1  # captured once, then replayed
-    assert not eager._captured
+    assert not eager._graphs.captured
 
 
 def _compare_steps(graphed, eager, generator, autocast, addresses):
@@ -168,7 +168,7 @@ def test_encoder_that_cannot_be_captured_runs_eagerly_after_a_warning():
         features.pow(2).sum().backward()
         eager(x).pow(2).sum().backward()
         torch.testing.assert_close(graphed.coefficients.raw.grad, eager.coefficients.raw.grad)
-    assert list(graphed._captured.values()) == [None]
+    assert list(graphed._graphs.captured.values()) == [None]
 
 
 @cuda
@@ -191,16 +191,16 @@ def test_cuda_graph_second_forward_before_backward_stays_exact():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
     graphed.coefficients.raw.grad = None
     graphed(second).sum().backward()  # the graph is used again once the backward ran
-    assert graphed._awaiting_backward == set()
+    assert graphed._graphs.awaiting_backward == set()
 
 
 @cuda
 def test_moving_the_encoder_drops_its_graphs_and_keeps_one_copy_of_the_weights():
     graphed, _ = _pair_of_mergers("open_clip:test-vit-tiny", torch.float32, "task")
     graphed(torch.randn(2, 3, 32, 32, device="cuda")).sum().backward()
-    assert graphed._captured
+    assert graphed._graphs.captured
     graphed.cpu()
-    assert not graphed._captured
+    assert not graphed._graphs.captured
     block = graphed.pretrained.get_buffer("0")
     name = graphed.group_names[0][0]
     assert graphed.encoder.state_dict(keep_vars=True)[name].data_ptr() == block[0].data_ptr()
@@ -234,7 +234,7 @@ def test_gpu_fit_with_graphs_takes_the_eager_fit_steps():
         )
         trainer.fit(module, data)
         raw = module.merger.coefficients.raw.detach().cpu()
-        runs.append((gradients.seen, raw, list(module.merger._captured.values())))
+        runs.append((gradients.seen, raw, list(module.merger._graphs.captured.values())))
     (graph_grads, graph_raw, graphs_made), (eager_grads, eager_raw, eager_graphs) = runs
     assert len(graphs_made) == 1 and graphs_made[0] is not None and eager_graphs == []  # captured inside the Trainer
     assert len(graph_grads) == len(eager_grads) == 3

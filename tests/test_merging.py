@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import re
@@ -13,8 +14,12 @@ from torch import Tensor
 from lit_adamerging.merging import (
     MergedEncoder,
     MergingCoefficients,
+    StackedTaskVectors,
     TaskVectorError,
+    _autograd,
+    _kernels,
     entropy,
+    group_task_vectors,
     merge,
     stack_task_vectors,
     task_arithmetic,
@@ -140,6 +145,110 @@ def test_stacked_blocks_are_shared_by_merged_encoder_not_copied(make_tiny_zoo):
     assert all(
         copied[key].data_ptr() != cloned[key].data_ptr() and torch.equal(copied[key], cloned[key]) for key in cloned
     )
+
+
+def _storage(tensor: Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def test_the_merge_reads_the_stacked_blocks_themselves(make_tiny_zoo, monkeypatch):
+    # No copy of the task vectors: the groups handed to the kernels are the blocks stack_task_vectors filled.
+    encoder, finetuned = make_tiny_zoo(TIMM, perturb_buffers=True)
+    stacked = stack_task_vectors(encoder.state_dict(), finetuned, buffers=buffer_names(encoder), buffer_policy="merge")
+    assert isinstance(stacked, StackedTaskVectors) and len(stacked.blocks) < len(stacked)
+    blocks = {members: block for members, block in stacked.blocks}
+    for members, block in blocks.items():
+        assert all(_storage(stacked[name]) == _storage(block) for name in members)
+    names, groups = group_task_vectors(stacked)
+    assert [tuple(members) for members in names] == list(blocks)
+    for members, group in zip(names, groups):
+        block = blocks[tuple(members)]
+        assert _storage(group) == _storage(block) and group.storage_offset() == block.storage_offset()
+        assert group.shape == block.shape and group.stride() == block.stride()
+    read: list[int] = []
+
+    def recording(base: Tensor, group: Tensor, weights: Tensor) -> Tensor:
+        read.append(_storage(group))
+        return _kernels.merge_group(base, group, weights)
+
+    monkeypatch.setattr(_autograd, "merge_group", recording)
+    storages = {_storage(block) for block in blocks.values()}
+    merge(encoder.state_dict(), stacked, torch.full((3, len(stacked)), 0.3))
+    assert sorted(read) == sorted(storages)
+    merged_encoder = MergedEncoder(copy.deepcopy(encoder), stacked)
+    assert {_storage(buffer) for buffer in merged_encoder.task_vectors.buffers()} == storages
+    read.clear()
+    merged_encoder(images())
+    assert sorted(read) == sorted(storages)
+    # the encoder's own stacked view keeps its buffers as blocks: merging it copies nothing either
+    read.clear()
+    merge(encoder.state_dict(), merged_encoder.stacked_task_vectors(), torch.full((3, len(stacked)), 0.3))
+    assert sorted(read) == sorted(storages)
+
+
+def test_a_replaced_entry_makes_only_its_group_a_copy():
+    block = torch.arange(12.0).reshape(2, 2, 3)
+    other = torch.arange(4.0).reshape(1, 2, 2)
+    stacked = StackedTaskVectors([(["a", "b"], block), (["c"], other)], order=["c", "a", "b"])
+    assert list(stacked) == ["c", "a", "b"]
+    assert torch.equal(stacked["a"], block[0]) and torch.equal(stacked["b"], block[1])
+    names, groups = group_task_vectors(stacked)
+    assert names == [["c"], ["a", "b"]]
+    assert _storage(groups[0]) == _storage(other) and _storage(groups[1]) == _storage(block)
+    stacked["b"] = block[1].clone()  # same values, other memory
+    names, groups = group_task_vectors(stacked)
+    assert _storage(groups[0]) == _storage(other) and _storage(groups[1]) != _storage(block)
+    assert torch.equal(groups[1], block)
+    stacked["b"] = block[0]  # memory of the block, but another row
+    assert _storage(group_task_vectors(stacked)[1][1]) != _storage(block)
+    # a subset or another order of a block's rows is a copy too
+    _, (group,) = group_task_vectors(StackedTaskVectors([(["a", "b"], block)]), [["b", "a"]])
+    assert _storage(group) != _storage(block) and torch.equal(group, block.flip(0))
+
+
+def test_stacked_task_vectors_save_and_copy_as_ordered_dicts(tmp_path):
+    stacked = StackedTaskVectors([(["a", "b"], torch.arange(12.0).reshape(2, 2, 3))])
+    torch.save(stacked, tmp_path / "stacked.pt")
+    for loaded in (torch.load(tmp_path / "stacked.pt", weights_only=True), copy.deepcopy(stacked)):
+        assert type(loaded) is collections.OrderedDict and list(loaded) == ["a", "b"]
+        assert all(torch.equal(loaded[name], stacked[name]) for name in stacked)
+
+
+def test_stacked_task_vectors_argument_errors():
+    with pytest.raises(ValueError, match=r"shape \(2, 3\) does not hold 3 tensors"):
+        StackedTaskVectors([(["a", "b", "c"], torch.zeros(2, 3))])
+    with pytest.raises(ValueError, match="'a' is in two blocks"):
+        StackedTaskVectors([(["a"], torch.zeros(1, 2)), (["a"], torch.zeros(1, 2))])
+    with pytest.raises(ValueError, match="order must name each tensor of the blocks once"):
+        StackedTaskVectors([(["a", "b"], torch.zeros(2, 2, 1))], order=["a", "a"])
+
+
+def test_compiled_kernels_raise_the_recompile_limit_for_their_call_only(monkeypatch):
+    # One compilation per group shape: Dynamo's default limit (8) would send later shapes to eager.
+    seen: list[int] = []
+
+    def fake_compile(function, **options):
+        assert options == {"dynamic": False, "fullgraph": True}
+
+        def run(*args):
+            seen.append(torch.compiler.config.recompile_limit)
+            return function(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    _kernels.compiled.cache_clear()
+    try:
+        before = torch.compiler.config.recompile_limit
+        group, weights, base = torch.ones(2, 3, 4), torch.ones(2, 3), torch.zeros(2, 4)
+        out = _kernels.compiled(_kernels.weighted_sum)(group, weights, base)
+        assert torch.equal(out, torch.full((2, 4), 3.0))
+        assert seen == [_kernels.MAX_GROUP_SHAPES] and torch.compiler.config.recompile_limit == before
+        with pytest.raises(RuntimeError):  # restored after an error too
+            _kernels.compiled(_kernels.weighted_sum)(group, weights, torch.zeros(3, 5))
+        assert torch.compiler.config.recompile_limit == before
+    finally:
+        _kernels.compiled.cache_clear()  # no fake compiled function stays cached
 
 
 def test_stack_buffer_policy_pretrained_excludes_buffers(make_tiny_zoo):

@@ -1,8 +1,9 @@
 """The merging core: pure torch, no Lightning. Read it in this order:
 
-1. :mod:`~lit_adamerging.merging.task_vectors` - validate and stack ``theta_k - theta_0``;
+1. :mod:`~lit_adamerging.merging.task_vectors` - validate and stack ``theta_k - theta_0``, grouped by shape;
 2. :mod:`~lit_adamerging.merging.ties` - TIES trim / elect / disjoint (AdaMerging++);
-3. :mod:`~lit_adamerging.merging.merge` - the fused merge, the coefficients, the merged forward;
+3. :mod:`~lit_adamerging.merging.merge` - the fused merge, the coefficients, the merged forward (private
+   parts: ``_kernels`` the per-group arithmetic, ``_autograd`` the autograd node, ``_graphs`` CUDA graphs);
 4. :mod:`~lit_adamerging.merging.objective` - the entropy AdaMerging minimises;
 5. :mod:`~lit_adamerging.merging.baselines` - weight averaging, task arithmetic, TIES-merging;
 6. :mod:`~lit_adamerging.merging.fisher`, :mod:`~lit_adamerging.merging.regmean` - Fisher merging and
@@ -12,23 +13,18 @@
 
 from lit_adamerging.merging.baselines import task_arithmetic, ties_merging, weight_averaging
 from lit_adamerging.merging.fisher import FisherWeightedAverage, fisher_merge, fisher_sums
-from lit_adamerging.merging.merge import (
-    Granularity,
-    MergedEncoder,
-    MergingCoefficients,
-    group_names,
-    group_task_vectors,
-    merge,
-    merge_groups,
-)
+from lit_adamerging.merging.merge import Granularity, MergedEncoder, MergingCoefficients, merge, merge_groups
 from lit_adamerging.merging.objective import entropy
 from lit_adamerging.merging.regmean import GramRecorder, RegMeanAverage, regmean_layers, regmean_merge
 from lit_adamerging.merging.surgery import SURGERY_RANK, FeatureSurgery, SurgeryModules
 from lit_adamerging.merging.task_vectors import (
     BUFFER_POLICIES,
     BufferPolicy,
+    StackedTaskVectors,
     TaskVectorError,
     check_compatible,
+    group_names,
+    group_task_vectors,
     stack_task_vectors,
 )
 from lit_adamerging.merging.ties import ties_task_vectors
@@ -44,6 +40,7 @@ __all__ = [
     "MergingCoefficients",
     "RegMeanAverage",
     "SURGERY_RANK",
+    "StackedTaskVectors",
     "SurgeryModules",
     "TaskVectorError",
     "check_compatible",

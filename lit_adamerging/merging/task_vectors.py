@@ -8,8 +8,9 @@ problem raises :class:`TaskVectorError` naming the task and the key.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from typing import Literal
+from collections import OrderedDict
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -77,7 +78,7 @@ def stack_task_vectors(
     buffers: Collection[str] = (),
     buffer_policy: BufferPolicy = "pretrained",
     dtype: torch.dtype = torch.float32,
-) -> dict[str, Tensor]:
+) -> StackedTaskVectors:
     """Stack ``theta_k - theta_0`` over tasks for every tensor that gets merged.
 
     Args:
@@ -91,8 +92,8 @@ def stack_task_vectors(
 
     Returns:
         ``{key: Tensor[T, *shape]}`` in the key order of ``pretrained``, tasks in the order of ``finetuned``;
-        same-shape tensors are views of one ``[G, T, *shape]`` block
-        (see :func:`~lit_adamerging.merging.merge.group_task_vectors`).
+        a :class:`StackedTaskVectors`: same-shape tensors are the rows of one ``[G, T, *shape]`` block
+        it keeps (see :func:`group_task_vectors`).
 
     Example:
         >>> base = {"w": torch.zeros(2), "b": torch.ones(1)}
@@ -158,22 +159,122 @@ def _check_cast(vector: Tensor, stored: Tensor, task: str, key: str) -> None:
     )
 
 
-def empty_stacked(like: Mapping[str, Tensor], num_tasks: int, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+def empty_stacked(like: Mapping[str, Tensor], num_tasks: int, dtype: torch.dtype | None = None) -> StackedTaskVectors:
     """Uninitialised ``{key: Tensor[num_tasks, *like[key].shape]}`` on ``like[key]``'s device, in
     ``dtype`` (default ``like[key]``'s).
 
-    Same-shape tensors are views of one ``[G, T, *shape]`` block, the layout in which
-    :class:`~lit_adamerging.merging.merge.MergedEncoder` stores task vectors: it takes such a block
-    as it is, without a copy.
+    Same-shape tensors are the rows of one ``[G, T, *shape]`` block (:class:`StackedTaskVectors`),
+    the layout in which :class:`~lit_adamerging.merging.MergedEncoder` stores task vectors: it
+    takes such a block as it is, without a copy.
     """
-    groups: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[str]] = {}
+    members: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[str]] = {}
     for key, tensor in like.items():
-        groups.setdefault((tuple(tensor.shape), dtype or tensor.dtype, tensor.device), []).append(key)
-    views: dict[str, Tensor] = {}
-    for (shape, block_dtype, device), members in groups.items():
-        block = torch.empty((len(members), num_tasks, *shape), dtype=block_dtype, device=device)
-        views.update(zip(members, block.unbind(0)))
-    return {key: views[key] for key in like}
+        members.setdefault((tuple(tensor.shape), dtype or tensor.dtype, tensor.device), []).append(key)
+    blocks = (
+        (names, torch.empty((len(names), num_tasks, *shape), dtype=block_dtype, device=device))
+        for (shape, block_dtype, device), names in members.items()
+    )
+    return StackedTaskVectors(blocks, like)
+
+
+class StackedTaskVectors(dict[str, Tensor]):
+    """``{name: Tensor[T, *shape]}`` whose entries are rows of ``[G, T, *shape]`` blocks, which it keeps.
+
+    Args:
+        blocks: ``(names, block)`` pairs; ``block[j]`` becomes the entry ``names[j]``.
+        order: the order of the entries (default: the blocks' order).
+
+    :func:`group_task_vectors` hands a block to the merge as it is, not a copy, while the entries
+    of its names are still its rows (an entry replaced later makes its group a copy). Pickled
+    (``torch.save``) or copied, it is an ``OrderedDict`` of its entries, which
+    ``torch.load(weights_only=True)`` reads.
+
+    Example:
+        >>> block = torch.arange(8.0).reshape(2, 2, 2)
+        >>> stacked = StackedTaskVectors([(["a", "b"], block)], order=["b", "a"])
+        >>> list(stacked), stacked["b"]
+        (['b', 'a'], tensor([[4., 5.],
+                [6., 7.]]))
+    """
+
+    def __init__(self, blocks: Iterable[tuple[Sequence[str], Tensor]], order: Iterable[str] | None = None) -> None:
+        self.blocks: list[tuple[tuple[str, ...], Tensor]] = [(tuple(names), block) for names, block in blocks]
+        rows: dict[str, Tensor] = {}
+        for names, block in self.blocks:
+            if block.dim() < 2 or block.shape[0] != len(names):
+                raise ValueError(
+                    f"a block of shape {tuple(block.shape)} does not hold {len(names)} tensors {list(names)[:3]} "
+                    "as [G, T, *shape]."
+                )
+            for name, row in zip(names, block.unbind(0)):
+                if name in rows:
+                    raise ValueError(f"the tensor {name!r} is in two blocks.")
+                rows[name] = row
+        keys = list(rows if order is None else order)
+        if len(keys) != len(rows) or set(keys) != set(rows):
+            raise ValueError(
+                f"order must name each tensor of the blocks once; it names {_preview(keys)}, the blocks hold "
+                f"{_preview(rows)}."
+            )
+        super().__init__((name, rows[name]) for name in keys)
+
+    def __reduce__(self) -> tuple[type[OrderedDict[str, Tensor]], tuple[list[tuple[str, Tensor]]]]:
+        return OrderedDict, (list(self.items()),)
+
+    def block(self, names: Sequence[str]) -> Tensor | None:
+        """The kept block whose rows are the entries ``names``, in that order, or ``None``."""
+        for members, block in self.blocks:
+            if members == tuple(names) and block.is_contiguous() and all(
+                _is_row(self.get(name), block, j) for j, name in enumerate(names)
+            ):
+                return block
+        return None
+
+
+def _is_row(tensor: Tensor | None, block: Tensor, row: int) -> bool:
+    """Whether ``tensor`` is ``block[row]``: the same memory, laid out the same way."""
+    return (
+        tensor is not None
+        and tensor.device == block.device
+        and tensor.dtype == block.dtype
+        and tensor.shape == block.shape[1:]
+        and tensor.stride() == block.stride()[1:]
+        and tensor.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+        and tensor.storage_offset() == block.storage_offset() + row * block.stride(0)
+    )
+
+
+def group_names(task_vectors: Mapping[str, Tensor]) -> list[list[str]]:
+    """The names of same-shape, same-dtype, same-device task vectors, grouped in order of first appearance.
+
+    Example:
+        >>> group_names({"a": torch.zeros(2, 3), "b": torch.ones(2, 4), "c": torch.ones(2, 3)})
+        [['a', 'c'], ['b']]
+    """
+    members: dict[tuple[Any, ...], list[str]] = {}
+    for name, stacked in task_vectors.items():
+        members.setdefault((tuple(stacked.shape), stacked.dtype, stacked.device), []).append(name)
+    return list(members.values())
+
+
+def group_task_vectors(
+    task_vectors: Mapping[str, Tensor], names: Sequence[Sequence[str]] | None = None
+) -> tuple[list[list[str]], list[Tensor]]:
+    """The groups ``names`` (default :func:`group_names`) and one ``[G, T, *shape]`` tensor per group.
+
+    A group that is a block :class:`StackedTaskVectors` keeps (as :func:`stack_task_vectors` lays
+    them out) is that block, shared rather than copied; any other group is a ``torch.stack``.
+    Either way the result is detached (the merge takes no gradient through task vectors).
+    """
+    names = group_names(task_vectors) if names is None else [list(group) for group in names]
+    return names, [_grouped(task_vectors, group) for group in names]
+
+
+def _grouped(task_vectors: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
+    block = task_vectors.block(names) if isinstance(task_vectors, StackedTaskVectors) else None
+    if block is None:
+        return torch.stack([task_vectors[name].detach() for name in names])
+    return block.detach()
 
 
 def _check_buffers_equal(
