@@ -225,6 +225,8 @@ def unfolded(conv: nn.Conv2d, x: Tensor) -> Tensor:
         if conv.padding == "same":
             total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
             pad = [total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2]
+        elif conv.padding == "valid":
+            pad = [0, 0, 0, 0]
         else:
             pad = [conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0]]
         x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
@@ -267,6 +269,34 @@ def test_regmean_conv2d_equals_the_unfold_regression_per_group(conv):
         expected = lstsq_merge(patches, tuned)
         got = merged[g * per_group:(g + 1) * per_group].reshape(per_group, -1)
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        *(nn.Conv2d(3, 4, 3, padding=(1, 2), padding_mode=mode) for mode in ("reflect", "circular", "replicate")),
+        nn.Conv2d(3, 4, (2, 4), padding="same", dilation=(1, 2), padding_mode="reflect"),  # uneven 'same'
+        nn.Conv2d(3, 4, 3, padding="valid", padding_mode="circular"),
+    ],
+    ids=["reflect", "circular", "replicate", "same-reflect", "valid-circular"],
+)
+def test_conv_padding_modes_record_the_grams_of_the_padded_patches(conv):
+    # The layer's padding, read from its public ``padding``: the patches reproduce its output.
+    x = torch.randn(2, 3, 7, 8, generator=torch.Generator().manual_seed(3))
+    with GramRecorder(conv, regmean_layers(conv)) as recorder, torch.no_grad():
+        out = conv(x).permute(0, 2, 3, 1).reshape(-1, conv.out_channels)
+    patches = unfolded(conv, x)
+    with torch.no_grad():
+        torch.testing.assert_close(patches @ conv.weight.reshape(conv.out_channels, -1).T + conv.bias, out)
+    assert float(recorder.rows["weight"]) == patches.shape[0]
+    torch.testing.assert_close(recorder.grams["weight"][0], patches.double().T @ patches.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_a_conv_padding_string_the_layer_does_not_know_is_refused():
+    conv = nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect")
+    conv.padding = "full"
+    with GramRecorder(conv, regmean_layers(conv)), pytest.raises(ValueError, match="padding 'full' is neither"):
+        conv(torch.randn(1, 3, 5, 5))
 
 
 def attention_by_hand(weights: dict[str, Tensor], x: Tensor, heads: int) -> tuple[Tensor, Tensor]:

@@ -185,7 +185,7 @@ class GramRecorder:
         if isinstance(padding, str) or module.padding_mode != "zeros":
             # 'same' (possibly uneven) and non-zero padding modes: pad as the layer does, then unfold unpadded.
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+            x = F.pad(x, _pad_widths(module), mode=mode)
             padding = 0
         groups = module.groups
         per_image = x.shape[1] * module.kernel_size[0] * module.kernel_size[1] * x.shape[2] * x.shape[3]
@@ -220,6 +220,24 @@ class GramRecorder:
 
 
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def _pad_widths(conv: nn.Conv2d) -> list[int]:
+    """``F.pad``'s ``[left, right, top, bottom]`` for the padding ``conv`` applies, from its ``padding``.
+
+    ``"same"`` splits each side's total ``dilation * (kernel - 1)`` as ``nn.Conv2d`` does (the
+    extra entry of an odd total on the right / bottom); ``"valid"`` pads nothing. Another string
+    is a ``ValueError`` (``nn.Conv2d`` accepts none).
+    """
+    if conv.padding == "valid":
+        return [0, 0, 0, 0]
+    if conv.padding == "same":
+        height, width = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
+        return [width // 2, width - width // 2, height // 2, height - height // 2]
+    if isinstance(conv.padding, str):
+        raise ValueError(f"RegMean: the Conv2d padding {conv.padding!r} is neither 'same', 'valid' nor sizes.")
+    height, width = conv.padding
+    return [width, width, height, height]
 
 
 def _bound(hook: Any, *front: Any) -> Any:
