@@ -15,6 +15,7 @@ from PIL import Image
 
 from lit_adamerging.data import (
     ImageFolderTask,
+    ImageReadError,
     MultiTaskDataModule,
     TaskData,
     TorchvisionTask,
@@ -536,3 +537,179 @@ def test_torchvision_dtd_and_gtsrb_fake_files(tmp_path: Path) -> None:
     )
     data = TorchvisionTask(dataset="gtsrb", root=str(tmp_path), preprocess=Preprocess(image_size=8)).test_set()
     assert [data[0][1], data[1][1]] == [42, 7] and tuple(data[1][0].shape) == (3, 8, 8)
+
+
+# --------------------------------------------------------------------------------------------- #
+# TorchvisionTask against torchvision's own datasets, on files laid out as torchvision lays them out
+# --------------------------------------------------------------------------------------------- #
+
+SUN397_CLASSES = ["/a/abbey", "/b/bakery/shop", "/o/ocean"] + [f"/z/zz_class_{i:03d}" for i in range(394)]
+
+
+def _sun397_sized_tree(root: Path, per_class: tuple[int, ...] = (5, 2, 7)) -> dict[tuple[int, int], str]:
+    """SUN397's layout (``ClassName.txt``, ``SUN397/<letter>/<class>/sun_<id>.jpg``, classes nested two deep too),
+    every image of its own size; returns ``{image size: key}`` (the path under ``SUN397``)."""
+    data_dir = root / "SUN397"
+    data_dir.mkdir(parents=True)
+    (data_dir / "ClassName.txt").write_text("\n".join(SUN397_CLASSES) + "\n")
+    keys = {}
+    for label, count in enumerate(per_class):
+        folder = SUN397_CLASSES[label].lstrip("/")
+        for i in range(count):
+            size = (8 + label, 8 + i)
+            write_image(data_dir / folder / f"sun_{label}{i:03d}.jpg", size=size, value=20 * label + 10 * i)
+            keys[size] = f"{folder}/sun_{label}{i:03d}.jpg"
+    write_image(data_dir / "a" / "abbey" / "thumb_0.jpg")  # not sun_*.jpg: neither lists it
+    write_image(data_dir / "a" / "abbey" / "sun_0.png")
+    (data_dir / "README.txt").write_text("not an image")
+    return keys
+
+
+def _torchvision_items(dataset) -> list:
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def _assert_same_items(ours, reference) -> None:
+    assert len(ours) == len(reference)
+    for (image, label), (expected, expected_label) in zip(ours, reference):
+        assert label == expected_label and isinstance(label, int)
+        assert torch.equal(image, expected)
+
+
+@pytest.mark.parametrize("partition", [False, True])
+def test_sun397_lists_the_files_torchvision_lists_in_its_order(tmp_path: Path, partition: bool) -> None:
+    from torchvision.datasets import SUN397
+
+    keys_by_size = _sun397_sized_tree(tmp_path)
+    preprocess = Preprocess(image_size=8)
+    raw = _torchvision_items(SUN397(str(tmp_path)))  # PIL images: the size tells the file
+    keys = [keys_by_size[image.size] for image, _ in raw]
+    labels = [label for _, label in raw]
+    assert sorted(keys) == sorted(keys_by_size.values())
+    reference = _torchvision_items(SUN397(str(tmp_path), transform=preprocess.transform()))
+    if partition:
+        listed = [keys[9], keys[0], keys[13], keys[4]]
+        (tmp_path / "Testing_01.txt").write_text("\n".join(f"/{key}" for key in listed) + "\n")
+        expected = [keys.index(key) for key in listed]
+        data = TorchvisionTask("sun397", str(tmp_path), preprocess=preprocess).test_set()
+    else:
+        expected = sun397_test_indices(keys, labels)
+        with pytest.warns(UserWarning, match="Testing_01.txt"):
+            data = TorchvisionTask("sun397", str(tmp_path), preprocess=preprocess).test_set()
+    assert data.indices == expected
+    _assert_same_items([data.dataset[i] for i in range(len(data.dataset))], reference)  # same files, same order
+    _assert_same_items([data[i] for i in range(len(data))], [reference[i] for i in expected])
+
+
+def test_sun397_without_its_files(tmp_path: Path) -> None:
+    task = TorchvisionTask("sun397", str(tmp_path), preprocess=Preprocess(image_size=8))
+    with pytest.raises(FileNotFoundError, match=r"dataset 'sun397' not found .*no folder '.*SUN397'"):
+        task.test_set()
+    (tmp_path / "SUN397").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"dataset 'sun397' not found .*ClassName\.txt"):
+        task.test_set()
+    (tmp_path / "SUN397" / "ClassName.txt").write_text("/a/abbey\n")
+    with pytest.raises(ValueError, match=r"'sun397' .* has 1 classes, expected 397"):
+        task.test_set()
+
+
+def _gtsrb_files(root: Path) -> None:
+    images = root / "gtsrb" / "GTSRB" / "Final_Test" / "Images"
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i, label in enumerate([42, 7, 0, 7]):
+        write_image(images / f"{i:05d}.ppm", size=(10 + i, 12), value=30 * i)
+        rows.append(f"{i:05d}.ppm; 10;12;0;0;9;11; {label}")  # torchvision skips the spaces after ';'
+    (root / "gtsrb" / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+
+
+def _dtd_files(root: Path) -> None:
+    dtd = root / "dtd" / "dtd"
+    classes = [f"texture{i:02d}" for i in range(47)]
+    for i, name in enumerate(classes):
+        # Pillow reads the content, not the extension: grey, palette and RGBA images among the JPEGs
+        mode = ("L", "P", "RGBA", "RGB")[i % 4]
+        color = 3 * i if mode in ("L", "P") else (3 * i, 90, 200, 128)[: len(mode)]
+        (dtd / "images" / name).mkdir(parents=True)
+        image = Image.new(mode, (9 + i % 5, 11), color)
+        image.save(dtd / "images" / name / f"{name}_0001.jpg", format="JPEG" if mode == "RGB" else "PNG")
+    (dtd / "labels").mkdir()
+    (dtd / "labels" / "test1.txt").write_text("\n".join(f"{name}/{name}_0001.jpg" for name in reversed(classes)))
+
+
+def _cars_files(root: Path) -> None:
+    from scipy import io
+
+    base = root / "stanford_cars"
+    (base / "devkit").mkdir(parents=True)
+    io.savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array([f"car {i}" for i in range(196)],
+                                                                          dtype=object)})
+    annotations = np.array([(f"{i:05d}.jpg", label) for i, label in enumerate([196, 1, 50])],
+                           dtype=[("fname", object), ("class", object)])
+    io.savemat(base / "cars_test_annos_withlabels.mat", {"annotations": annotations})
+    for i in range(3):
+        write_image(base / "cars_test" / f"{i:05d}.jpg", size=(10 + i, 12), value=40 * i)
+
+
+def _eurosat_files(root: Path) -> None:
+    for c, name in enumerate(EUROSAT_CLASSES):
+        for i in range(2):
+            write_image(root / "eurosat" / "2750" / name / f"{name}_{i + 1}.jpg", size=(8 + i, 9), value=20 * c)
+
+
+TORCHVISION_LAYOUTS = {  # the files, and torchvision's class and arguments for the test split
+    "gtsrb": (_gtsrb_files, "GTSRB", {"split": "test"}),
+    "dtd": (_dtd_files, "DTD", {"split": "test", "partition": 1}),
+    "cars": (_cars_files, "StanfordCars", {"split": "test"}),
+    "eurosat": (_eurosat_files, "EuroSAT", {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_LAYOUTS))
+def test_image_files_are_read_as_torchvision_reads_them(tmp_path: Path, name: str) -> None:
+    import torchvision
+
+    write_files, cls, kwargs = TORCHVISION_LAYOUTS[name]
+    write_files(tmp_path)
+    preprocess = Preprocess(image_size=8)
+    dataset = getattr(torchvision.datasets, cls)(str(tmp_path), transform=preprocess.transform(), **kwargs)
+    reference = _torchvision_items(dataset)
+    data = TorchvisionTask(name, str(tmp_path), preprocess=preprocess).test_set()  # type: ignore[arg-type]
+    _assert_same_items([data.dataset[i] for i in range(len(data.dataset))], reference)
+    indices = eurosat_test_indices(len(reference)) if name == "eurosat" else list(range(len(reference)))
+    _assert_same_items([data[i] for i in range(len(data))], [reference[i] for i in indices])
+    copy = pickle.loads(pickle.dumps(data))  # DataLoader workers may pickle the dataset
+    _assert_same_items([copy[0]], [data[0]])
+
+
+def _first_file(root: Path, name: str) -> Path:
+    """The file of the first test item of ``name`` in the layouts above."""
+    if name == "gtsrb":
+        return root / "gtsrb" / "GTSRB" / "Final_Test" / "Images" / "00000.ppm"
+    if name == "dtd":
+        return root / "dtd" / "dtd" / "images" / "texture46" / "texture46_0001.jpg"
+    if name == "cars":
+        return root / "stanford_cars" / "cars_test" / "00000.jpg"
+    first = eurosat_test_indices(20)[0]
+    folder = EUROSAT_CLASSES[first // 2]
+    return root / "eurosat" / "2750" / folder / f"{folder}_{first % 2 + 1}.jpg"
+
+
+@pytest.mark.parametrize("name", [*sorted(TORCHVISION_LAYOUTS), "sun397"])
+def test_an_unreadable_torchvision_file_is_named_with_its_item(tmp_path: Path, name: str) -> None:
+    if name == "sun397":
+        from torchvision.datasets import SUN397
+
+        keys = _sun397_sized_tree(tmp_path)
+        (tmp_path / "Testing_01.txt").write_text(f"/{keys[(9, 9)]}\n/{keys[(8, 8)]}\n")
+        bad = tmp_path / "SUN397" / keys[(9, 9)]
+        item = [image.size for image, _ in _torchvision_items(SUN397(str(tmp_path)))].index((9, 9))  # torchvision's
+    else:
+        TORCHVISION_LAYOUTS[name][0](tmp_path)
+        bad = _first_file(tmp_path, name)
+        item = eurosat_test_indices(20)[0] if name == "eurosat" else 0
+    bad.write_bytes(b"definitely not an image")
+    data = TorchvisionTask(name, str(tmp_path), preprocess=Preprocess(image_size=8)).test_set()  # type: ignore[arg-type]
+    expected = rf"cannot read image file '{bad}' \(item {item} of torchvision's dataset\): .*replace it with an intact"
+    with pytest.raises(ImageReadError, match=expected) as info:
+        data[0]
+    assert isinstance(info.value.__cause__, OSError)  # Pillow's own error, kept as the cause

@@ -36,7 +36,8 @@ import torchvision
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lit_adamerging.data.datasets import ImageFileTask, ImageReadError
+from lit_adamerging.data.image_file_task import ImageFileTask
+from lit_adamerging.data.images import ImageReadError
 from lit_adamerging.io import atomic_path, write_text_atomic
 from lit_adamerging.models.preprocess import Preprocess
 
