@@ -1,4 +1,5 @@
-"""Data: task datasets (synthetic, image folders, torchvision and the paper's datasets) and the multi-task DataModule.
+"""Data: task datasets (synthetic, image folders, torchvision and the paper's datasets), the multi-task DataModule,
+and the contract between it and the models.
 
 The names below are imported on first use (Lightning only with :class:`MultiTaskDataModule`).
 """
@@ -10,6 +11,9 @@ from typing import TYPE_CHECKING
 from lit_adamerging._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "lit_adamerging.data.contract": [
+        "DeclaresFitInputs", "DescribesTasks", "ReadsImagesAs", "ReportsPreprocess", "UnlabeledImages",
+    ],
     "lit_adamerging.data.datamodule": ["MultiTaskDataModule"],
     "lit_adamerging.data.image_folder": ["ImageFolderTask"],
     "lit_adamerging.data.images": ["ImageReadError"],
@@ -19,6 +23,11 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
 })
 
 if TYPE_CHECKING:
+    from lit_adamerging.data.contract import DeclaresFitInputs as DeclaresFitInputs
+    from lit_adamerging.data.contract import DescribesTasks as DescribesTasks
+    from lit_adamerging.data.contract import ReadsImagesAs as ReadsImagesAs
+    from lit_adamerging.data.contract import ReportsPreprocess as ReportsPreprocess
+    from lit_adamerging.data.contract import UnlabeledImages as UnlabeledImages
     from lit_adamerging.data.datamodule import MultiTaskDataModule as MultiTaskDataModule
     from lit_adamerging.data.image_folder import ImageFolderTask as ImageFolderTask
     from lit_adamerging.data.images import ImageReadError as ImageReadError

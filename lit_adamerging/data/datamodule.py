@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lit_adamerging.data.cache import DecodedImages, collate_batch, decoded_test_set
-from lit_adamerging.data.datasets import ImageFileTask, ImageReadError
-from lit_adamerging.data.sampling import FitStreamSampler, steps_per_pass
+from lit_adamerging.data.contract import DeclaresFitInputs, FitInputs, ReportsPreprocess
+from lit_adamerging.data.image_file_task import ImageFileTask
+from lit_adamerging.data.images import ImageReadError
+from lit_adamerging.data.sampling import EvalShardSampler, FitStreamSampler, steps_per_pass
 from lit_adamerging.data.tasks import ImagesOnly, TaskData, check_task_name
 from lit_adamerging.models.preprocess import Preprocess
 
 CacheMode = Literal["disk", "memory", "none"]
-FitInputs = Literal["images", "indices"]
+__all__ = ["CacheMode", "FitInputs", "MultiTaskDataModule", "checked_unseen_tasks"]
 
 
 class _Indices(Dataset):
@@ -113,13 +113,16 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     Tasks that read image files and were given no ``preprocess`` use the model's eval
     preprocessing: under a Trainer, :meth:`setup` asks the LightningModule's ``eval_preprocess()``
-    (:class:`~lit_adamerging.AdaMergingModule` reports its zoo's).
+    if it offers one (:class:`~lit_adamerging.data.contract.ReportsPreprocess`;
+    :class:`~lit_adamerging.AdaMergingModule` reports its zoo's). The fit loaders yield what the model's
+    ``fit_inputs`` says (:class:`~lit_adamerging.data.contract.DeclaresFitInputs`; images without one). The
+    data module offers the models :class:`~lit_adamerging.data.contract.UnlabeledImages`.
 
     With ``cache="disk"`` (default) or ``"memory"`` each image task's test split is decoded once
     (see :mod:`lit_adamerging.data.cache`): its loaders then yield uint8 images, and
     :meth:`on_after_batch_transfer` normalises each batch on the device.
 
-    Fit images come in a fixed order set by the run's seed (``seed_everything``; 0 without one), one
+    Fit images come in a fixed order set by ``seed`` (the CLI passes its ``seed_everything``), one
     global batch per step (see :mod:`lit_adamerging.data.sampling`): under DDP each process takes
     its own slice of it (``batch_size`` images per task per process), and a run resumed from a
     checkpoint draws what the uninterrupted run would have drawn (the step count is saved in the
@@ -153,6 +156,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         unlabeled: ``{task: TaskData}``, for seen tasks that learn from another split than the one
             they are evaluated on (e.g. ``ImageFolderTask(root, split="train")``); same class count.
             Its labels are never read.
+        seed: the seed of the fit image stream (:class:`~lit_adamerging.data.sampling.FitStreamSampler`); the
+            same seed draws the same images in the same order. The CLI sets it to the run's ``seed_everything``.
     """
 
     def __init__(
@@ -165,6 +170,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         cache: CacheMode = "disk",
         cache_dir: str = "~/.cache/lit_adamerging/decoded",
         unlabeled: dict[str, TaskData] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -175,6 +181,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be 0 or more, got {num_workers}.")
         if cache not in ("disk", "memory", "none"):
             raise ValueError(f"cache must be 'disk', 'memory' or 'none', got {cache!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
         by_lowercase: dict[str, str] = {}
         for name in tasks:
             check_task_name(name)
@@ -208,6 +216,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.cache = cache
         self.cache_dir = cache_dir
+        self.seed = seed
         self._test_sets: dict[str, Dataset] = {}
         self._normalizers: dict[str, Preprocess] = {}
         self._learning_sets: dict[str, Dataset] = {}  # the images each task learns from
@@ -220,8 +229,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def model_preprocess(self) -> Preprocess | None:
         """The eval preprocessing of the Trainer's model (``eval_preprocess()``), ``None`` without one."""
         module = self.trainer.lightning_module if self.trainer is not None else None
-        report = getattr(module, "eval_preprocess", None)
-        return report() if callable(report) else None
+        return module.eval_preprocess() if isinstance(module, ReportsPreprocess) else None
 
     def _decoded(self, key: str, name: str, task: ImageFileTask, preprocess: Preprocess) -> DecodedImages:
         if (key, preprocess) not in self._decoded_sets:
@@ -292,12 +300,11 @@ class MultiTaskDataModule(pl.LightningDataModule):
             steps_per_pass(len(dataset), self.batch_size, world_size)  # type: ignore[arg-type]
             for dataset in fit_sets.values()
         )
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         indices = self._fit_inputs() == "indices"
         loaders = {}
         for name, dataset in fit_sets.items():
             sampler = FitStreamSampler(
-                len(dataset), self.batch_size, steps_per_epoch, lambda: self._fit_steps, seed, world_size, rank  # type: ignore[arg-type]
+                len(dataset), self.batch_size, steps_per_epoch, lambda: self._fit_steps, self.seed, world_size, rank  # type: ignore[arg-type]
             )
             if indices:
                 loaders[name] = self._loader(_Indices(len(dataset)), sampler.batch_size, sampler=sampler)  # type: ignore[arg-type]
@@ -335,9 +342,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         world_size = self.trainer.world_size if self.trainer is not None else 1
         sampler = None
         if world_size > 1:
-            sampler = UnrepeatedDistributedSampler(
-                images, num_replicas=world_size, rank=self.trainer.global_rank, shuffle=False  # type: ignore[union-attr]
-            )
+            sampler = EvalShardSampler(len(images), world_size, self.trainer.global_rank)  # type: ignore[union-attr]
         loader = DataLoader(
             _Numbered(images), batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers,
             collate_fn=collate_batch,  # _Numbered.__getitems__ builds whole batches
@@ -350,9 +355,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
             yield positions.to(device), batch
 
     def _fit_inputs(self) -> FitInputs:
-        """What the model's fit batches hold: its class attribute ``fit_inputs`` (``"images"`` by default)."""
+        """What the model's fit batches hold: its ``fit_inputs`` (``"images"`` for a model that declares none)."""
         module = self.trainer.lightning_module if self.trainer is not None else None
-        inputs = getattr(module, "fit_inputs", "images")
+        inputs = module.fit_inputs if isinstance(module, DeclaresFitInputs) else "images"
         if inputs not in ("images", "indices"):
             raise ValueError(f"{type(module).__name__}.fit_inputs must be 'images' or 'indices', got {inputs!r}.")
         return inputs
@@ -386,9 +391,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             sampler = None
             if world_size > 1:
                 # No padding (Lightning's default DistributedSampler repeats samples to even out ranks).
-                sampler = UnrepeatedDistributedSampler(
-                    dataset, num_replicas=world_size, rank=self.trainer.global_rank, shuffle=False  # type: ignore[union-attr]
-                )
+                sampler = EvalShardSampler(len(dataset), world_size, self.trainer.global_rank)  # type: ignore[arg-type,union-attr]
             loaders.append(self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler))
         return loaders
 

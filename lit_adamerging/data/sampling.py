@@ -9,6 +9,10 @@ the ``r``-th of ``W`` equal slices of that global batch. Hence
   ``W * batch_size`` sees (so DDP reproduces a single-device run with the same global batch), and
   the ranks never share an image within a step;
 - a run resumed at step ``g`` draws what an uninterrupted run draws from step ``g`` on.
+
+Evaluation (and the passes of :meth:`~lit_adamerging.MultiTaskDataModule.unlabeled_batches`) splits a
+task's images across processes with :class:`EvalShardSampler`: every image to exactly one process, none
+repeated.
 """
 
 from __future__ import annotations
@@ -99,3 +103,34 @@ class FitStreamSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.batch_size
+
+
+class EvalShardSampler(DistributedSampler):
+    """This process's share of ``num_images`` images, in order, without padding: ``rank, rank + W, rank + 2W, ...``.
+
+    Every image goes to exactly one of the ``W = world_size`` processes, so the ranks' counts differ by at most
+    one (torch's :class:`~torch.utils.data.DistributedSampler` would repeat images to even them out, and an
+    evaluation would count those twice). A :class:`~torch.utils.data.DistributedSampler`, so that Lightning
+    leaves it in place under DDP.
+
+    Example:
+        >>> [list(EvalShardSampler(5, world_size=2, rank=r)) for r in (0, 1)]
+        [[0, 2, 4], [1, 3]]
+    """
+
+    def __init__(self, num_images: int, world_size: int, rank: int) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of the {world_size} processes' ranks (0 to {world_size - 1}).")
+        if 0 < num_images < world_size:
+            raise ValueError(f"{num_images} images cannot be split across {world_size} processes: one would get none.")
+        self.num_images = num_images
+        self.num_replicas = world_size
+        self.rank = rank
+        self.shuffle = False
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_images, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_images, self.num_replicas))
