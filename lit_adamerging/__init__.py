@@ -17,7 +17,9 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "lit_adamerging.data.datasets": ["ImageFolderTask", "TorchvisionTask"],
     "lit_adamerging.data.tasks": ["SyntheticTask", "TaskData"],
     "lit_adamerging.lightning.callbacks": ["CoefficientLogger", "ExportMergedEncoder", "PerTaskAccuracy"],
-    "lit_adamerging.lightning.module": ["AdaMergingModule"],
+    "lit_adamerging.lightning.adamerging": ["AdaMergingModule"],
+    "lit_adamerging.lightning.base": ["MergingModule"],
+    "lit_adamerging.lightning.data_free": ["TaskArithmeticModule"],
     "lit_adamerging.lightning.statistics": ["FisherMergingModule", "RegMeanModule"],
     "lit_adamerging.lightning.surgery": ["SurgeryModule"],
     "lit_adamerging.models.preprocess": ["Preprocess"],
@@ -30,10 +32,12 @@ if TYPE_CHECKING:
     from lit_adamerging.data.datasets import TorchvisionTask as TorchvisionTask
     from lit_adamerging.data.tasks import SyntheticTask as SyntheticTask
     from lit_adamerging.data.tasks import TaskData as TaskData
+    from lit_adamerging.lightning.adamerging import AdaMergingModule as AdaMergingModule
+    from lit_adamerging.lightning.base import MergingModule as MergingModule
     from lit_adamerging.lightning.callbacks import CoefficientLogger as CoefficientLogger
     from lit_adamerging.lightning.callbacks import ExportMergedEncoder as ExportMergedEncoder
     from lit_adamerging.lightning.callbacks import PerTaskAccuracy as PerTaskAccuracy
-    from lit_adamerging.lightning.module import AdaMergingModule as AdaMergingModule
+    from lit_adamerging.lightning.data_free import TaskArithmeticModule as TaskArithmeticModule
     from lit_adamerging.lightning.statistics import FisherMergingModule as FisherMergingModule
     from lit_adamerging.lightning.statistics import RegMeanModule as RegMeanModule
     from lit_adamerging.lightning.surgery import SurgeryModule as SurgeryModule

@@ -1,55 +1,60 @@
-"""The ``lit-adamerging`` command: LightningCLI with fit / validate / test.
+"""The ``lit-adamerging`` command: LightningCLI with fit / validate / test, and ``methods`` to list the methods.
 
 Example::
 
-    lit-adamerging fit --config configs/tiny.yaml
+    lit-adamerging fit --config configs/tiny.yaml --method layer_wise_adamerging
     lit-adamerging test --config configs/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt
     lit-adamerging test --config configs/tiny.yaml --method task_arithmetic
+    lit-adamerging methods
 
-Methods by name: ``--method NAME`` applies the preset of :mod:`lit_adamerging.methods`
-(``granularity``, ``init``, ``ties_k``, ``ties_normalize`` of the model) where it stands on the
-command line, as ``--config`` with that preset's file would. What comes after it wins: a later
-``--model.init=0.5`` or ``--config`` sets those keys again. What comes before it loses to it: an
-earlier ``--config`` (a config may set a method of its own) is how ``--method`` is meant
-to be used, but an explicit ``--model.<key>`` for one of the preset's keys before ``--method`` is
-refused with an error (it would be dropped). ``--method`` belongs on the command line: a config
-file with a ``method:`` key is refused (write the settings themselves there). A method that is not
-a coefficient merge (Fisher merging, RegMean, surgery) also chooses the model class, a subclass of
-:class:`~lit_adamerging.AdaMergingModule` (:func:`~lit_adamerging.methods.method_module`), so the
-``model:`` of the configs it is combined with may only hold settings that class takes (the zoo).
+The model is any merging module, chosen LightningCLI's way (``model: {class_path, init_args}``;
+without a ``class_path``, :class:`~lit_adamerging.AdaMergingModule`). ``--method NAME`` is
+``--config`` of that method's preset (:mod:`lit_adamerging.methods`), with LightningCLI's own rules:
+what comes later wins, and a later ``class_path`` keeps only the arguments its class takes (so
+give ``--model.<key>`` options after ``--method``). A method with nothing to learn refuses ``fit``;
+evaluating a learned one needs ``--ckpt_path``.
 
 Checkpoints are data, not configuration. LightningCLI itself would merge a checkpoint's stored
-hyperparameters over the user's config; here what the user passes decides, and a checkpoint made
-with other settings (zoo, tasks, method: :data:`~lit_adamerging.lightning.module.CHECKPOINT_SETTINGS`)
-stops the run with an error listing them. ``--settings_from_checkpoint=true`` takes the zoo and the
-method from the checkpoint instead, except the zoo's ``allow_pickle`` and ``head_cache_dir``,
-which always come from the user's config; the tasks always come from ``data.tasks``, and the unseen
-ones (evaluated, never merged) from ``data.unseen_tasks``, linked into the model like ``num_classes``.
+hyperparameters over the user's config; here what the user passes decides, and a checkpoint
+written by another module class, or made with other settings (zoo, tasks, the class's
+``CHECKPOINT_SETTINGS``), stops the run with an error listing them. ``--settings_from_checkpoint=true``
+takes the class, the zoo and the method's settings from the checkpoint instead, except the zoo's
+``allow_pickle`` and ``head_cache_dir``, which always come from the user's config; the tasks always
+come from ``data.tasks``, and the unseen ones (evaluated, never merged) from ``data.unseen_tasks``,
+linked into the model like ``num_classes``. The checkpoint is read once
+(:mod:`~lit_adamerging.lightning.checkpoint_io`) and the Trainer loads a private copy of the bytes
+checked.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ActionConfigFile, get_loader, set_loader
+from jsonargparse import get_loader, set_loader
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.data import MultiTaskDataModule
-from lit_adamerging.lightning import AdaMergingModule
+from lit_adamerging.lightning.base import MergingModule, intended_warnings_ignored
 from lit_adamerging.lightning.checkpoint_io import fetch_checkpoint, load_checkpoint, private_copy
-from lit_adamerging.lightning.module import USER_ONLY_ZOO_ARGS, check_checkpoint_settings, intended_warnings_ignored
-from lit_adamerging.methods import method_config, method_learns, method_module, method_names, method_settings
+from lit_adamerging.lightning.checks import (
+    USER_ONLY_ZOO_ARGS,
+    check_checkpoint_class,
+    check_checkpoint_settings,
+    named_class,
+    same_class,
+)
+from lit_adamerging.methods import describe_methods, method_config, method_names
 
 # Settings the model takes from the data module (the tasks, which are unseen): never from a checkpoint.
 DATA_SETTINGS = ("num_classes", "unseen_tasks")
 # ckpt_path values the Trainer resolves to a file itself (read then through SafeCheckpointIO).
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc")
+DEFAULT_MODEL = "lit_adamerging.AdaMergingModule"
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -110,131 +115,98 @@ def check_config_files(args: list[str]) -> None:
                 raise ValueError(f"{path} is not valid YAML: {error}") from None
 
 
-class _MethodPreset(argparse.Action):
-    """``--method NAME``: the preset of :mod:`lit_adamerging.methods`, applied where it stands like ``--config``
-    (its ``model:`` settings; its ``module:`` chose the model class before parsing, see :func:`method_in_args`)."""
-
-    def __call__(self, parser: Any, cfg: Any, values: Any, option_string: str | None = None) -> None:
-        ActionConfigFile.apply_config(parser, cfg, "config", yaml.safe_dump({"model": method_settings(values)}))
-        cfg["config"][-1] = str(method_config(values))
+def data_seed(seed_everything: bool | int) -> int:
+    """The fit stream's seed: ``seed_everything``'s integer; 0 when it is true or false."""
+    return seed_everything if isinstance(seed_everything, int) and not isinstance(seed_everything, bool) else 0
 
 
-def _method_at(args: list[str], index: int) -> str | None:
-    """The shipped method the option at ``args[index]`` names if it is ``--method`` (``--method NAME`` or
-    ``--method=NAME``), else ``None``; an unknown name is left to the parser, which lists the valid ones."""
-    option, _, inline = args[index].partition("=")
-    if option != "--method":
-        return None
-    name = inline or (args[index + 1] if index + 1 < len(args) else "")
-    return name if name in method_names() else None
-
-
-def method_in_args(args: list[str]) -> str | None:
-    """The method ``--method`` names on a command line (the last one), ``None`` without one.
+def expand_methods(args: list[str]) -> tuple[list[str], str | None]:
+    """``args`` with each ``--method NAME`` (or ``--method=NAME``) replaced by ``--config <its preset>``, and the
+    last method named.
 
     Raises:
-        ValueError: two ``--method`` options whose methods need different LightningModule classes.
+        ValueError: an unknown method name (the message lists the valid ones).
     """
-    names = [name for index in range(len(args)) if (name := _method_at(args, index)) is not None]
-    classes = {method_module(name) for name in names}
-    if len(classes) > 1:
-        raise ValueError(
-            f"--method is given {len(names)} times ({', '.join(names)}) for different kinds of model "
-            f"({', '.join(sorted(c.__name__ for c in classes))}); give one."
-        )
-    return names[-1] if names else None
-
-
-def _check_method_order(args: list[str]) -> None:
-    """Refuse ``--model.<key>`` before a ``--method`` whose preset sets that key again (it would be dropped)."""
-    given: dict[str, str] = {}  # preset key -> the option that gave it
-    for index, arg in enumerate(args):
-        option = arg.partition("=")[0]
-        if option.startswith("--model."):
-            given[option.removeprefix("--model.")] = option
+    expanded, method, index = [], None, 0
+    while index < len(args):
+        option, equals, inline = args[index].partition("=")
+        if option != "--method":
+            expanded.append(args[index])
+            index += 1
             continue
-        name = _method_at(args, index)
-        if name is None:
-            continue
-        overridden = [given[key] for key in method_settings(name) if key in given]
-        if overridden:
-            options, verb = ", ".join(overridden), "comes" if len(overridden) == 1 else "come"
-            raise ValueError(
-                f"{options} {verb} before --method {name}, whose preset sets it again, so it would be dropped; "
-                f"give {options} after --method {name}."
-            )
+        method = inline if equals else (args[index + 1] if index + 1 < len(args) else "")
+        expanded += ["--config", str(method_config(method))]
+        index += 1 if equals else 2
+    return expanded, method
 
 
 class AdaMergingCLI(LightningCLI):
-    """LightningCLI whose task list is given once, in ``data.tasks`` (the unseen ones in ``data.unseen_tasks``), and
-    whose checkpoints never configure the run.
+    """LightningCLI over the merging modules: the tasks given once, in ``data.tasks`` (the unseen ones in
+    ``data.unseen_tasks``), methods by name, and checkpoints that never configure the run.
 
-    ``--method NAME`` picks a merging method by name (see the module docstring for how it combines
-    with ``--config`` and ``--model.*``). With ``--ckpt_path`` the checkpoint is read with
-    ``weights_only=True`` (a file that is not an AdaMerging checkpoint is named as such) and its
-    stored settings are compared with the user's once the model is built, before any weights are
-    loaded (see the module docstring).
+    See the module docstring for ``--method`` and the checkpoint checks. Takes LightningCLI's keyword
+    arguments; the model is a :class:`~lit_adamerging.lightning.base.MergingModule` subclass and the
+    data a :class:`~lit_adamerging.MultiTaskDataModule`.
     """
 
     _checkpoint: dict[str, Any] | None = None
     _checkpoint_copy: str | None = None  # where the checked bytes of --ckpt_path were copied for the Trainer
 
-    def __init__(
-        self,
-        model_class: type[AdaMergingModule] | None = None,
-        datamodule_class: type[MultiTaskDataModule] | None = MultiTaskDataModule,
-        *args: Any,
-        **kwargs: Any,
-    ) -> None:
-        """LightningCLI's arguments; the model class is the one of the command line's ``--method``
-        (:func:`~lit_adamerging.methods.method_module`), else ``model_class``, else
-        :class:`AdaMergingModule`. A ``model_class`` given must be that class or a base of it."""
-        command_line = kwargs.get("args")
-        given = sys.argv[1:] if command_line is None else command_line
-        method = method_in_args([str(arg) for arg in given]) if isinstance(given, list) else None
-        self._method = method
-        chosen = method_module(method) if method is not None else model_class or AdaMergingModule
-        if model_class is not None and not issubclass(chosen, model_class):
-            raise ValueError(
-                f"--method {method} runs {chosen.__name__}, which is not a {model_class.__name__} (the model class "
-                "given to AdaMergingCLI); pass model_class=None to let --method choose."
-            )
-        super().__init__(chosen, datamodule_class, *args, **kwargs)
+    def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
+        given = sys.argv[1:] if args is None else args
+        self._method: str | None = None
+        if isinstance(given, list):
+            given, self._method = expand_methods([str(arg) for arg in given])
+        kwargs.setdefault("subclass_mode_model", True)
+        super().__init__(MergingModule, MultiTaskDataModule, args=given, **kwargs)
 
-    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.unseen_tasks", "model.unseen_tasks", apply_on="instantiate")
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
+        parser.link_arguments("seed_everything", "data.seed", compute_fn=data_seed, apply_on="parse")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.unseen_tasks", "model.init_args.unseen_tasks", apply_on="instantiate")
         parser.add_argument(
             "--settings_from_checkpoint", type=bool, default=False,
-            help="Take the zoo and the merging method from the --ckpt_path checkpoint instead of requiring your config "
-                 "to match them. The zoo's allow_pickle and head_cache_dir still come from your config, the tasks "
-                 "from data.tasks; a zoo class outside lit_adamerging is only accepted if your config names it.",
+            help="Take the model class, the zoo and the method's settings from the --ckpt_path checkpoint instead of "
+                 "requiring your config to match them. The zoo's allow_pickle and head_cache_dir still come from your "
+                 "config, the tasks from data.tasks; a class outside lit_adamerging is only accepted if your config "
+                 "names it.",
         )
         parser.add_argument(
-            "--method", action=_MethodPreset, choices=method_names(), default=argparse.SUPPRESS,
-            help="A merging method by name: applies that preset's model settings (granularity, init, ties_k, "
-                 "ties_normalize) here, as --config of its file would; arguments after it override it, a "
-                 "--model.<key> it sets may not come before it. Command line only.",
+            "--method", default=None,
+            help="A merging method by name (`lit-adamerging methods` lists them): the same as --config of its preset, "
+                 f"so options after it override it. One of: {', '.join(method_names())}.",
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse as LightningCLI does, after checking ``--method``'s place; refuse a config file's ``method:``."""
+        """Parse as LightningCLI does, after reading each YAML file of the command line once (errors name the file
+        and line); refuse a config file's ``method:``."""
         if args is None or isinstance(args, list):
-            given = sys.argv[1:] if args is None else [str(arg) for arg in args]
             try:
-                check_config_files(given)
+                check_config_files(sys.argv[1:] if args is None else [str(arg) for arg in args])
             except ValueError as error:
                 parser.error(str(error))  # as jsonargparse reports its own config errors: usage, message, exit 2
-            _check_method_order(given)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
-        if "method" in config:
+        if config.get("method") is not None:
             raise ValueError(
                 f"a config file sets 'method: {config['method']}'; --method is a command-line option. Give it on the "
-                "command line, or write the method's settings in the file (model.granularity, model.init, "
-                "model.ties_k, model.ties_normalize; see lit_adamerging.methods)."
+                "command line, or the method's preset itself in the file (model: class_path and init_args; see "
+                "lit_adamerging/methods/<name>.yaml)."
             )
+
+    def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does; a model's own refusal is raised as itself, not inside jsonargparse's
+        report that the model matched no type of ``MergingModule | None``."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            reasons = [line.strip()[2:] for line in str(error).splitlines() if line.strip().startswith("- ")]
+            reasons = [reason for reason in reasons if "NoneType" not in reason]
+            if not str(error).startswith("Does not validate against any of the Union subtypes") or len(reasons) != 1:
+                raise
+            raise ValueError(reasons[0]) from None
 
     def _parse_ckpt_path(self) -> None:
         """Read the checkpoint once (to check it, and for the Trainer to load); replace Lightning's merge of its
@@ -268,43 +240,57 @@ class AdaMergingCLI(LightningCLI):
 
     def _check_method_for(self, subcommand: str, ckpt_path: Any) -> None:
         """Refuse to fit a method with nothing to learn, and to evaluate a learned method without its checkpoint."""
-        if self._method is None:
-            return
-        learns = method_learns(self._method)
-        if subcommand == "fit" and not learns:
+        config = self.config[subcommand].model
+        cls = named_class(config.class_path) if isinstance(config.get("class_path"), str) else None
+        if cls is None or not issubclass(cls, MergingModule):
+            return  # jsonargparse has refused, or will refuse, a class that is not a merging module
+        what = f"--method {self._method}" if self._method is not None else cls.__name__
+        if subcommand == "fit" and not cls.LEARNS:
             raise ValueError(
-                f"--method {self._method} has nothing to learn: it runs with `lit-adamerging test`, and `fit` would "
-                f"train coefficients and report them as {self._method}. To learn coefficients use --method task_wise "
-                "or --method layer_wise (see lit_adamerging.methods)."
+                f"{what} has nothing to learn: it runs with `lit-adamerging test`, and `fit` would train nothing "
+                "and report it as that method. To learn a merge use --method task_wise_adamerging or "
+                "--method layer_wise_adamerging (`lit-adamerging methods` lists them)."
             )
-        if subcommand != "fit" and learns and not ckpt_path:
+        if subcommand != "fit" and cls.LEARNS and not ckpt_path:
             raise ValueError(
-                f"--method {self._method} is learned by `lit-adamerging fit`; `{subcommand}` needs that fit's "
-                "checkpoint: add --ckpt_path (e.g. runs/tiny/checkpoints/last.ckpt). Without it nothing learned "
-                f"would be evaluated and reported as {self._method}; for the data-free starting point use "
-                "--method task_arithmetic."
+                f"{what} is learned by `lit-adamerging fit`; `{subcommand}` needs that fit's checkpoint: add "
+                "--ckpt_path (e.g. runs/tiny/checkpoints/last.ckpt). Without it nothing learned would be evaluated "
+                "and reported as that method; for the data-free starting point use --method task_arithmetic."
             )
 
     def _settings_from_checkpoint(self, user: Any, stored: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint's zoo and method settings (those of the model class's ``CHECKPOINT_SETTINGS`` its
+        """The checkpoint's model class, zoo and method settings (the class's ``CHECKPOINT_SETTINGS`` that its
         signature takes), without the zoo's user-only arguments.
 
         Parsed over the user's config, those arguments keep the user's values (jsonargparse carries
         an argument over to another zoo class that has it), or the class's defaults.
         """
-        accepted = inspect.signature(self.model_class).parameters
+        stored_class = stored.get("_class_path")
+        if stored_class is None:
+            stored_class = user.class_path
+        elif not stored_class.startswith("lit_adamerging.") and not same_class(stored_class, user.class_path):
+            raise ValueError(
+                f"the checkpoint names the model class {stored_class!r}, which is neither one of lit_adamerging's nor "
+                "the one in your config; a class to import is only taken from your config."
+            )
+        cls = named_class(stored_class)
+        if cls is None or not issubclass(cls, MergingModule):
+            raise ValueError(f"the checkpoint's model class {stored_class!r} is not one of lit_adamerging's modules.")
+        accepted = inspect.signature(cls).parameters
         settings = {
-            key: stored[key] for key in self.model_class.CHECKPOINT_SETTINGS
+            key: stored[key] for key in cls.CHECKPOINT_SETTINGS
             if key in stored and key not in DATA_SETTINGS and key in accepted
         }
+        model = {"class_path": stored_class, "init_args": settings}
         if "zoo" not in settings:
-            return settings
+            return model
         zoo = settings["zoo"]
         if not isinstance(zoo, dict) or not isinstance(zoo.get("class_path"), str):
             raise ValueError(
                 f"the checkpoint's stored zoo is not a configuration ({zoo!r}); give the zoo in your config."
             )
-        user_class = user.zoo.class_path if user.get("zoo") is not None else None
+        user_zoo = user.init_args.get("zoo") if user.get("init_args") is not None else None
+        user_class = user_zoo.class_path if user_zoo is not None else None
         if zoo["class_path"] != user_class and not zoo["class_path"].startswith("lit_adamerging."):
             raise ValueError(
                 f"the checkpoint names the zoo class {zoo['class_path']!r}, which is neither one of "
@@ -315,16 +301,15 @@ class AdaMergingCLI(LightningCLI):
             "class_path": zoo["class_path"],
             "init_args": {key: value for key, value in init_args.items() if key not in USER_ONLY_ZOO_ARGS},
         }
-        return settings
+        return model
 
     def after_instantiate_classes(self) -> None:
         """Compare the checkpoint's settings with the run's now, before any weights or data are loaded."""
         if self._checkpoint is not None:
             ckpt_path = self.config[self.config.subcommand].ckpt_path
-            check_checkpoint_settings(
-                self._checkpoint.get("hyper_parameters", {}), self.model.hparams, str(ckpt_path),
-                type(self.model).CHECKPOINT_SETTINGS,
-            )
+            stored = self._checkpoint.get("hyper_parameters", {})
+            check_checkpoint_class(stored, type(self.model), str(ckpt_path))
+            check_checkpoint_settings(stored, self.model.hparams, str(ckpt_path), type(self.model).CHECKPOINT_SETTINGS)
 
     def _hand_over_checkpoint(self) -> None:
         """The Trainer loads the private copy of the bytes checked above, weights-only."""
@@ -338,13 +323,14 @@ class AdaMergingCLI(LightningCLI):
 
 
 def main(args: ArgsType = None) -> None:
+    given = sys.argv[1:] if args is None else args
+    if isinstance(given, list) and given[:1] == ["methods"]:
+        print(describe_methods())
+        return
     install_strict_yaml_loader()
     retain_freed_memory()
     with intended_warnings_ignored():
-        AdaMergingCLI(
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+        AdaMergingCLI(args=args, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from lit_adamerging import (
 from lit_adamerging.data.datasets import ImageReadError, eurosat_test_indices
 from lit_adamerging.data.tasks import AVERAGE_NAMES
 from lit_adamerging.io import write_all_atomic
-from lit_adamerging.lightning.module import intended_warnings_ignored
+from lit_adamerging.lightning.base import intended_warnings_ignored
 from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModule
 from lit_adamerging.merging.task_vectors import TaskVectorError, stack_task_vectors
 
@@ -227,7 +227,7 @@ def test_the_command_refuses_a_task_named_avg(tmp_path):
     config = load_config()
     config["data"]["tasks"] = {"avg": config["data"]["tasks"]["alpha"], "beta": config["data"]["tasks"]["beta"]}
     (tmp_path / "avg.yaml").write_text(yaml.safe_dump(config))
-    result = run_cli(tmp_path, "test", "--config", "avg.yaml")
+    result = run_cli(tmp_path, "test", "--config", "avg.yaml", "--method", "task_arithmetic")
     assert result.returncode != 0
     assert "task name 'avg' is reserved" in result.stderr and "avg, avg_seen, avg_unseen" in result.stderr
     assert "test/acc" not in result.stdout  # nothing was evaluated

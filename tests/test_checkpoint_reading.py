@@ -30,7 +30,7 @@ from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticTask,
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning import checkpoint_io
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
-from lit_adamerging.lightning.module import checkpoint_settings_differences
+from lit_adamerging.lightning.checks import checkpoint_settings_differences
 from lit_adamerging.limits import CHECKPOINT_BYTES, NESTING_DEPTH, LimitExceeded
 
 pytestmark = [
@@ -60,7 +60,7 @@ def in_process(workdir: Path, *args: str) -> AdaMergingCLI:
     """The command run in this process, in ``workdir``, writing nothing there (no logger, no callbacks)."""
     args = (*args, *QUIET, "--trainer.callbacks=null")
     with mock.patch.object(sys, "argv", ["lit-adamerging"]), contextlib.chdir(workdir):
-        return AdaMergingCLI(None, MultiTaskDataModule, args=list(args), save_config_kwargs={"overwrite": True})
+        return AdaMergingCLI(args=list(args), save_config_kwargs={"overwrite": True})
 
 
 def accuracies(cli: AdaMergingCLI) -> dict[str, float]:
@@ -208,7 +208,7 @@ def test_non_finite_coefficients_are_refused_everywhere(fitted, tmp_path, value)
         AdaMergingModule.load_from_checkpoint(bad, zoo=SyntheticZoo("open_clip:test-vit-tiny", seed=0))
     # As the coefficients of a surgery, named as that setting.
     with pytest.raises(ValueError, match=rf"model.coefficients_from: .*{expected}"):
-        in_process(fitted, "fit", "--config", "tiny.yaml", "--method", "layer_wise_surgery",
+        in_process(fitted, "fit", "--config", "tiny.yaml", "--method", "layer_wise_adamerging_surgery",
                    f"--model.coefficients_from={bad}", "--trainer.max_steps=1")
     # A state dict handed over directly.
     module = AdaMergingModule(SyntheticZoo("open_clip:test-vit-tiny", seed=0), {"a": 3, "b": 5})
@@ -294,12 +294,32 @@ def test_fitting_a_method_with_nothing_to_learn_is_refused(fitted, method):
         in_process(fitted, "fit", "--config", "tiny.yaml", "--method", method)
 
 
-@pytest.mark.parametrize("method", ["layer_wise", "task_wise_pp", "task_arithmetic_surgery"])
+@pytest.mark.parametrize("method", ["layer_wise_adamerging", "task_wise_adamerging_pp", "task_arithmetic_surgery"])
 @pytest.mark.parametrize("subcommand", ["test", "validate"])
 def test_evaluating_a_learned_method_without_its_checkpoint_is_refused(fitted, method, subcommand):
     with pytest.raises(ValueError, match=rf"--method {method} is learned by `lit-adamerging fit`; `{subcommand}` "
                                          "needs that fit's checkpoint: add --ckpt_path"):
         in_process(fitted, subcommand, "--config", "tiny.yaml", "--method", method)
+
+
+def test_evaluating_the_default_model_without_a_checkpoint_is_refused(fitted):
+    with pytest.raises(ValueError, match=r"AdaMergingModule is learned by `lit-adamerging fit`; `test` needs"):
+        in_process(fitted, "test", "--config", "tiny.yaml")
+
+
+def test_a_checkpoint_of_another_class_is_refused_naming_both(fitted, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(fitted, workdir)
+    surgery = run_cli(workdir, "fit", "--config", "tiny.yaml", "--method", "task_arithmetic_surgery",
+                      "--trainer.max_steps=2", *QUIET)
+    assert surgery.returncode == 0, surgery.stderr[-2000:]
+    with pytest.raises(ValueError, match=r"last.ckpt was written by '.*SurgeryModule', not by '.*AdaMergingModule'"):
+        in_process(workdir, "test", "--config", "tiny.yaml", "--method", "layer_wise_adamerging",
+                   "--ckpt_path", str(last_checkpoint(workdir)))
+    # Asked for, the checkpoint's class and settings are taken.
+    cli = in_process(workdir, "test", "--config", "tiny.yaml", "--method", "layer_wise_adamerging",
+                     "--ckpt_path", str(last_checkpoint(workdir)), "--settings_from_checkpoint=true")
+    assert type(cli.model).__name__ == "SurgeryModule" and cli.model.hparams.merge == "task_arithmetic"
 
 
 def test_weights_only_false_is_refused_on_the_command_line(fitted):

@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_CONFIG, Payload, load_config, naive_accuracies, printed_metric, run_cli
-from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticZoo
+from lit_adamerging import AdaMergingModule, SyntheticZoo
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
 from lit_adamerging.models.checkpoints import CheckpointError
@@ -62,8 +62,7 @@ def in_process(workdir: Path, *args: str) -> AdaMergingCLI:
     """The CLI run in this process, in ``workdir`` (no logger, no callbacks: it writes nothing there)."""
     args = (*args, *QUIET, "--trainer.callbacks=null")
     with mock.patch.object(sys, "argv", ["lit-adamerging"]), contextlib.chdir(workdir):
-        return AdaMergingCLI(
-            AdaMergingModule, MultiTaskDataModule, args=list(args), save_config_kwargs={"overwrite": True}
+        return AdaMergingCLI(args=list(args), save_config_kwargs={"overwrite": True}
         )
 
 
@@ -156,7 +155,7 @@ def test_a_stored_zoo_is_quoted_never_turned_into_code(layer_wise, tmp_path):
 def test_another_method_zoo_or_task_order_is_refused_unless_asked_for(layer_wise, tmp_path):
     checkpoint = str(checkpoint_of(layer_wise))
     with pytest.raises(ValueError, match="other settings") as refused:
-        in_process(layer_wise, "test", "--config", "tiny.yaml", "--method", "task_wise",
+        in_process(layer_wise, "test", "--config", "tiny.yaml", "--method", "task_wise_adamerging",
                    "--model.zoo.init_args.seed=1", "--ckpt_path", checkpoint)
     lines = str(refused.value).splitlines()
     assert lines[1:3] == [
@@ -173,7 +172,7 @@ def test_another_method_zoo_or_task_order_is_refused_unless_asked_for(layer_wise
 
     # Asked for explicitly, the checkpoint's method and zoo are used: the layer-wise coefficients on
     # the seed-0 zoo, as a plain merge computes them; the optimiser's lr follows the user silently.
-    cli = in_process(layer_wise, "test", "--config", "tiny.yaml", "--method", "task_wise",
+    cli = in_process(layer_wise, "test", "--config", "tiny.yaml", "--method", "task_wise_adamerging",
                      "--model.zoo.init_args.seed=1", "--model.lr=0.5", "--ckpt_path", checkpoint,
                      "--settings_from_checkpoint=true")
     assert (cli.model.hparams.granularity, cli.model.zoo.seed, cli.model.hparams.lr) == ("layer", 0, 0.5)

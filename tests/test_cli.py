@@ -84,7 +84,7 @@ def test_test_from_checkpoint_prints_naive_accuracies(fitted):
 
 def test_task_arithmetic_baseline_without_checkpoint(tmp_path):
     shutil.copy(TINY_CONFIG, tmp_path / "tiny.yaml")
-    result = run_cli(tmp_path, "test", "--config", "tiny.yaml", "--model.granularity", "task")
+    result = run_cli(tmp_path, "test", "--config", "tiny.yaml", "--method", "task_arithmetic")
     assert result.returncode == 0, result.stderr[-4000:]
     output = result.stdout + result.stderr
     expected = naive_accuracies(load_config(), torch.full((3, 1), 0.3))
@@ -100,11 +100,13 @@ def test_print_config_shows_zoo_and_tasks(tmp_path):
     result = run_cli(tmp_path, "fit", "--config", "tiny.yaml", "--print_config", script=True)
     assert result.returncode == 0, result.stderr[-4000:]
     printed = yaml.safe_load(result.stdout)
-    assert printed["model"]["zoo"]["class_path"] == "lit_adamerging.SyntheticZoo"
-    assert printed["model"]["zoo"]["init_args"]["encoder"] == "open_clip:test-vit-tiny"
+    assert printed["model"]["class_path"] == "lit_adamerging.AdaMergingModule"
+    model = printed["model"]["init_args"]
+    assert model["zoo"]["class_path"] == "lit_adamerging.SyntheticZoo"
+    assert model["zoo"]["init_args"]["encoder"] == "open_clip:test-vit-tiny"
     assert list(printed["data"]["tasks"]) == ["alpha", "beta", "gamma"]
     assert printed["data"]["tasks"]["beta"]["init_args"]["num_classes"] == 10
-    assert printed["model"]["granularity"] == "layer"
+    assert model["granularity"] == "layer"
     assert not (tmp_path / "runs").exists()  # printing the config runs nothing
 
 
@@ -115,7 +117,7 @@ def test_bad_granularity_in_config_fails_readably(tmp_path):
     result = run_cli(tmp_path, "fit", "--config", "bad.yaml")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    assert "model.granularity" in result.stderr and "bogus" in result.stderr
+    assert "granularity" in result.stderr and "bogus" in result.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -155,8 +157,8 @@ def test_ddp_evaluation_counts_every_image_once(tmp_path):
     # Odd test-set sizes: a padding sampler would count one image twice on 2 processes.
     (tmp_path / "odd.yaml").write_text(ODD_SIZED_TASKS)
     common = [
-        "test", "--config", str(TINY_CONFIG), "--config", "odd.yaml", "--trainer.logger=false",
-        "--trainer.callbacks=null",
+        "test", "--config", str(TINY_CONFIG), "--config", "odd.yaml", "--method", "task_arithmetic",
+        "--trainer.logger=false", "--trainer.callbacks=null",
     ]
     single = run_cli(tmp_path, *common)
     double = run_cli(tmp_path, *common, "--trainer.strategy=ddp", "--trainer.devices=2")

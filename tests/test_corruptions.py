@@ -23,7 +23,6 @@ from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.data import corruptions
 from lit_adamerging.data.cache import store_name
 from lit_adamerging.data.corruptions import CORRUPTIONS, corrupt_image, image_seed
-from lit_adamerging.lightning import AdaMergingModule
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -366,7 +365,7 @@ def test_per_image_seeds_follow_the_image_and_the_folder_name_not_the_location(t
 
 def cli_with(*args: str) -> AdaMergingCLI:
     with mock.patch.object(sys, "argv", ["lit-adamerging"]):  # pytest's own arguments are not the CLI's
-        return AdaMergingCLI(AdaMergingModule, MultiTaskDataModule, run=False, args=list(args),
+        return AdaMergingCLI(run=False, args=list(args),
                              save_config_kwargs={"overwrite": True})
 
 
@@ -387,7 +386,7 @@ def test_corruption_in_a_cli_config_reaches_fit_and_the_cache(tmp_path):
     }
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
-    cli = cli_with("--config", str(path), "--method", "layer_wise")
+    cli = cli_with("--config", str(path), "--method", "layer_wise_adamerging")
     alpha = cli.datamodule.tasks["alpha"]
     assert (alpha.corruption, alpha.severity, alpha.corruption_seed) == ("motion_blur", 3, 0)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -403,7 +402,7 @@ def test_corruption_in_a_cli_config_reaches_fit_and_the_cache(tmp_path):
     bad["data"]["tasks"]["alpha"]["init_args"] = {**bad["data"]["tasks"]["alpha"]["init_args"], "severity": 7}
     path.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="corruption 'motion_blur' needs a severity, one of 1, 2, 3, 4, 5"):
-        cli_with("--config", str(path), "--method", "layer_wise")
+        cli_with("--config", str(path), "--method", "layer_wise_adamerging")
 
 
 def test_unknown_corruption_in_a_cli_config_lists_the_valid_ones(tmp_path, capsys):
@@ -418,7 +417,7 @@ def test_unknown_corruption_in_a_cli_config_lists_the_valid_ones(tmp_path, capsy
     assert "corruption" in error and "fog" in error and all(name in error for name in CORRUPTIONS)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "layer_wise"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "layer_wise_adamerging"])
 def test_paper_robustness_config(method):
     paper = CONFIGS / "paper"
     configs = (paper / "trainer.yaml", paper / "robustness.yaml", paper / "vit_b32.yaml")

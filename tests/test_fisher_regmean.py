@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, TensorDataset
 from conftest import TINY_CONFIG
 from lit_adamerging import ExportMergedEncoder, MultiTaskDataModule, SyntheticTask, SyntheticZoo, TaskData
 from lit_adamerging.cli import AdaMergingCLI
-from lit_adamerging.lightning.module import intended_warnings_ignored
+from lit_adamerging.lightning.base import intended_warnings_ignored
 from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModule
 from lit_adamerging.merging.fisher import fisher_merge, fisher_sums, sample_labels
 from lit_adamerging.merging.regmean import GramRecorder, regmean_layers, regmean_merge, shrink_off_diagonal
@@ -558,7 +558,7 @@ def test_fit_is_refused_saying_to_run_test():
         model = module_class(SyntheticZoo(TINY_CLIP), num_classes=data.num_classes)
         trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
                              enable_checkpointing=False)
-        with pytest.raises(ValueError, match=f"{module_class.__name__} learns nothing by gradient descent.*test"):
+        with pytest.raises(ValueError, match=f"{module_class.__name__} learns nothing, so there is nothing to fit"):
             trainer.fit(model, datamodule=data)
 
 
@@ -621,14 +621,14 @@ def test_settings_are_checked():
 
 
 @pytest.mark.parametrize(
-    ("module_class", "setting"), [(FisherMergingModule, "--model.floor=0.001"), (RegMeanModule, "--model.alpha=0.6")]
+    ("module_class", "method", "setting"),
+    [(FisherMergingModule, "fisher_merging", "--model.floor=0.001"), (RegMeanModule, "regmean", "--model.alpha=0.6")],
 )
-def test_the_command_runs_them_with_their_settings(tmp_path, monkeypatch, module_class, setting):
+def test_the_command_runs_them_with_their_settings(tmp_path, monkeypatch, module_class, method, setting):
     monkeypatch.chdir(tmp_path)
     with intended_warnings_ignored():
         cli = AdaMergingCLI(
-            module_class, MultiTaskDataModule,
-            args=["test", "--config", str(TINY_CONFIG), "--model.num_images=16", setting],
+            args=["test", "--config", str(TINY_CONFIG), "--method", method, "--model.num_images=16", setting]
         )
     model = cli.model
     assert type(model) is module_class and model.hparams.num_images == 16
@@ -637,8 +637,9 @@ def test_the_command_runs_them_with_their_settings(tmp_path, monkeypatch, module
     exported = load_file(tmp_path / "runs/tiny/merged_encoder.safetensors")
     for name, value in model.merged_state_dict().items():
         torch.testing.assert_close(exported[name], value, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="nothing to fit.*lit-adamerging test"), intended_warnings_ignored():
-        AdaMergingCLI(module_class, MultiTaskDataModule, args=["fit", "--config", str(TINY_CONFIG)])
+    with pytest.raises(ValueError, match="has nothing to learn: it runs with `lit-adamerging test`"), \
+            intended_warnings_ignored():
+        AdaMergingCLI(args=["fit", "--config", str(TINY_CONFIG), "--method", method])
 
 
 DDP_SCRIPT = textwrap.dedent(

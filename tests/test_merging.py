@@ -954,7 +954,7 @@ def test_task_arithmetic_default_scale_is_0_3():
 
 def test_ties_merging():
     pretrained, finetuned, buffers = _synthetic_models()
-    result = ties_merging(pretrained, finetuned, k=0.2, scale=0.3, buffers=buffers)
+    result = ties_merging(pretrained, finetuned, scale=0.3, ties_k=0.2, buffers=buffers)
     merged_keys = ["conv.weight", "conv.bias", "fc.weight"]
     vectors = {key: torch.stack([state[key] - pretrained[key] for state in finetuned.values()]) for key in merged_keys}
     disjoint, counts = naive_ties(vectors, 0.2)

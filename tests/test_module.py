@@ -666,7 +666,7 @@ def test_task_wise_baselines_equal_merging_functions(encoder):
         (merged(init=None), weight_averaging(pretrained, finetuned, buffers=buffers)),
         (
             merged(init=0.3, ties_k=0.2, ties_normalize=True),
-            ties_merging(pretrained, finetuned, 0.2, 0.3, buffers=buffers),
+            ties_merging(pretrained, finetuned, scale=0.3, ties_k=0.2, buffers=buffers),
         ),
     ]
     for got, expected in cases:

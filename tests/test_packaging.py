@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lit_adamerging.methods import method_names
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 BUILD_INPUTS = ("pyproject.toml", "setup.cfg", "README.md", "LICENSE", "lit_adamerging")
 
@@ -81,9 +83,7 @@ def test_wheel_installs_alone_and_runs_methods_by_name_outside_the_checkout(tmp_
     env["PYTHONWARNINGS"] = "ignore"
     wheel = build_wheel(tmp_path, env)
     files = set(zipfile.ZipFile(wheel).namelist())
-    names = ("weight_averaging", "task_arithmetic", "ties_merging", "task_wise", "task_wise_pp", "layer_wise",
-             "layer_wise_pp")
-    methods = {f"lit_adamerging/methods/{name}.yaml" for name in names}
+    methods = {f"lit_adamerging/methods/{name}.yaml" for name in method_names()}
     assert methods | {"lit_adamerging/py.typed", "lit_adamerging/models/open_clip_configs/test-vit-tiny.json"} <= files
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in files)
 
@@ -106,10 +106,11 @@ def test_wheel_installs_alone_and_runs_methods_by_name_outside_the_checkout(tmp_
     assert str(REPOSITORY) not in seen["path"] and seen["editable"] == [], seen
 
     script = str(venv / "bin" / "lit-adamerging")
-    run([script, "fit", "--config", "run.yaml", "--method", "layer_wise"], work, env)
+    run([script, "fit", "--config", "run.yaml", "--method", "layer_wise_adamerging"], work, env)
     fitted = yaml.safe_load((work / "out" / "config.yaml").read_text())["model"]
-    assert (fitted["granularity"], fitted["init"], fitted["ties_k"]) == ("layer", 0.3, None)
+    assert fitted["class_path"] == "lit_adamerging.AdaMergingModule"
+    assert (fitted["init_args"]["granularity"], fitted["init_args"]["init"]) == ("layer", 0.3)
     tested = run([script, "test", "--config", "run.yaml", "--method", "task_arithmetic"], work, env)
     assert "test/acc/avg" in tested.stdout
     model = yaml.safe_load((work / "out" / "config.yaml").read_text())["model"]
-    assert (model["granularity"], model["init"], model["ties_k"]) == ("task", 0.3, None)
+    assert model["class_path"] == "lit_adamerging.TaskArithmeticModule" and model["init_args"]["scale"] == 0.3

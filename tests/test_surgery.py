@@ -31,9 +31,10 @@ from lit_adamerging import (
     StateDictZoo,
     SyntheticTask,
     SyntheticZoo,
+    TaskArithmeticModule,
 )
+from lit_adamerging.lightning.base import intended_warnings_ignored
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
-from lit_adamerging.lightning.module import intended_warnings_ignored
 from lit_adamerging.lightning.surgery import SurgeryModule
 from lit_adamerging.merging.surgery import FeatureSurgery, SurgeryModules
 from lit_adamerging.models.encoders import feature_dim
@@ -97,6 +98,8 @@ def fit(tmp_path: Path, steps: int, tasks: Mapping[str, SyntheticTask] | None = 
     unseen = [name for name in tasks if name == "delta"]
     data = MultiTaskDataModule(dict(tasks), unseen_tasks=unseen, batch_size=batch_size, eval_batch_size=7,
                                cache="none")
+    if kwargs.get("merge", "") is None:
+        del kwargs["merge"]
     module = SurgeryModule(zoo or make_zoo(), num_classes=data.num_classes, unseen_tasks=data.unseen_tasks, **kwargs)
     recorder = Recorder()
     trainer = make_trainer(tmp_path, max_steps=steps, callbacks=[recorder, *(callbacks or [])])
@@ -212,12 +215,11 @@ def timm_state_dict_zoo(tmp_path: Path, make_tiny_zoo, tasks: Mapping[str, Synth
 @pytest.mark.parametrize("setting", ["task_arithmetic", "ties", "batch_norm"])
 def test_cached_features_equal_a_fresh_computation(tmp_path, make_tiny_zoo, setting):
     tasks = make_tasks()
-    kwargs = {"ties_k": 0.2, "ties_normalize": True} if setting == "ties" else {}
     zoo = timm_state_dict_zoo(tmp_path, make_tiny_zoo, tasks) if setting == "batch_norm" else make_zoo()
-    module, _, _, recorder = fit(tmp_path, steps=1, zoo=zoo, **kwargs)
+    module, _, _, recorder = fit(tmp_path, steps=1, zoo=zoo, merge="ties_merging" if setting == "ties" else None)
     merged_encoder, individual_encoders = reference_encoders(zoo, tasks, ["alpha", "beta"])
-    if setting == "ties":  # the merge is TIES-merging's: the plain reference is AdaMerging's own merged encoder
-        plain = AdaMergingModule(zoo, num_classes=module.num_classes, granularity="task", init=0.3, **kwargs)
+    if setting == "ties":  # the merge is TIES-merging's: the plain reference is that method's own merged encoder
+        plain = TaskArithmeticModule(zoo, num_classes=module.num_classes, scale=0.3, ties_k=0.2, ties_normalize=True)
         merged_encoder.load_state_dict(plain.merged_state_dict())
     with torch.no_grad():
         for name, task in tasks.items():
@@ -334,14 +336,16 @@ def test_checkpoint_holds_maps_and_coefficients_only_and_tests_the_same(tmp_path
     with pytest.raises(ValueError, match=r"model\.rank: checkpoint 16, yours 8"):
         accuracies_of(SurgeryModule(make_zoo(), num_classes=data.num_classes, rank=8), data, tmp_path / "e",
                         ckpt_path=str(path))
-    # An AdaMerging checkpoint has no maps: it is given as coefficients_from, not loaded.
+    # An AdaMerging checkpoint is another class's: it is given as coefficients_from, not loaded.
     adamerging = AdaMergingModule(make_zoo(), num_classes=data.num_classes, granularity="task")
     adamerging.configure_model()
     plain_trainer = make_trainer(tmp_path / "f")
     plain_trainer.strategy.connect(adamerging)
     plain_trainer.save_checkpoint(tmp_path / "adamerging.ckpt")
-    with pytest.raises(KeyError, match=r"no surgery maps.*coefficients go in coefficients_from"):
+    with pytest.raises(ValueError, match=r"adamerging.ckpt was written by '.*AdaMergingModule', not by '.*Surgery"):
         SurgeryModule.load_from_checkpoint(tmp_path / "adamerging.ckpt", zoo=make_zoo())
+    with pytest.raises(KeyError, match=r"no surgery maps.*coefficients go in coefficients_from"):
+        fresh.load_state_dict({COEFFICIENTS_KEY: stored["state_dict"][COEFFICIENTS_KEY]})
 
 
 def fit_adamerging(tmp_path: Path) -> tuple[AdaMergingModule, Path]:
@@ -359,7 +363,8 @@ def test_coefficients_from_an_adamerging_fit_are_used_and_other_settings_refused
     adamerging, path = fit_adamerging(tmp_path / "ada")
     learned = adamerging.coefficients()
     assert not torch.allclose(learned, torch.full_like(learned, 0.3))
-    module, data, _, recorder = fit(tmp_path / "s", steps=1, granularity="layer", coefficients_from=str(path))
+    module, data, _, recorder = fit(tmp_path / "s", steps=1, merge="layer_wise_adamerging",
+                                    coefficients_from=str(path))
     assert torch.equal(module.coefficients(), learned)
     # The fit's merged features come from the learned coefficients.
     encoder = copy.deepcopy(adamerging.merger.encoder)
@@ -368,15 +373,17 @@ def test_coefficients_from_an_adamerging_fit_are_used_and_other_settings_refused
         for name, task in make_tasks().items():
             torch.testing.assert_close(recorder.features[name][0], encoder(all_images(task)), rtol=1e-5, atol=1e-5)
     # Untrained, the surgery evaluates exactly as the AdaMerging model.
-    untrained = SurgeryModule(make_zoo(), num_classes=data.num_classes, granularity="layer",
+    untrained = SurgeryModule(make_zoo(), num_classes=data.num_classes, merge="layer_wise_adamerging",
                               coefficients_from=str(path))
     assert accuracies_of(untrained, data, tmp_path / "u") == accuracies_of(adamerging, data, tmp_path / "a")
 
-    other = SurgeryModule(make_zoo(), num_classes=data.num_classes, granularity="task", coefficients_from=str(path))
+    other = SurgeryModule(make_zoo(), num_classes=data.num_classes, merge="task_wise_adamerging",
+                          coefficients_from=str(path))
     with pytest.raises(ValueError, match=r"(?s)coefficients_from=.*adamerging\.ckpt.*other settings.*"
                                          r"model\.granularity: checkpoint 'layer', yours 'task'"):
         other.coefficients()
-    missing = SurgeryModule(make_zoo(), num_classes=data.num_classes, coefficients_from=str(tmp_path / "none.ckpt"))
+    missing = SurgeryModule(make_zoo(), num_classes=data.num_classes, merge="layer_wise_adamerging",
+                            coefficients_from=str(tmp_path / "none.ckpt"))
     with pytest.raises(ValueError, match=r"model\.coefficients_from: .*none\.ckpt is not an AdaMerging checkpoint"):
         missing.coefficients()
 
@@ -430,10 +437,17 @@ class WithoutBeta(ModelZoo):
 def test_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         SurgeryModule(make_zoo(), num_classes={"a": 2}, rank=0)
-    with pytest.raises(ValueError, match=r"granularity 'layer' without coefficients_from.*--method layer_wise"):
-        SurgeryModule(make_zoo(), num_classes={"a": 2}, granularity="layer")
+    with pytest.raises(ValueError, match=r"merge='layer_wise_adamerging' is learned: give coefficients_from.*"
+                                         r"--method layer_wise_adamerging"):
+        SurgeryModule(make_zoo(), num_classes={"a": 2}, merge="layer_wise_adamerging")
+    with pytest.raises(ValueError, match=r"merge='task_arithmetic' learns nothing, so coefficients_from='x.ckpt'"):
+        SurgeryModule(make_zoo(), num_classes={"a": 2}, coefficients_from="x.ckpt")
+    with pytest.raises(ValueError, match=r"merge='regmean' is a RegMeanModule; surgery composes"):
+        SurgeryModule(make_zoo(), num_classes={"a": 2}, merge="regmean")
+    with pytest.raises(ValueError, match=r"unknown merging method 'magic'"):
+        SurgeryModule(make_zoo(), num_classes={"a": 2}, merge="magic")
     surgery = SurgeryModule(WithoutBeta(), num_classes={"alpha": 5, "beta": 3})
-    with pytest.raises(ValueError, match=r"surgery needs each merged task's own fine-tuned model.*\['beta'\]"):
+    with pytest.raises(KeyError, match=r"no fine-tuned weights for the merged task 'beta'.*make the task unseen"):
         surgery.configure_model()
 
     # Plain dataloaders instead of a MultiTaskDataModule: the module cannot read the tasks' images.
@@ -450,7 +464,7 @@ DDP_SCRIPT = textwrap.dedent('''
     import torch
     from lightning.pytorch.strategies import DDPStrategy
     from lit_adamerging import MultiTaskDataModule, SyntheticTask, SyntheticZoo
-    from lit_adamerging.lightning.module import intended_warnings_ignored
+    from lit_adamerging.lightning.base import intended_warnings_ignored
     from lit_adamerging.lightning.surgery import SurgeryModule
 
     devices, batch_size, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]

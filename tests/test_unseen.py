@@ -26,8 +26,9 @@ from torch.utils.data import Dataset, TensorDataset
 from conftest import TINY_CONFIG, load_config, printed_metric, reference_accuracies, run_cli
 from lit_adamerging import AdaMergingModule, ModelZoo, MultiTaskDataModule, SyntheticTask, SyntheticZoo, TaskData
 from lit_adamerging.cli import AdaMergingCLI
+from lit_adamerging.lightning.base import intended_warnings_ignored
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY
-from lit_adamerging.lightning.module import checkpoint_settings_differences, intended_warnings_ignored
+from lit_adamerging.lightning.checks import checkpoint_settings_differences
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -112,11 +113,10 @@ def test_coefficients_bit_identical_with_and_without_unseen_tasks(tmp_path):
     assert not any("avg_seen" in key or "avg_unseen" in key for key in plain.trainer.callback_metrics)
 
 
-def test_unseen_task_has_no_fit_loader_and_leaves_the_fit_stream_alone(monkeypatch):
-    monkeypatch.setenv("PL_GLOBAL_SEED", "3")
+def test_unseen_task_has_no_fit_loader_and_leaves_the_fit_stream_alone():
     streams = []
     for tasks, unseen in ((seen_tasks(), []), (with_unseen(), ["delta"])):
-        data = MultiTaskDataModule(tasks, unseen_tasks=unseen, batch_size=8)
+        data = MultiTaskDataModule(tasks, unseen_tasks=unseen, batch_size=8, seed=3)
         data.setup("fit")
         loaders = data.train_dataloader()
         streams.append({task: list(loader.sampler) for task, loader in loaders.items()})
@@ -232,21 +232,24 @@ def test_a_zoo_that_cannot_leave_out_unseen_tasks_is_named():
 def test_checkpoint_settings_compare_the_unseen_tasks():
     base = {"num_classes": {"a": 2, "b": 3, "c": 4}}
     ours = {**base, "unseen_tasks": ["c"]}
-    assert checkpoint_settings_differences(ours, ours) == []
-    assert checkpoint_settings_differences(ours, {**base, "unseen_tasks": ["b"]}) == [
+    settings = AdaMergingModule.CHECKPOINT_SETTINGS
+    assert checkpoint_settings_differences(ours, ours, settings) == []
+    assert checkpoint_settings_differences(ours, {**base, "unseen_tasks": ["b"]}, settings) == [
         "  model.unseen_tasks: checkpoint ['c'], yours ['b']"
     ]
     # A checkpoint from before unseen tasks existed merged every task.
-    assert checkpoint_settings_differences(base, {**base, "unseen_tasks": []}) == []
-    assert checkpoint_settings_differences(base, ours) == ["  model.unseen_tasks: checkpoint [], yours ['c']"]
+    assert checkpoint_settings_differences(base, {**base, "unseen_tasks": []}, settings) == []
+    assert checkpoint_settings_differences(base, ours, settings) == [
+        "  model.unseen_tasks: checkpoint [], yours ['c']"
+    ]
     # A zoo argument the checkpoint does not store, left at None now (TimmZoo's heads, added later), is no
     # difference; set to something, it is.
     zoo = {"class_path": "lit_adamerging.TimmZoo", "init_args": {"model": "m", "finetuned": {"a": "a.pt"}}}
     now = copy.deepcopy(zoo)
     now["init_args"]["heads"] = None
-    assert checkpoint_settings_differences({"zoo": zoo}, {"zoo": now}) == []
+    assert checkpoint_settings_differences({"zoo": zoo}, {"zoo": now}, settings) == []
     now["init_args"]["heads"] = {"c": "c.safetensors"}
-    assert checkpoint_settings_differences({"zoo": zoo}, {"zoo": now}) == [
+    assert checkpoint_settings_differences({"zoo": zoo}, {"zoo": now}, settings) == [
         "  model.zoo.init_args.heads.c: checkpoint '<not set>', yours 'c.safetensors'"
     ]
 
@@ -262,7 +265,7 @@ def four_tasks(unseen: list[str]) -> dict:
 
 def in_process(workdir: Path, *args: str, run: bool = True) -> AdaMergingCLI:
     with mock.patch.object(sys, "argv", ["lit-adamerging"]), contextlib.chdir(workdir), intended_warnings_ignored():
-        return AdaMergingCLI(AdaMergingModule, MultiTaskDataModule, args=[*args, *(QUIET if run else ())], run=run,
+        return AdaMergingCLI(args=[*args, *(QUIET if run else ())], run=run,
                              save_config_kwargs={"overwrite": True})
 
 

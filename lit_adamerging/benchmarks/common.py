@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from lit_adamerging.data.offline import DATA_ENV, DataNotFoundError, default_cache_dir, find_data_root
-from lit_adamerging.lightning.module import intended_warnings_ignored
+from lit_adamerging.lightning.base import intended_warnings_ignored
 
 DEFAULT_TASKS = ("mnist", "fashion_mnist", "cifar10", "gtsrb")
 
@@ -55,7 +55,7 @@ def log(message: str) -> None:
 def quiet_lightning() -> Iterator[None]:
     """Inside the block only: Lightning logs warnings and errors alone, and the warnings above are not shown.
 
-    Also hides what :func:`~lit_adamerging.lightning.module.intended_warnings_ignored` hides. The
+    Also hides what :func:`~lit_adamerging.lightning.base.intended_warnings_ignored` hides. The
     loggers' levels and the warning filters are restored when the block ends.
     """
     loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]

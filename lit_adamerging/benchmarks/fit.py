@@ -39,7 +39,7 @@ from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.benchmarks.common import DEFAULT_TASKS, add_data_arguments, data_root, quiet_lightning
 from lit_adamerging.data import ImageFolderTask, MultiTaskDataModule
 from lit_adamerging.io import write_text_atomic
-from lit_adamerging.lightning.module import AdaMergingModule
+from lit_adamerging.lightning.adamerging import AdaMergingModule
 from lit_adamerging.models.preprocess import Preprocess
 from lit_adamerging.models.zoo import SyntheticZoo
 

@@ -65,30 +65,23 @@ from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.benchmarks.common import DEFAULT_TASKS, add_data_arguments, data_root, log, quiet_lightning
 from lit_adamerging.benchmarks.finetune import fine_tune_task, head_path, probe_head, task_preprocess
 from lit_adamerging.cli import AdaMergingCLI, install_strict_yaml_loader
-from lit_adamerging.data import MultiTaskDataModule
 from lit_adamerging.data.corruptions import CORRUPTIONS, SEVERITIES
 from lit_adamerging.io import save_state_dict, write_text_atomic
 from lit_adamerging.lightning import AdaMergingModule
-from lit_adamerging.methods import method_module
+from lit_adamerging.methods import method_class
 from lit_adamerging.models import efficientnet_lite0
 
-# row of the table -> (the CLI arguments that choose the method, learns coefficients?). The two
-# references are task arithmetic at coefficient 0 (the pretrained model) and at 1 on one task alone.
-METHODS: dict[str, tuple[list[str], bool]] = {
-    "pretrained": (["--method", "task_arithmetic", "--model.init=0.0"], False),
-    "individual": (["--method", "task_arithmetic", "--model.init=1.0"], False),
-    "weight_averaging": (["--method", "weight_averaging"], False),
-    "task_arithmetic": (["--method", "task_arithmetic"], False),
-    "ties_merging": (["--method", "ties_merging"], False),
-    "task_wise_adamerging": (["--method", "task_wise"], True),
-    "task_wise_adamerging_pp": (["--method", "task_wise_pp"], True),
-    "layer_wise_adamerging": (["--method", "layer_wise"], True),
-    "layer_wise_adamerging_pp": (["--method", "layer_wise_pp"], True),
-    "fisher_merging": (["--method", "fisher_merging"], False),
-    "regmean": (["--method", "regmean"], False),
-    "task_arithmetic_surgery": (["--method", "task_arithmetic_surgery"], True),
-    # on the coefficients layer_wise_adamerging learned (its run's checkpoint: that row runs first)
-    "layer_wise_adamerging_surgery": (["--method", "layer_wise_surgery"], True),
+# row of the table -> the CLI arguments that choose it: every method by its name, and two references,
+# task arithmetic at scale 0 (the pretrained model) and at 1 on one task alone (the fine-tuned model).
+METHODS: dict[str, list[str]] = {
+    "pretrained": ["--method", "task_arithmetic", "--model.scale=0.0"],
+    "individual": ["--method", "task_arithmetic", "--model.scale=1.0"],
+    **{name: ["--method", name] for name in (
+        "weight_averaging", "task_arithmetic", "ties_merging", "task_wise_adamerging", "task_wise_adamerging_pp",
+        "layer_wise_adamerging", "layer_wise_adamerging_pp", "fisher_merging", "regmean", "task_arithmetic_surgery",
+        # on the coefficients layer_wise_adamerging learned (its run's checkpoint: that row runs first)
+        "layer_wise_adamerging_surgery",
+    )},
 }
 SURGERY_ON = {"layer_wise_adamerging_surgery": "layer_wise_adamerging"}
 
@@ -180,10 +173,10 @@ def base_config(
     }
 
 
-def model_settings(args: argparse.Namespace, preset: str) -> dict[str, Any]:
-    """The benchmark's module settings that the class of method preset ``preset`` takes: the AdaMerging
-    learning rate for AdaMerging only, the task vectors' storage for every module that stacks them."""
-    module = method_module(preset)
+def model_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The benchmark's module settings that the class of ``method`` takes: the AdaMerging learning rate for
+    AdaMerging only, the task vectors' storage for every module that stacks them at a chosen dtype."""
+    module = method_class(method)
     return {
         key: value for key, value in (("lr", args.lr), ("task_vector_dtype", args.task_vector_dtype))
         if key in inspect.signature(module).parameters and (key != "lr" or module is AdaMergingModule)
@@ -194,7 +187,8 @@ def run_method(
     method: str, args: argparse.Namespace, tasks: Sequence[str], zoo: dict[str, Path], variant: Variant = Variant()
 ) -> dict[str, float]:
     """Test accuracy per task of ``method`` on ``tasks`` (fitting the coefficients first if it learns them)."""
-    method_args, learns = METHODS[method]
+    method_args = METHODS[method]
+    learns = method_class(method_args[method_args.index("--method") + 1]).LEARNS
     name = "-".join(f"{task}@unseen" if task in variant.unseen else task for task in tasks)
     if variant.corruption is not None:
         name += f"-{variant.corruption}{variant.severity}"
@@ -214,11 +208,7 @@ def run_method(
     write_text_atomic(config_path, yaml.safe_dump(base_config(args, tasks, zoo, run_dir, variant, settings)))
     with quiet_lightning():
         cli = AdaMergingCLI(
-            None,  # the module class --method chooses
-            MultiTaskDataModule,
-            args=["--config", str(config_path), *method_args],
-            run=False,
-            save_config_kwargs={"overwrite": True},
+            args=["--config", str(config_path), *method_args], run=False, save_config_kwargs={"overwrite": True}
         )
         if learns:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -32,16 +32,11 @@ from lit_adamerging.benchmarks import mini
 from lit_adamerging.benchmarks.common import data_root, log, quiet_lightning
 from lit_adamerging.benchmarks.finetune import fine_tune_task, task_preprocess
 from lit_adamerging.cli import AdaMergingCLI, install_strict_yaml_loader
-from lit_adamerging.data import MultiTaskDataModule
 from lit_adamerging.io import write_text_atomic
+from lit_adamerging.methods import method_class
 
-# method -> (preset name, fits?)
-TIMED = {
-    "task_arithmetic": ("task_arithmetic", False),
-    "fisher_merging": ("fisher_merging", False),
-    "regmean": ("regmean", False),
-    "task_arithmetic_surgery": ("task_arithmetic_surgery", True),
-}
+# the methods whose phases are timed
+TIMED = ("task_arithmetic", "fisher_merging", "regmean", "task_arithmetic_surgery")
 
 
 class PhaseClock(pl.Callback):
@@ -75,19 +70,18 @@ class PhaseClock(pl.Callback):
 
 def time_method(method: str, args: Any, tasks: list[str], zoo: dict[str, Path]) -> dict[str, float]:
     """The phases of ``method``'s run on ``tasks``, in seconds."""
-    preset, fits = TIMED[method]
     run_dir = Path(args.out) / "passes" / method
     config_path = run_dir / "base.yaml"
-    settings = mini.model_settings(args, preset)
+    settings = mini.model_settings(args, method)
     write_text_atomic(config_path, yaml.safe_dump(mini.base_config(args, tasks, zoo, run_dir, model_settings=settings)))
     clock = PhaseClock()
     with quiet_lightning():
         cli = AdaMergingCLI(
-            None, MultiTaskDataModule, run=False, save_config_kwargs={"overwrite": True},
-            args=["--config", str(config_path), "--method", preset, f"--trainer.max_steps={args.surgery_steps}"],
+            run=False, save_config_kwargs={"overwrite": True},
+            args=["--config", str(config_path), "--method", method, f"--trainer.max_steps={args.surgery_steps}"],
         )
         cli.trainer.callbacks.append(clock)
-        if fits:
+        if method_class(method).LEARNS:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     return clock.seconds

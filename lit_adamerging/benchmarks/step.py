@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from lit_adamerging.allocator import retain_freed_memory
-from lit_adamerging.lightning.module import AdaMergingModule
+from lit_adamerging.lightning.adamerging import AdaMergingModule
 from lit_adamerging.merging import entropy
 from lit_adamerging.models.zoo import SyntheticZoo
 

@@ -1,11 +1,13 @@
-"""Lightning glue: the AdaMerging LightningModule, the modules of the other data-learning methods, callbacks."""
+"""Lightning glue: the merging modules (siblings on one base), the callbacks."""
 
+from lit_adamerging.lightning.adamerging import AdaMergingModule
+from lit_adamerging.lightning.base import MergingModule
 from lit_adamerging.lightning.callbacks import CoefficientLogger, ExportMergedEncoder, PerTaskAccuracy
-from lit_adamerging.lightning.module import AdaMergingModule
+from lit_adamerging.lightning.data_free import TaskArithmeticModule
 from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModule
 from lit_adamerging.lightning.surgery import SurgeryModule
 
 __all__ = [
-    "AdaMergingModule", "CoefficientLogger", "ExportMergedEncoder", "FisherMergingModule", "PerTaskAccuracy",
-    "RegMeanModule", "SurgeryModule",
+    "AdaMergingModule", "CoefficientLogger", "ExportMergedEncoder", "FisherMergingModule", "MergingModule",
+    "PerTaskAccuracy", "RegMeanModule", "SurgeryModule", "TaskArithmeticModule",
 ]

@@ -17,7 +17,7 @@ from lit_adamerging.io import save_state_dicts
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from lit_adamerging.lightning.module import AdaMergingModule
+    from lit_adamerging.lightning.base import MergingModule
 
 
 class PerTaskAccuracy(pl.Callback):
@@ -29,8 +29,8 @@ class PerTaskAccuracy(pl.Callback):
     ``<stage>/acc/avg_seen``, and over the unseen ones, ``<stage>/acc/avg_unseen``. One
     torchmetrics metric per task (class counts differ); under DDP ``compute()`` gathers the counts
     of every process. The names of the means (:data:`~lit_adamerging.data.tasks.AVERAGE_NAMES`) are refused
-    as task names by :class:`~lit_adamerging.MultiTaskDataModule`. :class:`AdaMergingModule` adds this
-    callback when none is configured.
+    as task names by :class:`~lit_adamerging.MultiTaskDataModule`. Every merging module
+    (:class:`~lit_adamerging.MergingModule`) adds this callback when none is configured.
     """
 
     def __init__(self, top_k: int = 1) -> None:
@@ -40,7 +40,7 @@ class PerTaskAccuracy(pl.Callback):
         self._metrics: dict[str, MulticlassAccuracy] = {}
         self._accuracies: dict[str, torch.Tensor] = {}
 
-    def _metric(self, pl_module: AdaMergingModule, task: str, device: torch.device) -> MulticlassAccuracy:
+    def _metric(self, pl_module: MergingModule, task: str, device: torch.device) -> MulticlassAccuracy:
         if task not in self._metrics:
             num_classes = pl_module.num_classes[task]
             self._metrics[task] = MulticlassAccuracy(
@@ -48,13 +48,13 @@ class PerTaskAccuracy(pl.Callback):
             )
         return self._metrics[task].to(device)
 
-    def _log_task(self, pl_module: AdaMergingModule, stage: str, task: str) -> None:
+    def _log_task(self, pl_module: MergingModule, stage: str, task: str) -> None:
         metric = self._metrics[task]
         self._accuracies[task] = metric.compute()
         metric.reset()
         pl_module.log(f"{stage}/acc/{task}", self._accuracies[task], add_dataloader_idx=False, batch_size=1)
 
-    def _update(self, trainer: pl.Trainer, pl_module: AdaMergingModule, outputs: dict[str, Any],
+    def _update(self, trainer: pl.Trainer, pl_module: MergingModule, outputs: dict[str, Any],
                 batch_idx: int, dataloader_idx: int, stage: str) -> None:
         task, logits, labels = outputs["task"], outputs["logits"], outputs["labels"]
         num_classes = logits.shape[-1]
@@ -72,7 +72,7 @@ class PerTaskAccuracy(pl.Callback):
         if batch_idx + 1 == batches[dataloader_idx]:
             self._log_task(pl_module, stage, task)
 
-    def _log_average(self, pl_module: AdaMergingModule, stage: str) -> None:
+    def _log_average(self, pl_module: MergingModule, stage: str) -> None:
         for task, metric in self._metrics.items():
             if metric.update_called:  # a loader that ended before its announced length
                 self._log_task(pl_module, stage, task)
@@ -103,7 +103,8 @@ class PerTaskAccuracy(pl.Callback):
 
 
 class CoefficientLogger(pl.Callback):
-    """Logs the merging coefficients while fitting.
+    """Logs the learned merging coefficients while fitting an :class:`~lit_adamerging.AdaMergingModule` (other
+    modules learn no coefficients: nothing is logged for them).
 
     Every ``every_n_steps`` optimizer steps: one scalar per merged (seen) task, ``coefficients/<task>``
     (the mean over the merged tensors for layer-wise). At the end of each training epoch: a tasks x tensors
@@ -120,6 +121,8 @@ class CoefficientLogger(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
+        if not _learns_coefficients(pl_module):
+            return
         if step % self.every_n_steps == 0 and step != self._last_step:
             # Written to the loggers directly: a value given to self.log in a hook stays in
             # Lightning's results and is logged again, stale, at every later step.
@@ -130,7 +133,7 @@ class CoefficientLogger(pl.Callback):
                 logger.log_metrics(metrics, step=step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        if not self.heatmap or not trainer.is_global_zero:
+        if not self.heatmap or not trainer.is_global_zero or not _learns_coefficients(pl_module):
             return
         writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         if writers:
@@ -219,8 +222,16 @@ class ExportMergedEncoder(pl.Callback):
         self._export(trainer, pl_module)
 
 
+def _learns_coefficients(pl_module: Any) -> bool:
+    from lit_adamerging.lightning.adamerging import AdaMergingModule  # it imports this module
+
+    return isinstance(pl_module, AdaMergingModule)
+
+
 def _has_surgery(pl_module: Any) -> bool:
-    return callable(getattr(pl_module, "surgery_state_dict", None))
+    from lit_adamerging.lightning.surgery import SurgeryModule  # it imports this module
+
+    return isinstance(pl_module, SurgeryModule)
 
 
 def _check_writable(path: str, what: str, advice: str) -> None:

@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from lit_adamerging.lightning.module import AdaMergingModule
-from lit_adamerging.merging import BufferPolicy
+from lit_adamerging.data.contract import UnlabeledImages
+from lit_adamerging.lightning.base import MergingModule
+from lit_adamerging.merging import BufferPolicy, MergedEncoder
 from lit_adamerging.merging.fisher import FISHER_FLOOR, FISHER_IMAGES, FisherWeightedAverage, fisher_sums
 from lit_adamerging.merging.regmean import REGMEAN_ALPHA, REGMEAN_IMAGES, GramRecorder, RegMeanAverage, regmean_layers
-from lit_adamerging.models.zoo import ModelZoo
+from lit_adamerging.models.zoo import LoadedZoo, ModelZoo
 
 
-class StatisticsMergingModule(AdaMergingModule):
+class StatisticsMergingModule(MergingModule):
     """What Fisher merging and RegMean share: a merge computed once from each seen task's images, then evaluated.
 
     Subclasses implement :meth:`merge_from_statistics`. The settings that change the merged
@@ -49,13 +50,9 @@ class StatisticsMergingModule(AdaMergingModule):
             (``"require_equal"`` checks that the fine-tuned ones equal the pretrained ones).
     """
 
-    CHECKPOINT_SETTINGS: ClassVar[tuple[str, ...]] = ("zoo", "num_classes", "unseen_tasks", "num_images", "seed",
-                                                      "buffer_policy")
-    # AdaMergingModule's settings that mean nothing here: exact float32 task vectors, no TIES, no training.
-    FIXED_SETTINGS: ClassVar[dict[str, Any]] = {
-        "granularity": "task", "init": None, "clamp": False, "ties_k": None, "ties_normalize": False,
-        "task_vector_dtype": "float32", "cuda_graphs": False,
-    }
+    CHECKPOINT_SETTINGS: ClassVar[tuple[str, ...]] = (
+        *MergingModule.CHECKPOINT_SETTINGS, "num_images", "seed", "buffer_policy",
+    )
 
     def __init__(
         self,
@@ -68,25 +65,17 @@ class StatisticsMergingModule(AdaMergingModule):
     ) -> None:
         if num_images is not None and num_images < 1:
             raise ValueError(f"num_images must be positive or None (every image), got {num_images}.")
-        super().__init__(zoo, num_classes, unseen_tasks, buffer_policy=buffer_policy, **self.FIXED_SETTINGS)
+        super().__init__(zoo, num_classes, unseen_tasks)
         self._merged: dict[str, Tensor] | None = None
         self.images_read: dict[str, int] = {}  # per seen task, images this process ran statistics on
 
-    # ----------------------------------------------------------------- refused
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            raise ValueError(
-                f"{type(self).__name__} learns nothing by gradient descent, so there is nothing to fit: its merge is "
-                "computed from each task's unlabeled images when evaluation starts. Run `lit-adamerging test` "
-                "(trainer.test(model, datamodule=data)) instead."
-            )
-        super().setup(stage)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        raise ValueError(
-            f"{type(self).__name__} has no checkpoint to load (its merge is computed from the data, nothing is "
-            "fitted); run test without --ckpt_path / ckpt_path."
-        )
+    def build_merger(self, encoder: torch.nn.Module, loaded: LoadedZoo) -> MergedEncoder:
+        """The encoder with the exact (float32, untrimmed) task vectors; the merge itself comes from the statistics."""
+        task_vectors = self.task_vectors(encoder, loaded, buffer_policy=self.hparams.buffer_policy)
+        average = 1.0 / len(self.seen_tasks)
+        merger = MergedEncoder(encoder, task_vectors, "task", average, clamp=False, cuda_graphs=False)
+        merger.coefficients.requires_grad_(False)
+        return merger
 
     # ----------------------------------------------------------------- the merge
     def evaluation_tensors(self) -> dict[str, Tensor]:
@@ -137,10 +126,11 @@ class StatisticsMergingModule(AdaMergingModule):
                 yield positions[keep], images[keep]
         self.images_read[task] = read
 
-    def datamodule(self) -> Any:
+    def datamodule(self) -> UnlabeledImages:
         """The Trainer's data module; it must read unlabeled images (:class:`~lit_adamerging.MultiTaskDataModule`)."""
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "unlabeled_batches"):
+        trainer = self._attached_trainer()
+        datamodule = trainer.datamodule if trainer is not None else None
+        if not isinstance(datamodule, UnlabeledImages):
             raise ValueError(
                 f"{type(self).__name__} computes its merge from each task's unlabeled images, read through the "
                 "data module: evaluate it with a MultiTaskDataModule (trainer.test(model, datamodule=data))."

@@ -10,27 +10,33 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from lit_adamerging.data.contract import UnlabeledImages
+from lit_adamerging.lightning.adamerging import AdaMergingModule, set_coefficients
+from lit_adamerging.lightning.base import MergingModule
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
-from lit_adamerging.lightning.module import AdaMergingModule, StorageDtype, checkpoint_settings_differences
-from lit_adamerging.merging import BufferPolicy, Granularity, check_compatible
+from lit_adamerging.lightning.checks import check_checkpoint_class, checkpoint_settings_differences
+from lit_adamerging.lightning.data_free import TaskArithmeticModule
+from lit_adamerging.merging import MergedEncoder, check_compatible
 from lit_adamerging.merging.surgery import SURGERY_RANK, SurgeryModules
+from lit_adamerging.methods import method_class, method_defaults
 from lit_adamerging.models.zoo import LoadedZoo, ModelZoo
 
 SURGERY_PREFIX = "surgery."
 
 
-class SurgeryModule(AdaMergingModule):
-    """Trains one Representation Surgery map per merged task on a frozen merged encoder.
+class SurgeryModule(MergingModule):
+    """Trains one Representation Surgery map per merged task on the frozen encoder of a merge it composes.
 
-    The merged encoder is the one :class:`AdaMergingModule` builds from the same settings, its
-    coefficients frozen: task arithmetic with the defaults (``granularity="task", init=0.3``), or
-    the coefficients an AdaMerging fit learned (``coefficients_from``, its checkpoint; give the
-    settings it was made with, e.g. ``granularity="layer"``). Task ``k``'s surgery
-    (:class:`~lit_adamerging.merging.surgery.FeatureSurgery`, rank ``rank``) sits between the encoder
-    and task ``k``'s frozen head. It is trained on the unlabeled images of task ``k`` (the data
-    module's split, the test split by default) to minimise the L1 distance between the surgered merged
-    features and the features of task ``k``'s own fine-tuned encoder, the tasks' mean distances
-    summed; Adam, lr ``1e-3``, betas ``(0.9, 0.999)`` (the paper's released code).
+    The merge is a method by name (``merge``): a data-free one (``"task_arithmetic"``, the default;
+    ``"ties_merging"``, ``"weight_averaging"``) built from its preset's settings, or a learned
+    AdaMerging one (``"layer_wise_adamerging"``, ...) whose coefficients come from that fit's
+    checkpoint (``coefficients_from``: its class, zoo, tasks and settings are checked against the
+    preset's). Task ``k``'s surgery (:class:`~lit_adamerging.merging.surgery.FeatureSurgery`, rank
+    ``rank``) sits between the encoder and task ``k``'s frozen head. It is trained on the unlabeled
+    images of task ``k`` (the data module's split, the test split by default) to minimise the L1
+    distance between the surgered merged features and the features of task ``k``'s own fine-tuned
+    encoder, the tasks' mean distances summed; Adam, lr ``1e-3``, betas ``(0.9, 0.999)`` (the
+    paper's released code).
 
     The encoder stays frozen, so when a fit starts each task's merged and individual features are
     computed once per image (one forward each, no backward; under DDP each process computes its
@@ -41,47 +47,37 @@ class SurgeryModule(AdaMergingModule):
     under TIES trimming, with bf16/fp16 task vectors and in buffers the merge keeps pretrained.
 
     Unseen tasks have no fine-tuned model to learn from: no surgery, their heads read the merged
-    features. A checkpoint holds the surgery maps and the merging coefficients (so an AdaMerging
-    reader accepts it) with the hyperparameters, never encoder weights. :class:`ExportMergedEncoder`
-    writes the merged encoder and, beside it, the surgery maps (:meth:`surgery_state_dict`).
+    features. A checkpoint holds the surgery maps and the merge's coefficients with the
+    hyperparameters, never encoder weights. :class:`ExportMergedEncoder` writes the merged encoder
+    and, beside it, the surgery maps (:meth:`surgery_state_dict`).
 
     Args:
         zoo: the pretrained encoder, the fine-tuned encoders (one per merged task: surgery learns from
             them) and the heads.
         num_classes: ``{task: number of classes}`` in task order (the CLI links it from the data).
         unseen_tasks: tasks evaluated with the merged encoder only (the CLI links it from the data).
-        granularity: ``"task"``, or ``"layer"`` with ``coefficients_from`` (a layer-wise AdaMerging fit's).
-        init: every coefficient when ``coefficients_from`` is not given (``None``: ``1 / tasks``);
-            0.3 is task arithmetic.
-        clamp: clamp the coefficients to ``[0, 1]`` (as AdaMerging).
-        ties_k: TIES-trim the task vectors first, keeping this fraction (TIES-merging with ``ties_normalize``).
-        ties_normalize: TIES-merging's division by the number of tasks keeping each entry.
-        buffer_policy: floating-point buffers of the merged encoder (see :data:`BufferPolicy`).
-        task_vector_dtype: storage dtype of the stacked task vectors.
-        coefficients_from: the checkpoint of an AdaMerging fit (``lit-adamerging fit`` writes it)
-            whose learned coefficients are used, read without running code and checked against these
-            settings (zoo, tasks, granularity, ...); ``None``: ``init``. A checkpoint being loaded
-            (``ckpt_path``, :meth:`load_from_checkpoint`) brings its own coefficients and takes precedence.
+        merge: the method whose merged encoder the surgery corrects (see :mod:`lit_adamerging.methods`):
+            a data-free merge, or an AdaMerging method with ``coefficients_from``.
+        coefficients_from: the checkpoint of the ``merge`` method's fit (``lit-adamerging fit`` writes
+            it), read without running code; required for a learned merge, refused for a data-free
+            one. A surgery checkpoint being loaded (``ckpt_path``, :meth:`load_from_checkpoint`)
+            brings its own coefficients and takes precedence.
         rank: rank of each surgery map (the paper's 16).
         lr: Adam learning rate of the surgery maps.
         betas: Adam betas.
     """
 
+    LEARNS: ClassVar[bool] = True
     fit_inputs: ClassVar[Literal["indices"]] = "indices"
-    CHECKPOINT_SETTINGS: ClassVar[tuple[str, ...]] = (*AdaMergingModule.CHECKPOINT_SETTINGS, "rank")
+    CHECKPOINT_SETTINGS: ClassVar[tuple[str, ...]] = (*MergingModule.CHECKPOINT_SETTINGS, "merge", "rank")
+    LEARNED_STATE: ClassVar[tuple[str, ...]] = (COEFFICIENTS_KEY, SURGERY_PREFIX)
 
     def __init__(
         self,
         zoo: ModelZoo,
         num_classes: dict[str, int] | None = None,
         unseen_tasks: Sequence[str] = (),
-        granularity: Granularity = "task",
-        init: float | None = 0.3,
-        clamp: bool = True,
-        ties_k: float | None = None,
-        ties_normalize: bool = False,
-        buffer_policy: BufferPolicy = "pretrained",
-        task_vector_dtype: StorageDtype = "float32",
+        merge: str = "task_arithmetic",
         coefficients_from: str | None = None,
         rank: int = SURGERY_RANK,
         lr: float = 1e-3,
@@ -89,78 +85,94 @@ class SurgeryModule(AdaMergingModule):
     ) -> None:
         if rank < 1:
             raise ValueError(f"rank must be a positive integer (the paper's 16), got {rank}.")
-        if granularity == "layer" and coefficients_from is None:
+        merge_class = method_class(merge)  # an unknown name lists the valid ones
+        if merge_class not in (TaskArithmeticModule, AdaMergingModule):
             raise ValueError(
-                "granularity 'layer' without coefficients_from would merge every tensor with the same init, which is "
-                "granularity 'task'. Give coefficients_from, the checkpoint of a layer-wise AdaMerging fit "
-                "(lit-adamerging fit --method layer_wise), or use granularity 'task'."
+                f"merge={merge!r} is a {merge_class.__name__}; surgery composes a data-free merge (task_arithmetic, "
+                "ties_merging, weight_averaging) or an AdaMerging one (task_wise_adamerging, layer_wise_adamerging, "
+                "their _pp) with its coefficients_from."
             )
-        # The coefficients are frozen: no CUDA graphs of a training merge.
-        super().__init__(
-            zoo, num_classes, unseen_tasks, granularity, init, clamp, ties_k, ties_normalize, buffer_policy,
-            task_vector_dtype, lr, betas, cuda_graphs=False,
-        )
+        if merge_class is AdaMergingModule and coefficients_from is None:
+            raise ValueError(
+                f"merge={merge!r} is learned: give coefficients_from, the checkpoint of its fit "
+                f"(lit-adamerging fit --method {merge} writes runs/.../checkpoints/last.ckpt)."
+            )
+        if merge_class is TaskArithmeticModule and coefficients_from is not None:
+            raise ValueError(
+                f"merge={merge!r} learns nothing, so coefficients_from={coefficients_from!r} would be ignored; give "
+                "the AdaMerging method that checkpoint was fitted with as merge (e.g. layer_wise_adamerging)."
+            )
+        super().__init__(zoo, num_classes, unseen_tasks)
         self.surgery: SurgeryModules | None = None
         self._pending_surgery: dict[str, Tensor] | None = None
+        self._pending_coefficients: Tensor | None = None  # a checkpoint's, before the model is built
         self._individual: Mapping[str, dict[str, Tensor]] | None = None
         self._coefficients_set = False  # by a checkpoint, or from coefficients_from on first use
         self._features: dict[str, tuple[Tensor, Tensor]] | None = None  # task: (merged, individual), by image
 
     # ----------------------------------------------------------------- building
-    def _load_zoo(self, seen: list[str]) -> LoadedZoo:
-        loaded = super()._load_zoo(seen)
-        missing = [task for task in seen if task not in loaded.finetuned]
-        if missing:
-            raise ValueError(
-                f"surgery needs each merged task's own fine-tuned model, but the zoo {type(self.zoo).__name__} "
-                f"gave none for task(s) {missing}. Give their fine-tuned weights in the zoo, or make them unseen "
-                "tasks (data.unseen_tasks: evaluated with the merged encoder, no surgery)."
-            )
+    def build_merger(self, encoder: torch.nn.Module, loaded: LoadedZoo) -> MergedEncoder:
         # Kept to compute the individual features when a fit starts (a lazy mapping: read again then).
         self._individual = loaded.finetuned
-        return loaded
-
-    def configure_model(self) -> None:
-        if self.merger is not None:
-            return
-        super().configure_model()
-        assert self.merger is not None
-        self.merger.coefficients.requires_grad_(False)
+        settings = method_defaults(self.hparams.merge)
+        task_vectors = self.task_vectors(
+            encoder, loaded, buffer_policy=settings["buffer_policy"], dtype=settings["task_vector_dtype"],
+            ties_k=settings["ties_k"], ties_normalize=settings["ties_normalize"],
+        )
+        if method_class(self.hparams.merge) is TaskArithmeticModule:
+            scale = 1.0 / len(self.seen_tasks) if settings["scale"] is None else settings["scale"]
+            merger = MergedEncoder(encoder, task_vectors, "task", scale, clamp=False, cuda_graphs=False)
+            self._coefficients_set = True
+        else:
+            init = 1.0 / len(self.seen_tasks) if settings["init"] is None else settings["init"]
+            merger = MergedEncoder(
+                encoder, task_vectors, settings["granularity"], init, settings["clamp"], cuda_graphs=False
+            )
+        merger.coefficients.requires_grad_(False)
+        if self._pending_coefficients is not None:
+            set_coefficients(merger, self._pending_coefficients, len(self.seen_tasks), merger.coefficients.granularity)
+            self._pending_coefficients = None
         width = self.heads[self.seen_tasks[0]].weight.shape[1]
         self.surgery = SurgeryModules(self.seen_tasks, width, self.hparams.rank)
         if self._pending_surgery is not None:
             self._load_surgery(self._pending_surgery)
             self._pending_surgery = None
-        # Under DDP only the surgery maps are trained and synchronised.
-        self._ddp_params_and_buffers_to_ignore = [
-            name for name, _ in [*self.named_parameters(), *self.named_buffers()] if not name.startswith(SURGERY_PREFIX)
-        ]
-
-    def _built_merger(self) -> Any:
-        merger = super()._built_merger()
-        if not self._coefficients_set:
-            self._coefficients_set = True
-            if self.hparams.coefficients_from is not None:
-                self._set_coefficients(self._learned_coefficients(self.hparams.coefficients_from))
         return merger
 
+    def coefficients(self) -> Tensor:
+        """The composed merge's coefficients (frozen), ``[merged tasks, 1 or merged tensors]``."""
+        self._coefficients()
+        return self._built_merger().coefficients().detach()
+
+    def _coefficients(self) -> None:
+        """Apply ``coefficients_from`` on first use, unless a checkpoint brought the coefficients."""
+        merger = self._built_merger()
+        if not self._coefficients_set:
+            self._coefficients_set = True
+            raw = self._learned_coefficients(self.hparams.coefficients_from)
+            set_coefficients(merger, raw, len(self.seen_tasks), merger.coefficients.granularity)
+
     def _learned_coefficients(self, path: str) -> Tensor:
-        """The coefficients of the AdaMerging checkpoint ``path``, after checking it was made with these settings."""
+        """The coefficients of the AdaMerging checkpoint ``path``, after checking it was made for this merge."""
         try:
             checkpoint = read_adamerging_checkpoint(path)
+            stored = checkpoint.get("hyper_parameters", {})
+            check_checkpoint_class(stored, AdaMergingModule, path)
         except ValueError as error:
             raise ValueError(
-                f"model.coefficients_from: {error} It takes the checkpoint of an AdaMerging fit "
-                "(lit-adamerging fit --method layer_wise writes runs/.../checkpoints/last.ckpt)."
+                f"model.coefficients_from: {error} It takes the checkpoint of the AdaMerging fit of merge="
+                f"{self.hparams.merge!r} (lit-adamerging fit --method {self.hparams.merge} writes "
+                "runs/.../checkpoints/last.ckpt)."
             ) from None
-        stored = checkpoint.get("hyper_parameters", {})
-        lines = checkpoint_settings_differences(stored, self.hparams, AdaMergingModule.CHECKPOINT_SETTINGS)
+        expected = method_defaults(self.hparams.merge)
+        expected.update({key: self.hparams[key] for key in MergingModule.CHECKPOINT_SETTINGS if key in self.hparams})
+        lines = checkpoint_settings_differences(stored, expected, AdaMergingModule.CHECKPOINT_SETTINGS)
         if lines:
             raise ValueError(
-                f"coefficients_from={path!r} was learned with other settings than this surgery's, so its "
-                "coefficients would not mean the same merge:\n" + "\n".join(lines) + "\n"
-                "Give the surgery the settings of that AdaMerging fit (the same zoo, tasks in the same order, "
-                "unseen tasks and method settings: e.g. granularity 'layer' for layer-wise AdaMerging)."
+                f"coefficients_from={path!r} was learned with other settings than merge={self.hparams.merge!r} on "
+                "this zoo and these tasks, so its coefficients would not mean the same merge:\n" + "\n".join(lines)
+                + "\nGive the checkpoint of a fit of that method on the same zoo and tasks (in the same order, with "
+                "the same unseen tasks), or the method it was fitted with as merge."
             )
         return checkpoint["state_dict"][COEFFICIENTS_KEY]
 
@@ -181,29 +193,25 @@ class SurgeryModule(AdaMergingModule):
         self.surgery.load_state_dict(state)
 
     # ----------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the coefficients and the surgery maps; the frozen weights are rebuilt from the zoo."""
-        checkpoint["state_dict"] = {
-            key: value for key, value in checkpoint["state_dict"].items()
-            if key == COEFFICIENTS_KEY or key.startswith(SURGERY_PREFIX)
-        }
-
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load the coefficients and the surgery maps (before the model is built too, like AdaMergingModule)."""
+        """Load the merge's coefficients and the surgery maps (before the model is built too)."""
         surgery = {key[len(SURGERY_PREFIX):]: value for key, value in state_dict.items()
                    if key.startswith(SURGERY_PREFIX)}
-        if not surgery:
+        if not surgery or COEFFICIENTS_KEY not in state_dict:
             raise KeyError(
-                f"the state dict has no surgery maps ({SURGERY_PREFIX}*; keys: {list(state_dict)[:5]}): it is not a "
-                "SurgeryModule checkpoint. An AdaMerging checkpoint's coefficients go in coefficients_from."
+                f"the state dict has no surgery maps ({SURGERY_PREFIX}*) or no coefficients ({COEFFICIENTS_KEY!r}; "
+                f"keys: {list(state_dict)[:5]}): it is not a SurgeryModule checkpoint. An AdaMerging checkpoint's "
+                "coefficients go in coefficients_from."
             )
-        result = super().load_state_dict(state_dict, strict, assign)
+        raw = state_dict[COEFFICIENTS_KEY].detach().clone()
         self._coefficients_set = True
-        if self.surgery is None:
+        if self.merger is None:
+            self._pending_coefficients = raw
             self._pending_surgery = {key: value.detach().clone() for key, value in surgery.items()}
         else:
+            set_coefficients(self.merger, raw, len(self.seen_tasks), self.merger.coefficients.granularity)
             self._load_surgery(surgery)
-        return result
+        return torch.nn.modules.module._IncompatibleKeys([], [])
 
     # ----------------------------------------------------------------- features
     def on_train_start(self) -> None:
@@ -213,10 +221,15 @@ class SurgeryModule(AdaMergingModule):
     def on_train_end(self) -> None:
         self._features = None
 
+    def evaluation_tensors(self) -> dict[str, Tensor]:
+        """The composed merge's tensors (its coefficients frozen)."""
+        self._coefficients()
+        return self.coefficient_merge()
+
     @torch.no_grad()
     def _compute_features(self) -> dict[str, tuple[Tensor, Tensor]]:
         datamodule = self.trainer.datamodule
-        if not callable(getattr(datamodule, "unlabeled_batches", None)):
+        if not isinstance(datamodule, UnlabeledImages):
             raise TypeError(
                 "SurgeryModule reads each task's unlabeled images through its data module: fit it with a "
                 "MultiTaskDataModule (trainer.fit(module, datamodule=...)); it has no use for plain dataloaders."

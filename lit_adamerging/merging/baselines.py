@@ -59,12 +59,13 @@ def task_arithmetic(
 def ties_merging(
     pretrained: Mapping[str, Tensor],
     finetuned: Mapping[str, Mapping[str, Tensor]],
-    k: float = 0.2,
     scale: float = 0.3,
+    ties_k: float = 0.2,
     *,
     buffers: Collection[str] = (),
     buffer_policy: BufferPolicy = "pretrained",
 ) -> dict[str, Tensor]:
-    """TIES-merging: ``theta_0 + scale * disjoint_mean(ties(tau))`` with top-``k`` trimming."""
+    """TIES-merging: ``theta_0 + scale * disjoint_mean(ties(tau))`` with top-``ties_k`` trimming; the module
+    is :class:`~lit_adamerging.TaskArithmeticModule` with ``ties_k`` and ``ties_normalize=True``."""
     task_vectors = stack_task_vectors(pretrained, finetuned, buffers=buffers, buffer_policy=buffer_policy)
-    return merge_with_scale(pretrained, ties_task_vectors(task_vectors, k, normalize=True), scale)
+    return merge_with_scale(pretrained, ties_task_vectors(task_vectors, ties_k, normalize=True), scale)

@@ -1,49 +1,45 @@
-"""The merging methods by name: each one a preset of :class:`~lit_adamerging.AdaMergingModule`'s method settings.
+"""The merging methods by name: one name per method, on the command line, in Python and in the benchmark.
 
-A preset is a YAML file of this package, ``<name>.yaml``, holding ``learns:`` (whether ``fit``
-learns the method from unlabeled images, so that evaluating it needs that fit's checkpoint, or
-there is nothing to learn and ``fit`` is refused), a ``model:`` mapping of the module's settings
-(for AdaMerging and the data-free baselines ``granularity``, ``init``, ``ties_k`` and
-``ties_normalize``) and, for methods that are not coefficient merges, ``module:``, the import
-path of their LightningModule (a subclass of :class:`~lit_adamerging.AdaMergingModule`, which is
-the default). The same file serves both ways of choosing a method:
+Each method is a preset shipped in this package, ``<name>.yaml``: a plain LightningCLI config
+fragment choosing a merging module and its settings (``model: {class_path, init_args}``). So
+``lit-adamerging fit --config configs/tiny.yaml --method layer_wise_adamerging`` is that
+``--config`` given by name, with LightningCLI's own rules (what comes later on the command line
+wins), and in Python :func:`create_method` builds the same module.
 
-* on the command line, ``lit-adamerging fit --config configs/tiny.yaml --method layer_wise`` (how
-  ``--method`` combines with ``--config`` and ``--model.*``: see :mod:`lit_adamerging.cli`);
-* in Python, ``method_module(name)(zoo, num_classes, **method_settings(name))``, e.g.
-  ``AdaMergingModule(zoo, num_classes, **method_settings("layer_wise"))``.
+=============================  ==========================================================================
+name                           method
+=============================  ==========================================================================
+weight_averaging               ``theta_0 + (1/T) sum_k tau_k`` (nothing to learn: ``test`` only)
+task_arithmetic                ``theta_0 + 0.3 sum_k tau_k`` (``test`` only)
+ties_merging                   TIES-merging: top-20% trim, sign election, disjoint mean, x 0.3 (``test`` only)
+task_wise_adamerging           task-wise AdaMerging: one learned coefficient per task
+task_wise_adamerging_pp        task-wise AdaMerging++ (over TIES task vectors)
+layer_wise_adamerging          layer-wise AdaMerging: one learned coefficient per task and tensor
+layer_wise_adamerging_pp       layer-wise AdaMerging++ (over TIES task vectors)
+fisher_merging                 Fisher-weighted average of the fine-tuned encoders (``test`` only)
+regmean                        RegMean: closed-form merge of every linear map from Gram matrices (``test`` only)
+task_arithmetic_surgery        Representation Surgery on task arithmetic: a rank-16 map per task
+layer_wise_adamerging_surgery  Representation Surgery on layer-wise AdaMerging (``coefficients_from`` its fit)
+=============================  ==========================================================================
 
-=======================  ================================================================================
-name                     method
-=======================  ================================================================================
-weight_averaging         ``theta_0 + (1/T) sum_k tau_k`` (data-free: ``test`` only)
-task_arithmetic          ``theta_0 + 0.3 sum_k tau_k`` (data-free)
-ties_merging             TIES-merging: top-20% trim, sign election, disjoint mean, x 0.3 (data-free)
-task_wise                task-wise AdaMerging: one learned coefficient per task
-task_wise_pp             task-wise AdaMerging++ (over TIES task vectors)
-layer_wise               layer-wise AdaMerging: one learned coefficient per task and tensor
-layer_wise_pp            layer-wise AdaMerging++ (over TIES task vectors)
-fisher_merging           Fisher merging: Fisher-weighted average of the fine-tuned encoders (``test`` only)
-regmean                  RegMean: closed-form merge of every linear map from Gram matrices (``test`` only)
-task_arithmetic_surgery  Representation Surgery on task arithmetic: a rank-16 map per task on the features
-layer_wise_surgery       Representation Surgery on layer-wise AdaMerging (``coefficients_from`` its checkpoint)
-=======================  ================================================================================
+``lit-adamerging methods`` prints this list (:func:`describe_methods`).
 
 Example:
     >>> method_names()[:3]
-    ('fisher_merging', 'layer_wise', 'layer_wise_pp')
-    >>> method_settings("ties_merging")
-    {'granularity': 'task', 'init': 0.3, 'ties_k': 0.2, 'ties_normalize': True}
-    >>> from lit_adamerging import AdaMergingModule, SyntheticZoo
-    >>> module = AdaMergingModule(SyntheticZoo("open_clip:test-vit-tiny"), num_classes={"a": 3, "b": 5},
-    ...                           **method_settings("layer_wise_pp"))
-    >>> module.hparams.granularity, module.hparams.ties_k
-    ('layer', 0.2)
+    ('fisher_merging', 'layer_wise_adamerging', 'layer_wise_adamerging_pp')
+    >>> method_class("ties_merging").__name__, method_settings("ties_merging")
+    ('TaskArithmeticModule', {'scale': 0.3, 'ties_k': 0.2, 'ties_normalize': True})
+    >>> from lit_adamerging import SyntheticZoo
+    >>> module = create_method("layer_wise_adamerging_pp", SyntheticZoo("open_clip:test-vit-tiny"), {"a": 3, "b": 5})
+    >>> type(module).__name__, module.hparams.granularity, module.hparams.ties_k, method_of(module)
+    ('AdaMergingModule', 'layer', 0.2, 'layer_wise_adamerging_pp')
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,22 +47,31 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
-    from lit_adamerging.lightning.module import AdaMergingModule
+    from lit_adamerging.lightning.base import MergingModule
+    from lit_adamerging.models.zoo import ModelZoo
 
-__all__ = ["method_config", "method_learns", "method_module", "method_names", "method_settings"]
+__all__ = [
+    "create_method",
+    "describe_methods",
+    "method_class",
+    "method_config",
+    "method_defaults",
+    "method_names",
+    "method_of",
+    "method_settings",
+]
 
 _SUFFIX = ".yaml"
-DEFAULT_MODULE = "lit_adamerging.lightning.module.AdaMergingModule"
 
 
 def method_names() -> tuple[str, ...]:
-    """The names of the shipped method presets, sorted."""
+    """The names of the shipped methods, sorted."""
     names = (entry.name[: -len(_SUFFIX)] for entry in files(__name__).iterdir() if entry.name.endswith(_SUFFIX))
     return tuple(sorted(names))
 
 
 def method_config(name: str) -> Path:
-    """The preset file of method ``name`` (``--method name`` records it in the run's saved config).
+    """The preset file of method ``name``: the config fragment ``--method name`` stands for.
 
     Raises:
         ValueError: ``name`` is not a shipped method; the message lists the valid names.
@@ -76,56 +81,90 @@ def method_config(name: str) -> Path:
     return Path(str(files(__name__).joinpath(name + _SUFFIX)))
 
 
-def _preset(name: str) -> dict[str, Any]:
+def _preset(name: str) -> tuple[str, dict[str, Any], str]:
+    """``(class_path, init_args, description)`` of method ``name``'s preset."""
     path = method_config(name)
-    preset = yaml.safe_load(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    preset = yaml.safe_load(text)
+    model = preset.get("model") if isinstance(preset, dict) else None
     if (
-        not isinstance(preset, dict) or not {"model", "learns"} <= set(preset) <= {"model", "module", "learns"}
-        or not isinstance(preset["model"], dict) or not isinstance(preset.get("module", DEFAULT_MODULE), str)
-        or not isinstance(preset["learns"], bool)
+        set(preset or {}) != {"model"} or not isinstance(model, dict) or set(model) != {"class_path", "init_args"}
+        or not isinstance(model["class_path"], str) or not isinstance(model["init_args"], dict)
     ):
-        raise ValueError(
-            f"method preset {path} must hold 'learns' (true or false), a 'model' mapping of settings to values and "
-            "optionally 'module', the import path of its LightningModule; nothing else."
-        )
-    return preset
+        raise ValueError(f"method preset {path} must hold exactly model: {{class_path: ..., init_args: {{...}}}}.")
+    comment = []
+    for line in text.splitlines():
+        if not line.startswith("# ") or line.startswith("#  "):
+            break
+        comment.append(line[2:])
+    return model["class_path"], dict(model["init_args"]), " ".join(comment)
+
+
+def method_class(name: str) -> type[MergingModule]:
+    """The LightningModule class of method ``name`` (a :class:`~lit_adamerging.lightning.base.MergingModule`)."""
+    from lit_adamerging.lightning.base import MergingModule
+
+    path = _preset(name)[0]
+    module_name, _, class_name = path.rpartition(".")
+    found = None
+    if path.startswith("lit_adamerging."):
+        found = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(found, type) and issubclass(found, MergingModule)):
+        raise ValueError(f"method preset {name!r} names {path!r}, not one of lit_adamerging's merging modules.")
+    return found
 
 
 def method_settings(name: str) -> dict[str, Any]:
-    """The keyword arguments of the method's module (:func:`method_module`) that make it method ``name``.
+    """The keyword arguments of :func:`method_class` that make it method ``name`` (a fresh dict on every call)."""
+    return _preset(name)[1]
 
-    Read from the same preset file as ``lit-adamerging --method name``; a fresh dict on every call.
 
-    Raises:
-        ValueError: ``name`` is not a shipped method (the message lists the valid names), or its
-            file is not a preset (a ``model:`` mapping, optionally ``module:``).
+def create_method(
+    name: str,
+    zoo: ModelZoo,
+    num_classes: Mapping[str, int] | None = None,
+    unseen_tasks: Sequence[str] = (),
+    **overrides: Any,
+) -> MergingModule:
+    """Method ``name``'s module: :func:`method_class` with :func:`method_settings`, then ``overrides``.
+
+    Example: ``create_method("layer_wise_adamerging", zoo, data.num_classes, data.unseen_tasks, lr=0.01)``.
     """
-    return dict(_preset(name)["model"])
+    settings = {**method_settings(name), **overrides}
+    return method_class(name)(zoo, dict(num_classes) if num_classes is not None else None, unseen_tasks, **settings)
 
 
-def method_learns(name: str) -> bool:
-    """Whether ``fit`` learns method ``name`` (then evaluating it needs that fit's checkpoint); ``False`` for the
-    methods with nothing to learn, which run with ``test`` only.
-
-    Example:
-        >>> method_learns("layer_wise"), method_learns("task_arithmetic")
-        (True, False)
-    """
-    return _preset(name)["learns"]
+def method_defaults(name: str) -> dict[str, Any]:
+    """Every setting of method ``name``'s class that has a default, as the method sets it: the class's defaults,
+    then the preset's settings over them."""
+    parameters = inspect.signature(method_class(name)).parameters.items()
+    defaults = {key: parameter.default for key, parameter in parameters if parameter.default is not parameter.empty}
+    return {**defaults, **method_settings(name)}
 
 
-def method_module(name: str) -> type[AdaMergingModule]:
-    """The LightningModule class of method ``name``: :class:`~lit_adamerging.AdaMergingModule` or a subclass.
+def method_of(module: Any) -> str | None:
+    """The name of the method ``module`` is: its class, and each setting that defines the method (the class's
+    checkpoint settings beyond the zoo and tasks) as :func:`method_defaults` gives it; else ``None``."""
+    from lit_adamerging.lightning.base import MergingModule
 
-    Example:
-        >>> method_module("layer_wise").__name__
-        'AdaMergingModule'
-    """
-    from lit_adamerging.lightning.module import AdaMergingModule
+    hparams = getattr(module, "hparams", {})
+    for name in method_names():
+        cls = method_class(name)
+        if type(module) is not cls:
+            continue
+        expected = method_defaults(name)
+        keys = [key for key in cls.CHECKPOINT_SETTINGS if key not in MergingModule.CHECKPOINT_SETTINGS]
+        if all(key in hparams and key in expected and hparams[key] == expected[key] for key in keys):
+            return name
+    return None
 
-    path = _preset(name).get("module", DEFAULT_MODULE)
-    module_name, _, class_name = path.rpartition(".")
-    found = getattr(importlib.import_module(module_name), class_name, None)
-    if not (isinstance(found, type) and issubclass(found, AdaMergingModule)):
-        raise ValueError(f"method preset {name!r} names {path!r}, which is not a subclass of AdaMergingModule.")
-    return found
+
+def describe_methods() -> str:
+    """One line per method: its name, its class and what it is (what ``lit-adamerging methods`` prints)."""
+    width = max(map(len, method_names()))
+    lines = []
+    for name in method_names():
+        class_path, _, description = _preset(name)
+        summary = description.split(". ")[0].split(": ")[0].rstrip(".")  # the method's name and source
+        lines.append(f"{name:<{width}}  {class_path.rpartition('.')[2]:<20}  {summary}")
+    return "\n".join(lines)

@@ -1,0 +1,457 @@
+"""What every merging method shares, as a LightningModule base: the zoo, the heads, the tasks, evaluation, checkpoints.
+
+The methods are siblings on :class:`MergingModule`, each taking only the arguments that mean
+something for it:
+
+* :class:`~lit_adamerging.TaskArithmeticModule`: data-free merges (weight averaging, task
+  arithmetic, TIES-merging); nothing to fit;
+* :class:`~lit_adamerging.AdaMergingModule`: coefficients learned by entropy on unlabeled images
+  (task-wise, layer-wise, ++);
+* :class:`~lit_adamerging.FisherMergingModule`, :class:`~lit_adamerging.RegMeanModule`: merges
+  computed from statistics of unlabeled images; nothing to fit;
+* :class:`~lit_adamerging.SurgeryModule`: a correction on the features of a merge it composes.
+
+A method builds its :class:`~lit_adamerging.merging.MergedEncoder` (:meth:`MergingModule.build_merger`)
+and says what tensors evaluation runs with (:meth:`MergingModule.evaluation_tensors`); the base
+does the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import io
+import warnings
+from abc import abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lit_adamerging.data.contract import DescribesTasks, FitInputs
+from lit_adamerging.data.datamodule import checked_unseen_tasks
+from lit_adamerging.data.tasks import check_task_name
+from lit_adamerging.lightning.callbacks import PerTaskAccuracy
+from lit_adamerging.lightning.checkpoint_io import SafeCheckpointIO, fetch_checkpoint, load_checkpoint, source_name
+from lit_adamerging.lightning.checks import (
+    check_checkpoint_class,
+    check_checkpoint_settings,
+    class_path,
+    quoted_zoo,
+)
+from lit_adamerging.merging import BufferPolicy, MergedEncoder, stack_task_vectors, ties_task_vectors
+from lit_adamerging.models.encoders import feature_dim
+from lit_adamerging.models.preprocess import Preprocess
+from lit_adamerging.models.zoo import LazyStateDicts, LoadedZoo, ModelZoo
+
+StorageDtype = Literal["float32", "bfloat16", "float16"]
+
+
+def check_storage_dtype(task_vector_dtype: str) -> None:
+    """Refuse a task-vector storage dtype other than float32, bfloat16 or float16."""
+    if task_vector_dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"task_vector_dtype must be float32, bfloat16 or float16, got {task_vector_dtype!r}.")
+
+
+def check_ties(ties_k: float | None, ties_normalize: bool) -> None:
+    """Refuse a TIES fraction outside (0, 1], and normalisation without one."""
+    if ties_k is not None and not 0.0 < ties_k <= 1.0:
+        raise ValueError(f"ties_k must be in (0, 1] (a fraction, 0.2 for the paper's 20%), got {ties_k}.")
+    if ties_normalize and ties_k is None:
+        raise ValueError("ties_normalize needs ties_k: set ties_k (e.g. 0.2) to use TIES.")
+
+
+# Lightning's warnings about what the merging modules do on purpose: the frozen encoder and heads
+# run in eval mode during training (see MergingModule.train), and PerTaskAccuracy logs accuracies
+# that torchmetrics' compute() has already gathered across processes (syncing the logged value
+# again, as the second one asks, would average identical numbers).
+INTENDED_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    r"It is recommended to use `self.log\('(val|test)/acc/.*sync_dist=True",
+)
+
+
+@contextlib.contextmanager
+def intended_warnings_ignored() -> Iterator[None]:
+    """Inside the block only, hide Lightning's warnings about what the merging modules do on purpose.
+
+    They are :data:`INTENDED_WARNINGS`. The ``lit-adamerging`` command runs in this block; a script
+    may wrap its own Trainer calls the same way (``with intended_warnings_ignored(): trainer.fit(model,
+    datamodule=data)``). Other warnings are shown as before, and the process's warning filters are
+    restored when the block ends.
+    """
+    with warnings.catch_warnings():
+        for message in INTENDED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+class MergingModule(pl.LightningModule):
+    """The base of the merging methods: one encoder merged from a zoo's models, one frozen head per task.
+
+    The encoder, task vectors and heads are loaded from ``zoo`` in :meth:`configure_model` (once,
+    on the right process), so constructing a module is cheap. Evaluation merges once
+    (:meth:`evaluation_tensors`) and runs each task's loaders through its head, matched by task
+    name (:class:`~lit_adamerging.PerTaskAccuracy` reports them). Unseen tasks are evaluated, never
+    merged: the zoo is asked for their heads only.
+
+    A checkpoint holds only what a method learned (:attr:`LEARNED_STATE`) and its settings; it is
+    read as :mod:`~lit_adamerging.lightning.checkpoint_io` says and refused if another class or
+    other settings (:attr:`CHECKPOINT_SETTINGS`) wrote it. A method that learns nothing
+    (:attr:`LEARNS` false) refuses ``fit`` and checkpoints.
+
+    Args:
+        zoo: where the pretrained encoder, the fine-tuned encoders and the heads come from.
+        num_classes: ``{task: number of classes}`` in task order (the CLI links it from the data).
+        unseen_tasks: tasks of ``num_classes`` to evaluate without merging them (the CLI links it
+            from ``data.unseen_tasks``; from Python pass ``datamodule.unseen_tasks``).
+    """
+
+    # Whether ``fit`` learns something (then evaluating needs that fit, or its checkpoint).
+    LEARNS: ClassVar[bool] = False
+    # The settings a checkpoint's learned state only makes sense with (a method adds its own).
+    CHECKPOINT_SETTINGS: ClassVar[tuple[str, ...]] = ("zoo", "num_classes", "unseen_tasks")
+    # Prefixes of the state dict keys a method learns: all a checkpoint keeps.
+    LEARNED_STATE: ClassVar[tuple[str, ...]] = ()
+    # What the fit's loaders yield (the data module reads it, see lit_adamerging.data.contract).
+    fit_inputs: ClassVar[FitInputs] = "images"
+
+    def __init__(
+        self,
+        zoo: ModelZoo,
+        num_classes: dict[str, int] | None = None,
+        unseen_tasks: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        for task in num_classes or {}:
+            check_task_name(task)
+        unseen_tasks = checked_unseen_tasks(
+            unseen_tasks, None if num_classes is None else list(num_classes), "the model's tasks (num_classes)"
+        )
+        self.save_hyperparameters()  # the method's own arguments too (Lightning reads the subclasses' frames)
+        self.hparams["unseen_tasks"] = list(unseen_tasks)  # in task order: a checkpoint compares it as a list
+        self.hparams.setdefault("_class_path", class_path(type(self)))  # LightningCLI records the one it was given
+        if isinstance(self.hparams.get("zoo"), ModelZoo):
+            # Outside the CLI the zoo is a Python object; a checkpoint keeps only plain data: the class and
+            # arguments it was built with (compared when a checkpoint is loaded), never the object.
+            configuration = zoo.configuration()
+            if configuration is None:
+                del self.hparams["zoo"]
+            else:
+                self.hparams["zoo"] = configuration
+        self.zoo = zoo
+        self.num_classes = dict(num_classes) if num_classes is not None else None
+        self.unseen_tasks: list[str] = list(unseen_tasks)
+        self.merger: MergedEncoder | None = None
+        self.heads = nn.ModuleDict()
+        self._eval_tensors: dict[str, Tensor] | None = None
+        self._loader_tasks: list[str] | None = None  # the evaluation loaders' tasks, in loader order
+
+    # ----------------------------------------------------------------- tasks
+    @property
+    def task_names(self) -> list[str]:
+        if not self.num_classes:
+            raise ValueError(
+                f"{type(self).__name__} has no tasks: pass num_classes={{task: classes}} "
+                "(the CLI links it from the data module's tasks)."
+            )
+        return list(self.num_classes)
+
+    @property
+    def seen_tasks(self) -> list[str]:
+        """The merged tasks, in task order."""
+        return [task for task in self.task_names if task not in self.unseen_tasks]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The learning methods' step; a method that learns nothing refuses ``fit`` (in :meth:`setup`, before this)."""
+        raise NotImplementedError(f"{type(self).__name__} learns nothing; it has no training step.")
+
+    def configure_optimizers(self) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} learns nothing; it has no optimizer.")
+
+    def setup(self, stage: str) -> None:
+        """Refuse ``fit`` of a method that learns nothing; read checkpoints safely; match the data's tasks by name.
+
+        The Trainer's checkpoint reader becomes a :class:`SafeCheckpointIO` (before the Trainer
+        reads any ``ckpt_path``): the file is read once, as plain data, within the size limits.
+        The evaluation loaders come in the data module's task order.
+        """
+        if stage == "fit" and not self.LEARNS:
+            raise ValueError(
+                f"{type(self).__name__} learns nothing, so there is nothing to fit: its merge is computed when "
+                "evaluation starts. Run `lit-adamerging test` (trainer.test(model, datamodule=data)) instead."
+            )
+        strategy = self.trainer.strategy
+        if not isinstance(strategy.checkpoint_io, SafeCheckpointIO):
+            strategy.checkpoint_io = SafeCheckpointIO(strategy.checkpoint_io)
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, DescribesTasks):  # plain dataloaders: matched by position
+            self._loader_tasks = None
+            return
+        data_classes = datamodule.num_classes
+        ours = dict(self.num_classes or {})
+        problems = [
+            f"task {task!r} is in the data but not in the model's num_classes"
+            for task in data_classes if task not in ours
+        ]
+        problems += [
+            f"task {task!r} is in the model's num_classes but not in the data"
+            for task in ours if task not in data_classes
+        ]
+        problems += [
+            f"task {task!r} has {ours[task]} classes in the model's num_classes but {data_classes[task]} in the data"
+            for task in data_classes if task in ours and ours[task] != data_classes[task]
+        ]
+        if problems:
+            raise ValueError(
+                "the model's num_classes and the data module's tasks differ: " + "; ".join(problems)
+                + ". Pass num_classes=datamodule.num_classes (the CLI links it)."
+            )
+        data_unseen = datamodule.unseen_tasks
+        if set(data_unseen) != set(self.unseen_tasks):
+            raise ValueError(
+                f"the model's unseen_tasks {self.unseen_tasks} and the data module's {list(data_unseen)} differ. "
+                "Pass unseen_tasks=datamodule.unseen_tasks (the CLI links it)."
+            )
+        self._loader_tasks = list(data_classes)
+
+    def eval_preprocess(self) -> Preprocess | None:
+        """The encoder's eval preprocessing (from the zoo, no weights loaded); the data module reads images with it."""
+        return self.zoo.preprocess()
+
+    # ----------------------------------------------------------------- building
+    @abstractmethod
+    def build_merger(self, encoder: nn.Module, loaded: LoadedZoo) -> MergedEncoder:
+        """The method's merged encoder over ``encoder`` (the pretrained one, in eval mode) and the zoo's models."""
+
+    def configure_model(self) -> None:
+        if self.merger is not None:
+            return
+        loaded = self._load_zoo(self.seen_tasks)
+        self._check_heads(loaded)
+        self.heads = nn.ModuleDict({task: loaded.heads[task].requires_grad_(False).eval() for task in self.task_names})
+        self.merger = self.build_merger(loaded.encoder.eval(), loaded)
+        # Under DDP every process builds the same frozen weights from the zoo: only what trains needs
+        # syncing, so DDP neither broadcasts the (large) task vectors nor the encoder.
+        self._ddp_params_and_buffers_to_ignore = [
+            *(name for name, parameter in self.named_parameters() if not parameter.requires_grad),
+            *(name for name, _ in self.named_buffers()),
+        ]
+
+    def task_vectors(
+        self,
+        encoder: nn.Module,
+        loaded: LoadedZoo,
+        *,
+        buffer_policy: BufferPolicy = "pretrained",
+        dtype: str = "float32",
+        ties_k: float | None = None,
+        ties_normalize: bool = False,
+    ) -> dict[str, Tensor]:
+        """The seen tasks' task vectors, stacked in task order (:func:`~lit_adamerging.merging.stack_task_vectors`),
+        each fine-tuned model read once; TIES-trimmed first when ``ties_k`` is given."""
+        buffers = {name for name, _ in encoder.named_buffers()}
+        finetuned = LazyStateDicts(
+            {task: functools.partial(loaded.finetuned.__getitem__, task) for task in self.seen_tasks}
+        )
+        stacked = stack_task_vectors(
+            encoder.state_dict(), finetuned, buffers=buffers, buffer_policy=buffer_policy, dtype=getattr(torch, dtype)
+        )
+        if ties_k is not None:
+            stacked = ties_task_vectors(stacked, ties_k, normalize=ties_normalize)
+        return stacked
+
+    def _load_zoo(self, seen: list[str]) -> LoadedZoo:
+        """The zoo's models, told which tasks are merged; a zoo whose ``load`` predates ``merged_tasks`` is asked as
+        before when every task is merged."""
+        if not self.unseen_tasks:
+            return self.zoo.load(self.num_classes)
+        parameters = inspect.signature(self.zoo.load).parameters
+        if "merged_tasks" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            raise TypeError(
+                f"{type(self.zoo).__name__}.load(num_classes) cannot be told which tasks are merged, so it cannot "
+                f"leave out the fine-tuned weights of the unseen task(s) {self.unseen_tasks}. Give it the parameter "
+                "of ModelZoo.load: load(self, num_classes, merged_tasks=None), reading fine-tuned weights only for "
+                "the tasks in merged_tasks."
+            )
+        return self.zoo.load(self.num_classes, merged_tasks=seen)
+
+    def _check_heads(self, loaded: LoadedZoo) -> None:
+        try:
+            width: int | None = feature_dim(loaded.encoder)
+        except ValueError:  # an encoder from a custom zoo may not say; the first forward will tell
+            width = None
+        seen = self.seen_tasks
+        for task in self.task_names:
+            if task not in loaded.heads:
+                raise KeyError(f"the zoo {type(self.zoo).__name__} returned no head for task {task!r}.")
+            if task in seen and task not in loaded.finetuned:
+                raise KeyError(
+                    f"the zoo {type(self.zoo).__name__} returned no fine-tuned weights for the merged task {task!r}; "
+                    "give them in the zoo, or make the task unseen (data.unseen_tasks: evaluated with the merged "
+                    "encoder, never merged)."
+                )
+            head = loaded.heads[task]
+            if head.num_classes != self.num_classes[task]:
+                raise ValueError(
+                    f"task {task!r}: its head has {head.num_classes} classes but its dataset has "
+                    f"{self.num_classes[task]}; the head and the data must describe the same classes."
+                )
+            if width is not None and head.weight.shape[1] != width:
+                raise ValueError(
+                    f"task {task!r}: its head takes {head.weight.shape[1]} features but the encoder returns {width}."
+                )
+
+    def _attached_trainer(self) -> pl.Trainer | None:
+        """The Trainer this module runs in, ``None`` outside one (``load_from_checkpoint``, plain Python)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
+    def _built_merger(self) -> MergedEncoder:
+        if self.merger is None:
+            self.configure_model()
+        assert self.merger is not None
+        return self.merger
+
+    def train(self, mode: bool = True) -> MergingModule:
+        """Only the learned state trains: encoder and heads stay in eval mode (no dropout, fixed batch-norm)."""
+        super().train(mode)
+        if self.merger is not None:
+            self.merger.eval()
+            self.heads.eval()
+        return self
+
+    # ----------------------------------------------------------------- evaluation
+    @abstractmethod
+    def evaluation_tensors(self) -> dict[str, Tensor]:
+        """The merged tensors evaluation runs with, by the encoder's names (computed once per evaluation)."""
+
+    def coefficient_merge(self) -> dict[str, Tensor]:
+        """The merger's tensors merged with its current coefficients, detached (what a coefficient method evaluates)."""
+        with torch.no_grad():
+            return {name: value.detach() for name, value in self._built_merger().merged_tensors().items()}
+
+    def forward(self, images: Tensor, task: str) -> Tensor:
+        """Logits of ``task``'s head on ``images`` with the merged encoder."""
+        features = self._built_merger()(images, self._eval_tensors)
+        return self.heads[task](features)
+
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """The merged encoder as a plain state dict with the encoder's keys (:class:`ExportMergedEncoder` writes it)."""
+        merged = self.evaluation_tensors()
+        return {
+            name: (merged[name] if name in merged else tensor).detach().clone().contiguous()
+            for name, tensor in self._built_merger().encoder.state_dict().items()
+        }
+
+    def _evaluation_step(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> dict[str, Any]:
+        images, labels = batch
+        task = (self._loader_tasks or self.task_names)[dataloader_idx]
+        return {"task": task, "logits": self(images, task), "labels": labels}
+
+    def on_validation_start(self) -> None:
+        self._eval_tensors = self.evaluation_tensors()
+
+    def on_validation_end(self) -> None:
+        self._eval_tensors = None
+
+    def on_test_start(self) -> None:
+        self._eval_tensors = self.evaluation_tensors()
+
+    def on_test_end(self) -> None:
+        self._eval_tensors = None
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._evaluation_step(batch, dataloader_idx)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._evaluation_step(batch, dataloader_idx)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        if any(isinstance(callback, PerTaskAccuracy) for callback in self.trainer.callbacks):
+            return []
+        return [PerTaskAccuracy()]
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the learned state only: the frozen weights are rebuilt from the zoo."""
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if key.startswith(self.LEARNED_STATE)
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of a method that learns nothing, of another class or made with other settings."""
+        reader = self._attached_trainer().strategy.checkpoint_io if self._attached_trainer() else None
+        source = reader.last_source if isinstance(reader, SafeCheckpointIO) and reader.last_source else "being loaded"
+        if not self.LEARNS:
+            raise ValueError(
+                f"{type(self).__name__} learns nothing, so it has no checkpoint to load ({source}); run test without "
+                "--ckpt_path / ckpt_path."
+            )
+        stored = dict(checkpoint.get("hyper_parameters", {}))
+        if isinstance(stored.get("zoo"), ModelZoo):  # load_from_checkpoint's zoo=, written over the stored one
+            stored["zoo"] = stored["zoo"].configuration()
+        check_checkpoint_class(stored, type(self), source)
+        check_checkpoint_settings(stored, self.hparams, source, self.CHECKPOINT_SETTINGS)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load the learned state; a method that learns nothing has none."""
+        raise ValueError(f"{type(self).__name__} learns nothing, so it has no state to load.")
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path | IO,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> MergingModule:
+        """The module with a checkpoint's settings and learned state, its frozen weights from ``zoo=``.
+
+        ``zoo`` is required: a checkpoint never chooses which files are read nor whether pickles
+        may be loaded, even when it stores the zoo's configuration. Without it, the error quotes
+        that configuration as data to check. The other settings come from the checkpoint; one of
+        :attr:`CHECKPOINT_SETTINGS` passed here that differs from the checkpoint's is an error, and
+        so is a zoo built with other arguments than the stored ones (``allow_pickle`` and
+        ``head_cache_dir`` aside) and a checkpoint another class wrote.
+
+        The file is read once (``checkpoint_path`` may be a URL), checked as
+        :func:`~lit_adamerging.lightning.checkpoint_io.load_checkpoint` says, and those bytes are
+        what Lightning loads, always with ``weights_only=True``.
+        """
+        if weights_only is False:
+            raise ValueError(
+                "weights_only=False is refused: a merging checkpoint holds plain data only, and is always read with "
+                "weights_only=True."
+            )
+        name, data = source_name(checkpoint_path), fetch_checkpoint(checkpoint_path)
+        stored = load_checkpoint(data, name).get("hyper_parameters", {})
+        check_checkpoint_class(stored, cls, name)
+        zoo = kwargs.get("zoo")
+        if not isinstance(zoo, ModelZoo):
+            described = quoted_zoo(stored.get("zoo"))
+            hint = (
+                f"It stores this zoo configuration, quoted here as data: {described}. Check that these are the files "
+                "you mean, then build that zoo yourself and pass it (allow_pickle=True only for pickled files you "
+                "trust)." if described else "Pass the ModelZoo the coefficients were learned with."
+            )
+            raise TypeError(
+                f"{cls.__name__}.load_from_checkpoint({name!r}) needs zoo=<a ModelZoo>: a checkpoint holds the "
+                f"learned state and settings, never which model files to read. {hint}"
+            )
+        given = {key: value for key, value in kwargs.items() if key != "zoo"}
+        if zoo.configuration() is not None:
+            given["zoo"] = zoo.configuration()
+        check_checkpoint_settings(stored, given, name, cls.CHECKPOINT_SETTINGS)
+        return super().load_from_checkpoint(  # type: ignore[return-value]
+            io.BytesIO(data), map_location=map_location, hparams_file=hparams_file, strict=strict,
+            weights_only=True, **kwargs,
+        )
