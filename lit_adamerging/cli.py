@@ -208,6 +208,10 @@ class AdaMergingCLI(LightningCLI):
                 raise
             raise ValueError(reasons[0]) from None
 
+    # Lightning 2.6's LightningCLI calls its private _parse_ckpt_path right after parse_arguments, always,
+    # and merges a checkpoint's stored hyperparameters over the config there. This override replaces
+    # that step; it can go once LightningCLI offers a public switch to skip the merge (or a public hook
+    # between parsing and instantiation), e.g. an upstream `parse_ckpt_hyperparameters=False`.
     def _parse_ckpt_path(self) -> None:
         """Read the checkpoint once (to check it, and for the Trainer to load); replace Lightning's merge of its
         hyperparameters over the config."""

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lit_adamerging.lightning.base import MergingModule, StorageDtype, check_storage_dtype, check_ties
+from lit_adamerging.lightning.base import LoadedKeys, MergingModule, StorageDtype, check_storage_dtype, check_ties
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY
 from lit_adamerging.merging import BufferPolicy, Granularity, MergedEncoder, entropy
 from lit_adamerging.models.zoo import LoadedZoo, ModelZoo
@@ -123,7 +123,7 @@ class AdaMergingModule(MergingModule):
             self._pending_coefficients = raw
         else:
             set_coefficients(self.merger, raw, len(self.seen_tasks), self.hparams.granularity)
-        return nn.modules.module._IncompatibleKeys([], [])
+        return LoadedKeys([], [])
 
     # ----------------------------------------------------------------- steps
     def _check_last_entropies(self) -> None:

@@ -26,7 +26,7 @@ import warnings
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, ClassVar, Literal
+from typing import IO, Any, ClassVar, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -49,6 +49,13 @@ from lit_adamerging.models.preprocess import Preprocess
 from lit_adamerging.models.zoo import LazyStateDicts, LoadedZoo, ModelZoo
 
 StorageDtype = Literal["float32", "bfloat16", "float16"]
+
+
+class LoadedKeys(NamedTuple):
+    """What ``load_state_dict`` returns, as ``nn.Module``'s: keys missing from and unexpected in the state dict."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 def check_storage_dtype(task_vector_dtype: str) -> None:

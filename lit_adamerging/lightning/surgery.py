@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from lit_adamerging.data.contract import UnlabeledImages
 from lit_adamerging.lightning.adamerging import AdaMergingModule, set_coefficients
-from lit_adamerging.lightning.base import MergingModule
+from lit_adamerging.lightning.base import LoadedKeys, MergingModule
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
 from lit_adamerging.lightning.checks import check_checkpoint_class, checkpoint_settings_differences
 from lit_adamerging.lightning.data_free import TaskArithmeticModule
@@ -211,7 +211,7 @@ class SurgeryModule(MergingModule):
         else:
             set_coefficients(self.merger, raw, len(self.seen_tasks), self.merger.coefficients.granularity)
             self._load_surgery(surgery)
-        return torch.nn.modules.module._IncompatibleKeys([], [])
+        return LoadedKeys([], [])
 
     # ----------------------------------------------------------------- features
     def on_train_start(self) -> None:
