@@ -1,127 +1,81 @@
-"""Shared fixtures and helpers: tiny encoders with synthetic, seeded "fine-tuned" copies; lazy state dicts
-that check they are loaded one at a time; the offline datasets; the command on configs/tiny.yaml.
+"""Fixtures: tiny encoders with synthetic, seeded "fine-tuned" copies; lazy state dicts that check they are
+loaded one at a time; the offline datasets. Hooks: open_clip learns the tiny model's config; the checkout
+is checked for files the run left behind.
 
-Test modules import the plain helpers from here (``from conftest import run_cli``), never from
-each other.
+The plain helpers and constants are in helpers.py (``from helpers import run_cli``).
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import os
-import re
 import shutil
 import subprocess
-import sys
-import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
-from torch import Tensor, nn
+from torch import Tensor
 
-from lit_adamerging import SyntheticTask, SyntheticZoo
-from lit_adamerging.data.offline import DATA_ENV, DOWNLOADABLE, checkout_datasets_dir, has_dataset
-from lit_adamerging.models import LazyStateDicts, create_encoder
+from helpers import REPOSITORY, ZooBuilder, build_tiny_zoo, loaded_one_at_a_time, offline_root
+from lit_adamerging.data.offline import DATA_ENV, DOWNLOADABLE, has_dataset
+from lit_adamerging.models import LazyStateDicts
 from lit_adamerging.models.encoders import register_open_clip_configs
 
-register_open_clip_configs()  # some tests build test-vit-tiny with open_clip itself
 
-TINY_CLIP = "open_clip:test-vit-tiny"
-TINY_TIMM = "timm:test_efficientnet"
-
-ZooBuilder = Callable[..., tuple[nn.Module, dict[str, dict[str, Tensor]]]]
+def pytest_configure(config: pytest.Config) -> None:
+    register_open_clip_configs()  # some tests build test-vit-tiny with open_clip itself
 
 
-def _build_tiny_zoo(
-    name: str = TINY_CLIP,
-    tasks: Sequence[str] = ("a", "b", "c"),
-    seed: int = 0,
-    noise: float = 0.05,
-    perturb_buffers: bool = False,
-) -> tuple[nn.Module, dict[str, dict[str, Tensor]]]:
-    """A seeded encoder (eval mode) and ``{task: state dict}`` of perturbed copies of it.
+_UNTRACKED_AT_START = pytest.StashKey[set[str] | None]()
 
-    Every floating-point parameter of task ``k`` is ``theta_0 + noise * max(std(theta_0), 0.01) * N(0, 1)``.
-    With ``perturb_buffers`` the pretrained batch-norm statistics are randomised, each task's float
-    buffers are perturbed as well (``running_var`` stays positive) and integer buffers
-    (``num_batches_tracked``) get a task-dependent value; otherwise buffers are copied unchanged.
-    Does not touch the global RNG.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = create_encoder(name)
-    buffer_names = {key for key, _ in encoder.named_buffers()}
-    if perturb_buffers:
-        with torch.no_grad():
-            for key, buffer in encoder.named_buffers():
-                if key.endswith("running_mean"):
-                    buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-                elif key.endswith("running_var"):
-                    buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
-    pretrained = encoder.state_dict()
-    finetuned: dict[str, dict[str, Tensor]] = {}
-    for index, task in enumerate(tasks):
-        state: dict[str, Tensor] = {}
-        for key, value in pretrained.items():
-            if not value.is_floating_point():
-                state[key] = value + (index + 1) * 7 if perturb_buffers and key in buffer_names else value.clone()
-            elif key in buffer_names and not perturb_buffers:
-                state[key] = value.clone()
-            elif key.endswith("running_var"):
-                state[key] = value * torch.exp(noise * torch.randn(value.shape, generator=generator))
-            else:
-                scale = max(value.float().std().item() if value.numel() > 1 else 0.0, 0.01)
-                state[key] = value + noise * scale * torch.randn(value.shape, generator=generator)
-        finetuned[task] = state
-    return encoder, finetuned
+
+def _untracked_files() -> set[str] | None:
+    """The checkout's untracked files that .gitignore does not ignore; None outside a git checkout."""
+    git = shutil.which("git")
+    if git is None or not (REPOSITORY / ".git").exists():
+        return None
+    status = subprocess.run([git, "status", "--porcelain", "--untracked-files=all"], cwd=REPOSITORY,
+                            capture_output=True, text=True)
+    if status.returncode != 0:
+        return None
+    return {line[3:] for line in status.stdout.splitlines() if line.startswith("?? ")}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_UNTRACKED_AT_START] = _untracked_files()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if it left a file in the checkout (tests write under tmp_path)."""
+    before = session.config.stash.get(_UNTRACKED_AT_START, None)
+    after = _untracked_files()
+    if before is None or after is None:
+        return
+    left = sorted(after - before)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"the tests left files in the checkout {REPOSITORY}: {', '.join(left)}"
+        if reporter is not None:
+            reporter.write_sep("=", message, red=True)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
 def make_tiny_zoo() -> ZooBuilder:
-    """Factory ``(name, tasks, seed, noise, perturb_buffers) -> (encoder, {task: state dict})``.
+    """Factory ``(name, tasks, seed, noise, perturb_buffers) -> (encoder, {task: state dict})``
+    (:func:`helpers.build_tiny_zoo`).
 
-    ``name`` defaults to ``"open_clip:test-vit-tiny"``; ``"timm:test_efficientnet"`` has batch norm.
+    ``name`` defaults to :data:`helpers.TINY_CLIP`; :data:`helpers.TINY_TIMM` has batch norm.
     """
-    return _build_tiny_zoo
-
-
-def _one_at_a_time(load: Callable[[str], dict[str, Tensor]], tasks: Iterable[str]) -> tuple[LazyStateDicts, list[str]]:
-    loads: list[str] = []
-    alive: list[weakref.ref] = []
-
-    def tracked(task: str) -> dict[str, Tensor]:
-        still_alive = any(ref() is not None for ref in alive)
-        assert not still_alive, f"a fine-tuned state dict was still in memory when {task!r} was loaded"
-        loads.append(task)
-        state = load(task)
-        alive.extend(weakref.ref(value) for value in state.values())
-        return state
-
-    return LazyStateDicts({task: functools.partial(tracked, task) for task in tasks}), loads
+    return build_tiny_zoo
 
 
 @pytest.fixture
 def one_at_a_time() -> Callable[[Callable[[str], dict[str, Tensor]], Iterable[str]], tuple[LazyStateDicts, list[str]]]:
     """Factory ``(load, tasks) -> (LazyStateDicts, loads)``: ``load(task)`` behind a lazy mapping that
-    records each load in ``loads`` and fails if a state dict it handed out earlier is still alive."""
-    return _one_at_a_time
-
-
-def _offline_root() -> tuple[Path | None, str]:
-    """Where the tests read the offline datasets (``$LIT_ADAMERGING_DATA``, else beside the checkout) and how to
-    say it."""
-    chosen = os.environ.get(DATA_ENV)
-    if chosen:
-        return Path(chosen).expanduser(), f"{DATA_ENV}={chosen}"
-    beside = checkout_datasets_dir()
-    if beside is None:
-        return None, f"{DATA_ENV} is not set and lit_adamerging is not imported from a source checkout"
-    return beside, f"{DATA_ENV} is not set and {beside} (beside the checkout)"
+    records each load in ``loads`` and fails if a state dict it handed out earlier is still alive
+    (:func:`helpers.loaded_one_at_a_time`)."""
+    return loaded_one_at_a_time
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +87,7 @@ def offline_datasets() -> Callable[..., Path]:
     (:func:`~lit_adamerging.data.offline.checkout_datasets_dir`); a root has a dataset when
     ``<root>/<name>/train`` and ``<root>/<name>/test`` are folders. Nothing is downloaded.
     """
-    root, where = _offline_root()
+    root, where = offline_root()
 
     def require(*names: str) -> Path:
         missing = [name for name in names if root is None or not has_dataset(root, name)]
@@ -146,73 +100,3 @@ def offline_datasets() -> Callable[..., Path]:
         return root
 
     return require
-
-
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-
-
-class Payload:
-    """Unpickling it writes ``path``: what a malicious checkpoint would do with os.system."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return eval, (f"__import__('pathlib').Path({self.path!r}).write_text('code ran')",)
-
-
-def run_cli(cwd: Path, *args: str, script: bool = False) -> subprocess.CompletedProcess:
-    """``lit-adamerging *args`` in ``cwd`` (``python -m lit_adamerging.cli``; the installed script with ``script``)."""
-    executable = shutil.which("lit-adamerging", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    command = [executable] if script and executable else [sys.executable, "-m", "lit_adamerging.cli"]
-    env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore")
-    return subprocess.run(command + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def load_config() -> dict:
-    """configs/tiny.yaml as a dict."""
-    return yaml.safe_load(TINY_CONFIG.read_text())
-
-
-def printed_metric(output: str, name: str) -> float:
-    """The first value printed for ``name`` in Lightning's results table (plain or rich)."""
-    match = re.search(re.escape(name) + r"[\s│|]+([0-9.]+)", output)
-    assert match, f"{name} not printed:\n{output}"
-    return float(match.group(1))
-
-
-def naive_accuracies(config: dict, coefficients: torch.Tensor) -> dict[str, float]:
-    """Accuracy of every task's head with theta0 + sum_k lam[k, p] tau[k, p], merged with a plain loop.
-
-    ``coefficients`` is ``[tasks, 1]`` (task-wise) or ``[tasks, merged tensors]``, already clamped.
-    """
-    tasks = {name: SyntheticTask(**spec["init_args"]) for name, spec in config["data"]["tasks"].items()}
-    return reference_accuracies(SyntheticZoo(**config["model"]["zoo"]["init_args"]), tasks, list(tasks), coefficients)
-
-
-def reference_accuracies(
-    zoo: SyntheticZoo, tasks: dict[str, SyntheticTask], seen: list[str], coefficients: Tensor
-) -> dict[str, float]:
-    """Every task's accuracy with theta0 + sum over the seen tasks k of lam[k, p] tau[k, p] (a plain loop).
-
-    ``coefficients`` is ``[seen tasks, 1]`` (task-wise) or ``[seen tasks, merged tensors]``, already clamped.
-    """
-    loaded = zoo.load({name: task.num_classes for name, task in tasks.items()})
-    theta0 = loaded.encoder.state_dict()
-    parameters = {name for name, _ in loaded.encoder.named_parameters()}
-    merged = dict(theta0)
-    for p, name in enumerate(key for key in theta0 if key in parameters):
-        total = theta0[name].clone()
-        for k, task in enumerate(seen):
-            lam = coefficients[k, p if coefficients.shape[1] > 1 else 0]
-            total += lam * (loaded.finetuned[task][name] - theta0[name])
-        merged[name] = total
-    encoder = copy.deepcopy(loaded.encoder)
-    encoder.load_state_dict(merged)
-    encoder.eval()
-    accuracies = {}
-    with torch.no_grad():
-        for name, task in tasks.items():
-            images, labels = task.test_set().tensors
-            accuracies[name] = (loaded.heads[name](encoder(images)).argmax(-1) == labels).float().mean().item()
-    return accuracies

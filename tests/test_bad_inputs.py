@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
-from conftest import TINY_CONFIG, load_config, run_cli
+from helpers import TINY_CLIP, TINY_CONFIG, load_config, run_cli
 from lit_adamerging import (
     AdaMergingModule,
     ExportMergedEncoder,
@@ -44,16 +44,6 @@ from lit_adamerging.io import write_all_atomic
 from lit_adamerging.lightning.base import intended_warnings_ignored
 from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModule
 from lit_adamerging.merging.task_vectors import TaskVectorError, stack_task_vectors
-
-# Pillow warns about the 10000 x 10000 file before the error that is tested; Lightning about its workers and
-# its own use of torch's pytree.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-]
-
-TINY_CLIP = "open_clip:test-vit-tiny"
 
 
 # ----------------------------------------------------------------------------- 1. image files
@@ -223,6 +213,7 @@ def test_a_task_name_that_breaks_metric_or_module_names_is_refused(name, says):
     MultiTaskDataModule({"avg_task": SyntheticTask(num_classes=2), "fashion-mnist_2": SyntheticTask(num_classes=2)})
 
 
+@pytest.mark.slow  # runs the command in another process
 def test_the_command_refuses_a_task_named_avg(tmp_path):
     config = load_config()
     config["data"]["tasks"] = {"avg": config["data"]["tasks"]["alpha"], "beta": config["data"]["tasks"]["beta"]}
@@ -234,6 +225,7 @@ def test_the_command_refuses_a_task_named_avg(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 6. the export
+@pytest.mark.slow  # runs the command in another process
 def test_a_folder_at_the_surgery_maps_path_fails_the_fit_before_any_step(tmp_path):
     run = tmp_path / "runs" / "tiny"
     maps = run / "merged_encoder.surgery.safetensors"

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
+from helpers import TINY_CLIP
 from lit_adamerging.benchmarks import step
 from lit_adamerging.models.encoders import create_encoder
 
-MODEL = "open_clip:test-vit-tiny"
 ISSUE_KEYS = (  # the keys issue 6 asks --json to hold
     "model", "tasks", "images_per_task", "granularity", "device", "adamerging_step_s", "plain_step_s", "ratio",
     "peak_memory_bytes", "eval_images_per_s",
@@ -18,15 +18,15 @@ ISSUE_KEYS = (  # the keys issue 6 asks --json to hold
 def test_bench_writes_consistent_figures(tmp_path, granularity: str, dtype: str, element_size: int) -> None:
     out = tmp_path / "figures" / "bench.json"
     printed = step.main([
-        "--model", MODEL, "--tasks", "3", "--images-per-task", "2", "--steps", "2", "--granularity", granularity,
+        "--model", TINY_CLIP, "--tasks", "3", "--images-per-task", "2", "--steps", "2", "--granularity", granularity,
         "--task-vector-dtype", dtype, "--json", str(out),
     ])
     figures = json.loads(out.read_text())
     assert figures == json.loads(json.dumps(printed))
     assert set(ISSUE_KEYS) <= set(figures)
-    assert (figures["model"], figures["tasks"], figures["granularity"]) == (MODEL, 3, granularity)
+    assert (figures["model"], figures["tasks"], figures["granularity"]) == (TINY_CLIP, 3, granularity)
 
-    parameters = sum(parameter.numel() for parameter in create_encoder(MODEL).parameters())
+    parameters = sum(parameter.numel() for parameter in create_encoder(TINY_CLIP).parameters())
     assert figures["task_vector_bytes"] == 3 * parameters * element_size  # every parameter, every task
     assert figures["encoder_bytes"] == parameters * 4
     assert figures["ratio"] == pytest.approx(figures["adamerging_step_s"] / figures["plain_step_s"])
@@ -47,4 +47,4 @@ def test_bench_writes_consistent_figures(tmp_path, granularity: str, dtype: str,
 )
 def test_bench_rejects_empty_runs(argument: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        step.run(model=MODEL, **{argument: 0})
+        step.run(model=TINY_CLIP, **{argument: 0})

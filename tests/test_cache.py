@@ -17,17 +17,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
+from helpers import TINY_CLIP
 from lit_adamerging import AdaMergingModule, ImageFolderTask, MultiTaskDataModule, Preprocess, SyntheticZoo, TaskData
 from lit_adamerging.data.cache import DecodedImages, decoded_test_set
-
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:Found \\d+ module\\(s\\) in eval mode.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*litlogger.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-]
-
 
 
 def make_tree(root: Path, classes: int, per_class: int, seed: int) -> Path:
@@ -176,7 +168,7 @@ def test_fit_and_test_through_the_trainer_do_not_depend_on_the_cache(tmp_path, c
     for mode in ("none", cache):
         pl.seed_everything(0)
         data = MultiTaskDataModule(tasks, batch_size=4, eval_batch_size=5, cache=mode, cache_dir=str(tmp_path / "c"))
-        zoo = SyntheticZoo("open_clip:test-vit-tiny", seed=0)
+        zoo = SyntheticZoo(TINY_CLIP, seed=0)
         module = AdaMergingModule(zoo, num_classes=data.num_classes, lr=0.05)
         trainer = pl.Trainer(
             max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,

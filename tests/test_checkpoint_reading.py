@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, Payload, run_cli
+from helpers import MARKER, TINY_CLIP, TINY_CONFIG, Payload, run_cli
 from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticTask, SyntheticZoo
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning import checkpoint_io
@@ -33,18 +33,15 @@ from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamer
 from lit_adamerging.lightning.checks import checkpoint_settings_differences
 from lit_adamerging.limits import CHECKPOINT_BYTES, NESTING_DEPTH, LimitExceeded
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:The dirpath has changed.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-]
-
 QUIET = ["--trainer.logger=false", "--trainer.enable_model_summary=false"]
-MARKER = "pwned.txt"
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> Path:
-    """configs/tiny.yaml fitted for 4 steps with lr 0.05 (coefficients far from the init) in a folder of its own."""
+    """configs/tiny.yaml fitted for 4 steps with lr 0.05 (coefficients far from the init) in a folder of its own.
+
+    It runs the command in another process (about 6 s): the tests that use it are marked slow.
+    """
     workdir = tmp_path_factory.mktemp("fitted")
     shutil.copy(TINY_CONFIG, workdir / "tiny.yaml")
     result = run_cli(workdir, "fit", "--config", "tiny.yaml", "--model.lr=0.05", "--trainer.max_steps=4", *QUIET)
@@ -114,6 +111,7 @@ def serving(*answers: bytes):
         server.server_close()
 
 
+@pytest.mark.slow
 def test_a_remote_checkpoint_is_downloaded_once_and_those_bytes_are_loaded(fitted, tmp_path):
     clean = last_checkpoint(fitted)
     payload = with_payload(clean, tmp_path / "payload.ckpt", tmp_path / MARKER)
@@ -129,6 +127,7 @@ def test_a_remote_checkpoint_is_downloaded_once_and_those_bytes_are_loaded(fitte
     assert not (tmp_path / MARKER).exists()
 
 
+@pytest.mark.slow
 def test_a_remote_checkpoint_over_the_size_limit_is_refused_naming_the_limit(fitted, monkeypatch):
     monkeypatch.setenv(CHECKPOINT_BYTES.variable, "1000")
     with serving(last_checkpoint(fitted).read_bytes()) as (url, _):
@@ -137,6 +136,7 @@ def test_a_remote_checkpoint_over_the_size_limit_is_refused_naming_the_limit(fit
             read_adamerging_checkpoint(url)
 
 
+@pytest.mark.slow
 def test_a_local_file_swapped_after_the_check_is_not_what_the_trainer_loads(fitted, tmp_path):
     clean = last_checkpoint(fitted)
     target = tmp_path / "run.ckpt"
@@ -159,6 +159,7 @@ def test_a_local_file_swapped_after_the_check_is_not_what_the_trainer_loads(fitt
     assert not (tmp_path / MARKER).exists()
 
 
+@pytest.mark.slow
 def test_an_alias_is_read_weights_only_whatever_the_environment_says(fitted, tmp_path, monkeypatch):
     workdir = tmp_path / "run"
     shutil.copytree(fitted, workdir)
@@ -179,10 +180,11 @@ def test_an_alias_is_read_weights_only_whatever_the_environment_says(fitted, tmp
         in_process(workdir, "test", "--config", "tiny.yaml", "--model.zoo.init_args.seed=3", "--ckpt_path", "last")
 
 
+@pytest.mark.slow
 def test_a_trainer_of_ones_own_and_load_from_checkpoint_read_weights_only(fitted, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     payload = with_payload(last_checkpoint(fitted), tmp_path / "payload.ckpt", tmp_path / MARKER)
-    zoo = SyntheticZoo("open_clip:test-vit-tiny", seed=0)
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
     tasks = {"alpha": SyntheticTask(5, 64, 32, seed=1), "beta": SyntheticTask(10, 48, 32, seed=2),
              "gamma": SyntheticTask(3, 32, 32, seed=3)}
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -198,6 +200,7 @@ def test_a_trainer_of_ones_own_and_load_from_checkpoint_read_weights_only(fitted
 
 
 # ----------------------------------------------------------------------------------- what is loaded
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_coefficients_are_refused_everywhere(fitted, tmp_path, value):
     bad = edited(last_checkpoint(fitted), tmp_path / "bad.ckpt", value)
@@ -205,13 +208,13 @@ def test_non_finite_coefficients_are_refused_everywhere(fitted, tmp_path, value)
     with pytest.raises(ValueError, match=expected):
         in_process(fitted, "test", "--config", "tiny.yaml", "--ckpt_path", str(bad))
     with pytest.raises(ValueError, match=expected):
-        AdaMergingModule.load_from_checkpoint(bad, zoo=SyntheticZoo("open_clip:test-vit-tiny", seed=0))
+        AdaMergingModule.load_from_checkpoint(bad, zoo=SyntheticZoo(TINY_CLIP, seed=0))
     # As the coefficients of a surgery, named as that setting.
     with pytest.raises(ValueError, match=rf"model.coefficients_from: .*{expected}"):
         in_process(fitted, "fit", "--config", "tiny.yaml", "--method", "layer_wise_adamerging_surgery",
                    f"--model.coefficients_from={bad}", "--trainer.max_steps=1")
     # A state dict handed over directly.
-    module = AdaMergingModule(SyntheticZoo("open_clip:test-vit-tiny", seed=0), {"a": 3, "b": 5})
+    module = AdaMergingModule(SyntheticZoo(TINY_CLIP, seed=0), {"a": 3, "b": 5})
     module.configure_model()
     raw = module.merger.coefficients.raw.detach().clone()
     raw[1, 2] = value
@@ -219,12 +222,14 @@ def test_non_finite_coefficients_are_refused_everywhere(fitted, tmp_path, value)
         module.load_state_dict({COEFFICIENTS_KEY: raw})
 
 
+@pytest.mark.slow
 def test_a_checkpoint_over_the_size_limit_is_refused_naming_the_limit(fitted, tmp_path, monkeypatch):
     monkeypatch.setenv(CHECKPOINT_BYTES.variable, "2000")
     with pytest.raises(LimitExceeded, match=rf"last.ckpt: 2001 bytes \(at least.*{CHECKPOINT_BYTES.variable}=4000"):
         in_process(fitted, "test", "--config", "tiny.yaml", "--ckpt_path", str(last_checkpoint(fitted)))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_inflates_past_the_limit_is_refused_before_inflating(fitted, tmp_path, monkeypatch):
     state = torch.load(last_checkpoint(fitted), weights_only=True)
     state["state_dict"]["ballast"] = torch.zeros(4 * 2**20)  # 16 MiB of zeros, deflated to kilobytes below
@@ -241,6 +246,7 @@ def test_a_checkpoint_that_inflates_past_the_limit_is_refused_before_inflating(f
         read_adamerging_checkpoint(deflated)
 
 
+@pytest.mark.slow
 def test_tensors_declaring_more_than_the_limit_are_refused(fitted, tmp_path):
     state = torch.load(last_checkpoint(fitted), weights_only=True)
     state["hyper_parameters"]["huge"] = torch.zeros(1).expand(40000, 40000)  # stored as one float
@@ -250,6 +256,7 @@ def test_tensors_declaring_more_than_the_limit_are_refused(fitted, tmp_path):
         read_adamerging_checkpoint(tmp_path / "strided.ckpt")
 
 
+@pytest.mark.slow
 def test_deep_nesting_is_refused_naming_the_limit_not_a_recursion_error(fitted, tmp_path):
     state = torch.load(last_checkpoint(fitted), weights_only=True)
     chain: list = []
@@ -267,6 +274,7 @@ def test_deep_nesting_is_refused_naming_the_limit_not_a_recursion_error(fitted, 
         read_adamerging_checkpoint(tmp_path / "deep.ckpt")
 
 
+@pytest.mark.slow
 def test_a_fifo_or_folder_as_checkpoint_is_refused_without_blocking(fitted, tmp_path):
     fifo = tmp_path / "run.ckpt"
     os.mkfifo(fifo)
@@ -276,6 +284,7 @@ def test_a_fifo_or_folder_as_checkpoint_is_refused_without_blocking(fitted, tmp_
         read_adamerging_checkpoint(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_local_file_named_like_a_url_is_a_local_file(fitted, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(fitted, workdir)
@@ -288,12 +297,14 @@ def test_a_local_file_named_like_a_url_is_a_local_file(fitted, tmp_path):
 
 
 # ---------------------------------------------------------------------------- what is asked for
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["task_arithmetic", "weight_averaging", "ties_merging", "regmean"])
 def test_fitting_a_method_with_nothing_to_learn_is_refused(fitted, method):
     with pytest.raises(ValueError, match=rf"--method {method} has nothing to learn: it runs with `lit-adamerging "):
         in_process(fitted, "fit", "--config", "tiny.yaml", "--method", method)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["layer_wise_adamerging", "task_wise_adamerging_pp", "task_arithmetic_surgery"])
 @pytest.mark.parametrize("subcommand", ["test", "validate"])
 def test_evaluating_a_learned_method_without_its_checkpoint_is_refused(fitted, method, subcommand):
@@ -302,11 +313,13 @@ def test_evaluating_a_learned_method_without_its_checkpoint_is_refused(fitted, m
         in_process(fitted, subcommand, "--config", "tiny.yaml", "--method", method)
 
 
+@pytest.mark.slow
 def test_evaluating_the_default_model_without_a_checkpoint_is_refused(fitted):
     with pytest.raises(ValueError, match=r"AdaMergingModule is learned by `lit-adamerging fit`; `test` needs"):
         in_process(fitted, "test", "--config", "tiny.yaml")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_class_is_refused_naming_both(fitted, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(fitted, workdir)
@@ -322,12 +335,14 @@ def test_a_checkpoint_of_another_class_is_refused_naming_both(fitted, tmp_path):
     assert type(cli.model).__name__ == "SurgeryModule" and cli.model.hparams.merge == "task_arithmetic"
 
 
+@pytest.mark.slow
 def test_weights_only_false_is_refused_on_the_command_line(fitted):
     with pytest.raises(ValueError, match="--weights_only=false is refused"):
         in_process(fitted, "test", "--config", "tiny.yaml", "--ckpt_path", str(last_checkpoint(fitted)),
                    "--weights_only=false")
 
 
+@pytest.mark.slow
 def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
     (tmp_path / "broken.yaml").write_text("model:\n  init: [0.3, 0.4\n  clamp: true\n")
     result = run_cli(tmp_path, "fit", "--config", str(TINY_CONFIG), "--config", "broken.yaml")
@@ -336,6 +351,7 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
     assert 'in "broken.yaml", line 2, column 9' in result.stderr
 
 
+@pytest.mark.slow
 def test_a_stored_file_path_that_is_a_fifo_fails_the_run_instead_of_hanging(fitted, tmp_path):
     fifo = tmp_path / "pretrained.pt"
     os.mkfifo(fifo)
@@ -343,7 +359,7 @@ def test_a_stored_file_path_that_is_a_fifo_fails_the_run_instead_of_hanging(fitt
     tasks = list(state["hyper_parameters"]["num_classes"])
     state["hyper_parameters"]["zoo"] = {
         "class_path": "lit_adamerging.StateDictZoo",
-        "init_args": {"encoder": "open_clip:test-vit-tiny", "pretrained": str(fifo),
+        "init_args": {"encoder": TINY_CLIP, "pretrained": str(fifo),
                       "finetuned": {task: str(fifo) for task in tasks}, "heads": {task: str(fifo) for task in tasks},
                       "normalize_features": False},
     }

@@ -21,18 +21,15 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_CONFIG, Payload, load_config, naive_accuracies, printed_metric, run_cli
+from helpers import MARKER, TINY_CLIP, TINY_CONFIG, Payload, load_config, naive_accuracies, printed_metric, run_cli
 from lit_adamerging import AdaMergingModule, SyntheticZoo
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
 from lit_adamerging.models.checkpoints import CheckpointError
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:The dirpath has changed.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-]
+# every test reads what the command wrote in other processes (the fitted fixture: two fits, 16 s)
+pytestmark = pytest.mark.slow
 
-MARKER = "pwned.txt"
 QUIET = ["--trainer.logger=false", "--trainer.enable_model_summary=false"]
 
 
@@ -78,7 +75,7 @@ def craft(workdir: Path, target: Path) -> Path:
     tasks = list(state["hyper_parameters"]["num_classes"])
     state["hyper_parameters"]["zoo"] = {
         "class_path": "lit_adamerging.StateDictZoo",
-        "init_args": {"encoder": "open_clip:test-vit-tiny", "pretrained": str(payload),
+        "init_args": {"encoder": TINY_CLIP, "pretrained": str(payload),
                       "finetuned": {task: str(payload) for task in tasks},
                       "heads": {task: str(payload) for task in tasks}, "normalize_features": False,
                       "allow_pickle": True},
@@ -119,12 +116,12 @@ def test_crafted_checkpoint_runs_no_code_from_python(layer_wise, tmp_path):
         AdaMergingModule.load_from_checkpoint(crafted)
     hint = str(refused.value)
     # The stored configuration is quoted as data (JSON), without allow_pickle, never as code to paste.
-    assert '"class_path": "lit_adamerging.StateDictZoo", "init_args": {"encoder": "open_clip:test-vit-tiny"' in hint
+    assert f'"class_path": "lit_adamerging.StateDictZoo", "init_args": {{"encoder": "{TINY_CLIP}"' in hint
     assert "allow_pickle\"" not in hint and "import" not in hint
     assert not (tmp_path / MARKER).exists()
     # A zoo other than the stored one is refused, listing the differences; the stored zoo is never built.
     with pytest.raises(ValueError, match="other settings") as refused:
-        AdaMergingModule.load_from_checkpoint(crafted, zoo=SyntheticZoo("open_clip:test-vit-tiny", seed=0))
+        AdaMergingModule.load_from_checkpoint(crafted, zoo=SyntheticZoo(TINY_CLIP, seed=0))
     assert ("model.zoo.class_path: checkpoint 'lit_adamerging.StateDictZoo', "
             "yours 'lit_adamerging.models.zoo.SyntheticZoo'") in str(refused.value)
     assert not (tmp_path / MARKER).exists()
@@ -132,7 +129,7 @@ def test_crafted_checkpoint_runs_no_code_from_python(layer_wise, tmp_path):
     # A checkpoint made through the CLI: the hint quotes the zoo it was made with.
     with pytest.raises(TypeError) as refused:
         AdaMergingModule.load_from_checkpoint(checkpoint_of(layer_wise))
-    assert ('{"class_path": "lit_adamerging.SyntheticZoo", "init_args": {"encoder": "open_clip:test-vit-tiny", '
+    assert (f'{{"class_path": "lit_adamerging.SyntheticZoo", "init_args": {{"encoder": "{TINY_CLIP}", '
             '"seed": 0, "perturbation": 0.05}}') in str(refused.value)
 
 

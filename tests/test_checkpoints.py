@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from helpers import TINY_CLIP, TINY_CLIP_MODEL, TINY_TIMM_MODEL
 from lit_adamerging.models.checkpoints import (
     CHECKPOINT_SUFFIXES,
     CheckpointError,
@@ -30,14 +31,14 @@ from lit_adamerging.models.encoders import create_encoder
 def tiny_clip(seed: int = 0, **kwargs) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return open_clip.create_model("test-vit-tiny", **kwargs).eval()
+        return open_clip.create_model(TINY_CLIP_MODEL, **kwargs).eval()
 
 
 def tiny_effnet(seed: int = 0, num_classes: int = 0) -> nn.Module:
     """timm test_efficientnet with random batch-norm statistics and counters (so they are checked too)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.create_model("test_efficientnet", num_classes=num_classes).eval()
+        model = timm.create_model(TINY_TIMM_MODEL, num_classes=num_classes).eval()
         with torch.no_grad():
             for name, buffer in model.named_buffers():
                 if name.endswith("running_mean"):
@@ -80,7 +81,7 @@ def expected_visual() -> dict[str, Tensor]:
     """The state dict of a *differently* seeded encoder: selections must not echo it back."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)
-        return create_encoder("open_clip:test-vit-tiny").state_dict()
+        return create_encoder(TINY_CLIP).state_dict()
 
 
 # ------------------------------------------------------------------------------- formats and layouts
@@ -162,7 +163,6 @@ SAVE_FORMATS = {  # torch.save's default; pickle protocol 4, which torch's weigh
 }
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("save_format", list(SAVE_FORMATS))
 def test_pickled_module_needs_allow_pickle(tmp_path, clip, expected_visual, save_format):
     save_kwargs, refusal = SAVE_FORMATS[save_format]
@@ -314,7 +314,7 @@ def test_hugging_face_clip_folder(tmp_path, kind):
                    folder / "pytorch_model.bin")
         weights.unlink()
 
-    encoder = create_encoder("open_clip:test-vit-tiny", force_quick_gelu=True)
+    encoder = create_encoder(TINY_CLIP, force_quick_gelu=True)
     expected = encoder.state_dict()
     state = read_checkpoint(folder)
     has_projection = kind != "CLIPVisionModel"
@@ -344,7 +344,7 @@ def test_hugging_face_vision_model_without_projection_needs_missing_ok(tmp_path)
     transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install '.[hf]')")
     folder = tmp_path / "hf_vision"
     _hf_model(transformers, "CLIPVisionModel").save_pretrained(folder)
-    expected = create_encoder("open_clip:test-vit-tiny").state_dict()
+    expected = create_encoder(TINY_CLIP).state_dict()
     with pytest.raises(CheckpointError, match=r"hf_vision.*1 of the encoder's \d+ keys are missing.*'proj'"):
         select_encoder_weights(read_checkpoint(folder), expected, source=str(folder))
     # the weights file on its own keeps Hugging Face's names: a hint says to give the folder
@@ -412,7 +412,6 @@ NOT_CHECKPOINTS = {  # file contents -> what the error says about them
 }
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol", "ignore:.*TorchScript archive", "ignore::FutureWarning")
 @pytest.mark.parametrize("allow_pickle", [False, True])
 @pytest.mark.parametrize("kind", list(NOT_CHECKPOINTS))
 def test_not_a_checkpoint_is_not_told_to_allow_pickle(tmp_path, kind, allow_pickle):

@@ -2,7 +2,7 @@
 
 The config's output paths are relative (``runs/tiny/...``), so every run writes under its cwd,
 a tmp_path. Accuracies printed by ``test`` are checked against a naive evaluation of the merged
-model (``naive_accuracies`` in conftest.py).
+model (``naive_accuracies`` in helpers.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_CONFIG, load_config, naive_accuracies, printed_metric, run_cli
+from helpers import TINY_CLIP, TINY_CONFIG, load_config, naive_accuracies, printed_metric, run_cli
 from lit_adamerging.models import create_encoder
+
+# every test runs the command in another process (about 7 s each, DDP on two processes 20 s)
+pytestmark = pytest.mark.slow
 
 COEFFICIENTS_KEY = "merger.coefficients.raw"
 
@@ -62,7 +65,7 @@ def test_fit_writes_small_checkpoint_events_and_export(fitted):
 
     # The exported merged encoder loads strictly into a fresh open_clip image tower.
     exported = load_file(str(run / "merged_encoder.safetensors"))
-    encoder = create_encoder("open_clip:test-vit-tiny")
+    encoder = create_encoder(TINY_CLIP)
     encoder.load_state_dict(exported, strict=True)
 
 
@@ -103,7 +106,7 @@ def test_print_config_shows_zoo_and_tasks(tmp_path):
     assert printed["model"]["class_path"] == "lit_adamerging.AdaMergingModule"
     model = printed["model"]["init_args"]
     assert model["zoo"]["class_path"] == "lit_adamerging.SyntheticZoo"
-    assert model["zoo"]["init_args"]["encoder"] == "open_clip:test-vit-tiny"
+    assert model["zoo"]["init_args"]["encoder"] == TINY_CLIP
     assert list(printed["data"]["tasks"]) == ["alpha", "beta", "gamma"]
     assert printed["data"]["tasks"]["beta"]["init_args"]["num_classes"] == 10
     assert model["granularity"] == "layer"

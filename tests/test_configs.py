@@ -8,6 +8,7 @@ from unittest import mock
 
 import pytest
 
+from helpers import CONFIGS, TINY_CLIP, TINY_CONFIG
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning import (
     AdaMergingModule,
@@ -19,8 +20,6 @@ from lit_adamerging.lightning import (
 from lit_adamerging.methods import create_method, method_class, method_names, method_of, method_settings
 from lit_adamerging.models import OpenCLIPZoo, SyntheticZoo, prompts
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = str(CONFIGS / "tiny.yaml")
 # Every method: its class and the settings its preset gives.
 METHODS = {
     "weight_averaging": (TaskArithmeticModule, {"scale": None}),
@@ -62,13 +61,13 @@ def test_every_method_is_listed_once_with_its_class():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_by_name_builds_its_class_with_its_settings(method):
     cls, settings = METHODS[method]
-    cli = cli_with("--config", TINY, "--method", method, *EXTRA.get(method, []))
+    cli = cli_with("--config", str(TINY_CONFIG), "--method", method, *EXTRA.get(method, []))
     assert type(cli.model) is cls and method_of(cli.model) == method
     assert {key: cli.model.hparams[key] for key in settings} == settings
     assert cli.model.num_classes == {"alpha": 5, "beta": 10, "gamma": 3}
     # The same module from Python, by the same name.
     extra = {"coefficients_from": "runs/tiny/layer_wise.ckpt"} if method in EXTRA else {}
-    module = create_method(method, SyntheticZoo("open_clip:test-vit-tiny"), {"a": 2, "b": 3}, **extra)
+    module = create_method(method, SyntheticZoo(TINY_CLIP), {"a": 2, "b": 3}, **extra)
     assert type(module) is cls and method_of(module) == method
     fresh = method_settings(method)
     fresh["rank"] = 99  # a fresh dict every call: changing one changes no other
@@ -76,29 +75,29 @@ def test_method_by_name_builds_its_class_with_its_settings(method):
 
 
 def test_without_a_method_the_model_is_layer_wise_adamerging():
-    assert method_of(instantiate(Path(TINY)).model) == "layer_wise_adamerging"
+    assert method_of(instantiate(TINY_CONFIG).model) == "layer_wise_adamerging"
 
 
 def test_method_is_a_config_by_name_with_lightning_clis_order(tmp_path):
     # After --method, a --model.* argument or a --config sets its keys again; other keys are kept.
-    cli = cli_with("--config", TINY, "--method", "ties_merging", "--model.scale=0.5")
+    cli = cli_with("--config", str(TINY_CONFIG), "--method", "ties_merging", "--model.scale=0.5")
     assert (cli.model.hparams.scale, cli.model.hparams.ties_k) == (0.5, 0.2) and method_of(cli.model) is None
     (tmp_path / "k.yaml").write_text("model:\n  init_args:\n    ties_k: 0.4\n")
-    cli = cli_with("--config", TINY, "--method", "ties_merging", "--config", str(tmp_path / "k.yaml"))
+    cli = cli_with("--config", str(TINY_CONFIG), "--method", "ties_merging", "--config", str(tmp_path / "k.yaml"))
     assert (cli.model.hparams.scale, cli.model.hparams.ties_k) == (0.3, 0.4)
     # A later method replaces an earlier one, class and settings.
-    cli = cli_with("--config", TINY, "--method", "regmean", "--method=layer_wise_adamerging_pp")
+    cli = cli_with("--config", str(TINY_CONFIG), "--method", "regmean", "--method=layer_wise_adamerging_pp")
     assert method_of(cli.model) == "layer_wise_adamerging_pp"
     # The zoo of the config is kept across a change of class.
     assert cli.model.zoo.seed == 0 and isinstance(cli.model.zoo, SyntheticZoo)
     # A setting the chosen class does not take is an error naming it.
     with pytest.raises(SystemExit):
-        cli_with("--config", TINY, "--method", "regmean", "--model.granularity=layer")
+        cli_with("--config", str(TINY_CONFIG), "--method", "regmean", "--model.granularity=layer")
 
 
 def test_unknown_method_names_the_valid_ones():
     with pytest.raises(ValueError, match="unknown merging method 'magic'; choose one of: fisher_merging, "):
-        cli_with("--config", TINY, "--method", "magic")
+        cli_with("--config", str(TINY_CONFIG), "--method", "magic")
     with pytest.raises(ValueError, match="unknown merging method 'magic'"):
         method_settings("magic")
 
@@ -106,7 +105,7 @@ def test_unknown_method_names_the_valid_ones():
 def test_method_in_a_config_file_is_refused(tmp_path):
     (tmp_path / "method.yaml").write_text("method: layer_wise_adamerging\n")
     with pytest.raises(ValueError, match="a config file sets 'method: layer_wise_adamerging'; --method is a "):
-        cli_with("--config", TINY, "--config", str(tmp_path / "method.yaml"))
+        cli_with("--config", str(TINY_CONFIG), "--config", str(tmp_path / "method.yaml"))
 
 
 def test_the_methods_command_lists_every_method_on_one_line(capsys):

@@ -18,21 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import CONFIGS, TINY_CLIP
 from lit_adamerging import ImageFolderTask, MultiTaskDataModule, Preprocess, TorchvisionTask
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.data import corruptions
 from lit_adamerging.data.cache import store_name
 from lit_adamerging.data.corruptions import CORRUPTIONS, corrupt_image, image_seed
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:Found \\d+ module\\(s\\) in eval mode.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*litlogger.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-]
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # ImageNet-C's severity parameters (make_imagenet_c.py), for the naive references below
 GAUSSIAN_SCALE = [0.08, 0.12, 0.18, 0.26, 0.38]
 IMPULSE_AMOUNT = [0.03, 0.06, 0.09, 0.17, 0.27]
@@ -373,9 +365,10 @@ def test_corruption_in_a_cli_config_reaches_fit_and_the_cache(tmp_path):
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "max_steps": 2, "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0},
+                    "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0,
+                    "default_root_dir": str(tmp_path / "run")},  # where the CLI saves its config.yaml
         "model": {"zoo": {"class_path": "lit_adamerging.SyntheticZoo",
-                          "init_args": {"encoder": "open_clip:test-vit-tiny", "seed": 0}}},
+                          "init_args": {"encoder": TINY_CLIP, "seed": 0}}},
         "data": {"batch_size": 2, "cache": "disk", "cache_dir": str(tmp_path / "c"), "tasks": {
             "alpha": {"class_path": "lit_adamerging.ImageFolderTask",
                       "init_args": {"root": str(make_tree(tmp_path / "alpha", seed=1)),
@@ -407,7 +400,7 @@ def test_corruption_in_a_cli_config_reaches_fit_and_the_cache(tmp_path):
 
 def test_unknown_corruption_in_a_cli_config_lists_the_valid_ones(tmp_path, capsys):
     config = {"model": {"zoo": {"class_path": "lit_adamerging.SyntheticZoo",
-                                "init_args": {"encoder": "open_clip:test-vit-tiny"}}},
+                                "init_args": {"encoder": TINY_CLIP}}},
               "data": {"tasks": {"alpha": {"class_path": "lit_adamerging.ImageFolderTask",
                                            "init_args": {"root": "/nowhere", "corruption": "fog", "severity": 1}}}}}
     (tmp_path / "config.yaml").write_text(json.dumps(config))

@@ -26,12 +26,6 @@ from lit_adamerging.data import (
 from lit_adamerging.data.sampling import EvalShardSampler
 from lit_adamerging.models.preprocess import Preprocess
 
-pytestmark = [  # Lightning's advice for real runs, beside the point in these tiny ones
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*litlogger.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-]
 
 def image_tree(root: Path, per_class: int = 3) -> Path:
     """``root/test/{a,b}/<i>.png``, small RGB images of different sizes."""

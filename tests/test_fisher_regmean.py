@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import Dataset, TensorDataset
 
-from conftest import TINY_CONFIG
+from helpers import TINY_CLIP, TINY_CONFIG
 from lit_adamerging import ExportMergedEncoder, MultiTaskDataModule, SyntheticTask, SyntheticZoo, TaskData
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning.base import intended_warnings_ignored
@@ -36,15 +36,6 @@ from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModu
 from lit_adamerging.merging.fisher import fisher_merge, fisher_sums, sample_labels
 from lit_adamerging.merging.regmean import GramRecorder, regmean_layers, regmean_merge, shrink_off_diagonal
 from lit_adamerging.models import create_encoder
-
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-    pytest.mark.filterwarnings("ignore:.*litlogger.*"),
-    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter.*"),
-]
-
-TINY_CLIP = "open_clip:test-vit-tiny"
 
 
 # ----------------------------------------------------------------------------- naive references
@@ -642,7 +633,8 @@ def test_the_command_runs_them_with_their_settings(tmp_path, monkeypatch, module
         AdaMergingCLI(args=["fit", "--config", str(TINY_CONFIG), "--method", method])
 
 
-DDP_SCRIPT = textwrap.dedent(
+# A standalone script (run in a fresh interpreter): its first line names the tiny model.
+DDP_SCRIPT = f"TINY_CLIP = {TINY_CLIP!r}\n" + textwrap.dedent(
     """
     import sys, torch, lightning.pytorch as pl
     from lit_adamerging import MultiTaskDataModule, SyntheticTask, SyntheticZoo
@@ -658,7 +650,7 @@ DDP_SCRIPT = textwrap.dedent(
         merged = {}
         for cls in (FisherMergingModule, RegMeanModule):
             data = MultiTaskDataModule(tasks, unseen_tasks=["c"], eval_batch_size=4, cache="none")
-            model = cls(SyntheticZoo("open_clip:test-vit-tiny"), num_classes=data.num_classes, unseen_tasks=["c"],
+            model = cls(SyntheticZoo(TINY_CLIP), num_classes=data.num_classes, unseen_tasks=["c"],
                         num_images=11)
             trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                                  logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -674,6 +666,7 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # DDP on two processes
 def test_two_processes_give_the_merge_of_one(tmp_path):
     script = tmp_path / "statistics_ddp.py"
     script.write_text(DDP_SCRIPT)

@@ -93,6 +93,7 @@ print(json.dumps({"changed": changed, "configured loggers": ours, "imported": le
 """
 
 
+@pytest.mark.slow  # imports every module in fresh interpreters
 def test_core_imports_torch_only_and_no_import_changes_global_state():
     modules = package_modules()
     assert {"lit_adamerging.merging.merge", "lit_adamerging.cli", "lit_adamerging.benchmarks.mini"} <= set(modules)

@@ -237,7 +237,6 @@ def _holding(tensor: torch.Tensor) -> nn.Module:
     return module
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # sparse CSR is beta; quantized tensors are deprecated
 @pytest.mark.parametrize("saved", ["state-dict", "state-dict-allow-pickle", "pickled-module"])
 @pytest.mark.parametrize("kind", list(UNUSABLE))
 def test_tensors_without_dense_values_are_refused_by_key(tmp_path, kind, saved):
@@ -274,7 +273,6 @@ def test_tensors_saved_from_a_device_are_read_onto_the_cpu(tmp_path, allow_pickl
     assert torch.equal(loaded["weight"], weight.double())
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("kind", list(UNUSABLE))
 def test_head_files_without_dense_values_are_refused(tmp_path, kind):
     make, called = UNUSABLE[kind]

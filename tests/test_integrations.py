@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_CONFIG, run_cli
+from helpers import TINY_CLIP, TINY_CONFIG, run_cli
 from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticTask, SyntheticZoo
 
 TRAINER_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "trainer"
@@ -66,6 +66,7 @@ def workdir(tmp_path: Path) -> Path:
 QUIET = ["--trainer.logger=false", "--trainer.check_val_every_n_epoch=100", "--trainer.enable_model_summary=false"]
 
 
+@pytest.mark.slow  # runs the command, once on two DDP processes
 def test_ddp_fit_on_two_processes_matches_one_process_with_the_same_global_batch(workdir):
     single = callbacks_config(workdir / "single.yaml", save_coefficients("single"))
     double = callbacks_config(workdir / "double.yaml", save_coefficients("double"))
@@ -84,6 +85,7 @@ def test_ddp_fit_on_two_processes_matches_one_process_with_the_same_global_batch
     torch.testing.assert_close(rank0, reference, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # runs the command three times, killing one
 def test_a_fit_killed_mid_run_and_resumed_ends_where_an_uninterrupted_fit_ends(workdir):
     checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"dirpath": "ckpt", "every_n_train_steps": 5, "save_last": True}}
@@ -106,6 +108,7 @@ def test_a_fit_killed_mid_run_and_resumed_ends_where_an_uninterrupted_fit_ends(w
                        torch.load(workdir / "whole.rank0.pt", weights_only=True))
 
 
+@pytest.mark.slow  # runs the command in another process
 def test_csv_logger_gets_scalars_per_task_and_no_figure(workdir):
     logger = {"trainer": {"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                      "init_args": {"save_dir": "logs", "name": "csv", "version": 0}},
@@ -145,7 +148,7 @@ def fit_coefficients(tmp_path: Path, precision: str) -> tuple[torch.Tensor, list
     tasks = {name: SyntheticTask(num_classes=c, num_images=32, image_size=32, seed=i)
              for i, (name, c) in enumerate({"alpha": 5, "beta": 3}.items())}
     data = MultiTaskDataModule(tasks, batch_size=8, cache="none")
-    zoo = SyntheticZoo("open_clip:test-vit-tiny", seed=0, perturbation=0.2)
+    zoo = SyntheticZoo(TINY_CLIP, seed=0, perturbation=0.2)
     module = PrecisionProbe(zoo, num_classes=data.num_classes, lr=1e-2)
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=5, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+from helpers import TINY_CLIP, TINY_TIMM
 from lit_adamerging.merging import MergedEncoder, stack_task_vectors
 from lit_adamerging.merging._kernels import row_dots, weighted_sum
 from lit_adamerging.models import create_encoder
@@ -38,7 +39,7 @@ def test_group_kernels_match_plain_loops_on_cpu(storage):
 @pytest.mark.parametrize("granularity", ["task", "layer"])
 def test_cuda_merge_and_gradient_match_float64_reference(storage, granularity):
     torch.manual_seed(0)
-    encoder = create_encoder("open_clip:test-vit-tiny").cuda()
+    encoder = create_encoder(TINY_CLIP).cuda()
     pretrained = encoder.state_dict()
     tuned = {
         task: {k: v + 0.02 * torch.randn_like(v) if v.is_floating_point() else v for k, v in pretrained.items()}
@@ -91,10 +92,10 @@ def _pair_of_mergers(name: str, storage: torch.dtype, granularity: str) -> tuple
 @pytest.mark.parametrize(
     ("name", "storage", "granularity"),
     [
-        ("open_clip:test-vit-tiny", torch.float32, "layer"),
-        ("open_clip:test-vit-tiny", torch.bfloat16, "task"),
-        ("open_clip:test-vit-tiny", torch.bfloat16, "layer"),
-        ("timm:test_efficientnet", torch.float32, "layer"),  # batch norm, merged buffers
+        (TINY_CLIP, torch.float32, "layer"),
+        (TINY_CLIP, torch.bfloat16, "task"),
+        (TINY_CLIP, torch.bfloat16, "layer"),
+        (TINY_TIMM, torch.float32, "layer"),  # batch norm, merged buffers
     ],
 )
 def test_cuda_graph_steps_match_eager_steps(name, storage, granularity, autocast):
@@ -173,7 +174,7 @@ def test_encoder_that_cannot_be_captured_runs_eagerly_after_a_warning():
 
 @cuda
 def test_cuda_graph_second_forward_before_backward_stays_exact():
-    graphed, eager = _pair_of_mergers("open_clip:test-vit-tiny", torch.float32, "layer")
+    graphed, eager = _pair_of_mergers(TINY_CLIP, torch.float32, "layer")
     generator = torch.Generator(device="cuda").manual_seed(2)
     first, second = (torch.randn(4, 3, 32, 32, device="cuda", generator=generator) for _ in range(2))
     graphed(first).sum().backward()  # captured
@@ -196,7 +197,7 @@ def test_cuda_graph_second_forward_before_backward_stays_exact():
 
 @cuda
 def test_moving_the_encoder_drops_its_graphs_and_keeps_one_copy_of_the_weights():
-    graphed, _ = _pair_of_mergers("open_clip:test-vit-tiny", torch.float32, "task")
+    graphed, _ = _pair_of_mergers(TINY_CLIP, torch.float32, "task")
     graphed(torch.randn(2, 3, 32, 32, device="cuda")).sum().backward()
     assert graphed._graphs.captured
     graphed.cpu()
@@ -224,7 +225,7 @@ def test_gpu_fit_with_graphs_takes_the_eager_fit_steps():
         data = MultiTaskDataModule(
             {"a": SyntheticTask(num_classes=5), "b": SyntheticTask(num_classes=3, seed=1)}, batch_size=4, cache="memory"
         )
-        module = AdaMergingModule(SyntheticZoo("open_clip:test-vit-tiny"), num_classes=data.num_classes)
+        module = AdaMergingModule(SyntheticZoo(TINY_CLIP), num_classes=data.num_classes)
         module.configure_model()
         module.merger.cuda_graphs = graphs
         gradients = Gradients()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from helpers import TINY_CLIP, TINY_TIMM
 from lit_adamerging.merging import (
     MergedEncoder,
     MergingCoefficients,
@@ -28,10 +29,6 @@ from lit_adamerging.merging import (
     weight_averaging,
 )
 from lit_adamerging.models import create_encoder
-
-CLIP = "open_clip:test-vit-tiny"
-TIMM = "timm:test_efficientnet"
-
 
 # ----------------------------------------------------------------------------------------------
 # Plain references
@@ -105,7 +102,7 @@ def images(seed: int = 0, n: int = 2) -> Tensor:
 
 
 def test_stack_values_and_key_order(make_tiny_zoo):
-    encoder, finetuned = make_tiny_zoo(CLIP, tasks=("c", "a", "b"))
+    encoder, finetuned = make_tiny_zoo(TINY_CLIP, tasks=("c", "a", "b"))
     pretrained = encoder.state_dict()
     stacked = stack_task_vectors(pretrained, finetuned)
     assert list(stacked) == list(pretrained)  # all of the ViT's tensors are float parameters
@@ -119,7 +116,7 @@ def test_stack_values_and_key_order(make_tiny_zoo):
 
 def test_stack_reads_each_state_dict_once_and_keeps_none(make_tiny_zoo, one_at_a_time):
     # A lazily loading mapping: building the task vectors must hold one fine-tuned model at a time.
-    encoder, finetuned = make_tiny_zoo(CLIP, tasks=("a", "b", "c"))
+    encoder, finetuned = make_tiny_zoo(TINY_CLIP, tasks=("a", "b", "c"))
     lazy, loads = one_at_a_time(lambda task: {key: value.clone() for key, value in finetuned[task].items()}, finetuned)
     stacked = stack_task_vectors(encoder.state_dict(), lazy)
     assert loads == ["a", "b", "c"]
@@ -129,7 +126,7 @@ def test_stack_reads_each_state_dict_once_and_keeps_none(make_tiny_zoo, one_at_a
 
 
 def test_stacked_blocks_are_shared_by_merged_encoder_not_copied(make_tiny_zoo):
-    encoder, finetuned = make_tiny_zoo(CLIP)
+    encoder, finetuned = make_tiny_zoo(TINY_CLIP)
     stacked = stack_task_vectors(encoder.state_dict(), finetuned)
     merged_encoder = MergedEncoder(copy.deepcopy(encoder), stacked)
     views = merged_encoder.stacked_task_vectors()
@@ -153,7 +150,7 @@ def _storage(tensor: Tensor) -> int:
 
 def test_the_merge_reads_the_stacked_blocks_themselves(make_tiny_zoo, monkeypatch):
     # No copy of the task vectors: the groups handed to the kernels are the blocks stack_task_vectors filled.
-    encoder, finetuned = make_tiny_zoo(TIMM, perturb_buffers=True)
+    encoder, finetuned = make_tiny_zoo(TINY_TIMM, perturb_buffers=True)
     stacked = stack_task_vectors(encoder.state_dict(), finetuned, buffers=buffer_names(encoder), buffer_policy="merge")
     assert isinstance(stacked, StackedTaskVectors) and len(stacked.blocks) < len(stacked)
     blocks = {members: block for members, block in stacked.blocks}
@@ -252,7 +249,7 @@ def test_compiled_kernels_raise_the_recompile_limit_for_their_call_only(monkeypa
 
 
 def test_stack_buffer_policy_pretrained_excludes_buffers(make_tiny_zoo):
-    encoder, finetuned = make_tiny_zoo(TIMM, perturb_buffers=True)
+    encoder, finetuned = make_tiny_zoo(TINY_TIMM, perturb_buffers=True)
     pretrained = encoder.state_dict()
     buffers = buffer_names(encoder)
     stacked = stack_task_vectors(pretrained, finetuned, buffers=buffers, buffer_policy="pretrained")
@@ -264,7 +261,7 @@ def test_stack_buffer_policy_pretrained_excludes_buffers(make_tiny_zoo):
 
 
 def test_stack_buffer_policy_merge_includes_float_buffers_only(make_tiny_zoo):
-    encoder, finetuned = make_tiny_zoo(TIMM, perturb_buffers=True)
+    encoder, finetuned = make_tiny_zoo(TINY_TIMM, perturb_buffers=True)
     pretrained = encoder.state_dict()
     buffers = buffer_names(encoder)
     stacked = stack_task_vectors(pretrained, finetuned, buffers=buffers, buffer_policy="merge")
@@ -287,7 +284,7 @@ def test_stack_integer_tensors_excluded_without_buffer_names():
 
 
 def test_stack_require_equal_names_task_and_buffer(make_tiny_zoo):
-    encoder, finetuned = make_tiny_zoo(TIMM, tasks=("a", "b"))
+    encoder, finetuned = make_tiny_zoo(TINY_TIMM, tasks=("a", "b"))
     pretrained = encoder.state_dict()
     key = "blocks.0.0.bn1.running_var"
     finetuned["b"][key] = finetuned["b"][key] + 0.01
@@ -296,7 +293,7 @@ def test_stack_require_equal_names_task_and_buffer(make_tiny_zoo):
 
 
 def test_stack_require_equal_passes_when_float_buffers_equal(make_tiny_zoo):
-    encoder, finetuned = make_tiny_zoo(TIMM, tasks=("a", "b"))
+    encoder, finetuned = make_tiny_zoo(TINY_TIMM, tasks=("a", "b"))
     pretrained = encoder.state_dict()
     for index, task in enumerate(finetuned):  # integer buffers are never compared
         finetuned[task]["bn1.num_batches_tracked"] = torch.tensor(100 + index)
@@ -309,7 +306,7 @@ def test_stack_require_equal_passes_when_float_buffers_equal(make_tiny_zoo):
 
 
 def test_stack_bf16_storage(make_tiny_zoo):
-    encoder, finetuned = make_tiny_zoo(CLIP)
+    encoder, finetuned = make_tiny_zoo(TINY_CLIP)
     pretrained = encoder.state_dict()
     stacked = stack_task_vectors(pretrained, finetuned, dtype=torch.bfloat16)
     for key, value in stacked.items():
@@ -381,7 +378,7 @@ def test_stack_argument_errors():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [CLIP, TIMM])
+@pytest.mark.parametrize("name", [TINY_CLIP, TINY_TIMM])
 def test_merge_equals_naive_loop(make_tiny_zoo, name):
     encoder, finetuned = make_tiny_zoo(name, perturb_buffers=True)
     pretrained = encoder.state_dict()
@@ -396,7 +393,7 @@ def test_merge_equals_naive_loop(make_tiny_zoo, name):
         torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", [CLIP, TIMM])
+@pytest.mark.parametrize("name", [TINY_CLIP, TINY_TIMM])
 def test_merge_gradient_equals_naive_autograd(make_tiny_zoo, name):
     encoder, finetuned = make_tiny_zoo(name)
     pretrained = encoder.state_dict()
@@ -422,7 +419,7 @@ def test_merge_gradient_equals_naive_autograd(make_tiny_zoo, name):
 
 
 def test_merge_is_fp32_under_bf16_autocast(make_tiny_zoo):
-    encoder, finetuned = make_tiny_zoo(CLIP)
+    encoder, finetuned = make_tiny_zoo(TINY_CLIP)
     pretrained = encoder.state_dict()
     stacked = stack_task_vectors(pretrained, finetuned)
     keys = list(stacked)
@@ -448,7 +445,7 @@ def test_merge_is_fp32_under_bf16_autocast(make_tiny_zoo):
 
 
 def test_merge_bf16_storage_equals_fp32_merge_of_rounded_vectors(make_tiny_zoo):
-    encoder, finetuned = make_tiny_zoo(CLIP)
+    encoder, finetuned = make_tiny_zoo(TINY_CLIP)
     pretrained = encoder.state_dict()
     stacked16 = stack_task_vectors(pretrained, finetuned, dtype=torch.bfloat16)
     stacked32 = stack_task_vectors(pretrained, finetuned)
@@ -609,7 +606,7 @@ def test_coefficients_argument_errors():
 
 
 def test_task_wise_equals_layer_wise_with_constant_rows(make_tiny_zoo):
-    encoder, finetuned = make_tiny_zoo(CLIP)
+    encoder, finetuned = make_tiny_zoo(TINY_CLIP)
     stacked = stack_task_vectors(encoder.state_dict(), finetuned)
     task_wise = MergedEncoder(copy.deepcopy(encoder), stacked, granularity="task")
     layer_wise = MergedEncoder(copy.deepcopy(encoder), stacked, granularity="layer")
@@ -637,7 +634,9 @@ def test_task_wise_equals_layer_wise_with_constant_rows(make_tiny_zoo):
 
 
 @pytest.mark.parametrize(
-    ("name", "policy"), [(CLIP, "pretrained"), (TIMM, "pretrained"), (TIMM, "merge")], ids=["clip", "timm", "timm-bn"]
+    ("name", "policy"),
+    [(TINY_CLIP, "pretrained"), (TINY_TIMM, "pretrained"), (TINY_TIMM, "merge")],
+    ids=["clip", "timm", "timm-bn"],
 )
 def test_merged_forward_equals_loaded_naive_state_dict(make_tiny_zoo, name, policy):
     encoder, finetuned = make_tiny_zoo(name, perturb_buffers=True)
@@ -665,7 +664,7 @@ def test_merged_forward_equals_loaded_naive_state_dict(make_tiny_zoo, name, poli
     torch.testing.assert_close(merged_encoder(x, merged=merged_encoder.merged_tensors()), features, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("name", "policy"), [(CLIP, "pretrained"), (TIMM, "merge")], ids=["clip", "timm-bn"])
+@pytest.mark.parametrize(("name", "policy"), [(TINY_CLIP, "pretrained"), (TINY_TIMM, "merge")], ids=["clip", "timm-bn"])
 def test_merged_state_dict_loads_strictly_into_fresh_encoder(make_tiny_zoo, name, policy):
     encoder, finetuned = make_tiny_zoo(name, perturb_buffers=True)
     pretrained = encoder.state_dict()
@@ -688,7 +687,7 @@ def test_merged_state_dict_loads_strictly_into_fresh_encoder(make_tiny_zoo, name
 
 
 def test_merged_encoder_state_dict_excludes_task_vectors(make_tiny_zoo):
-    encoder, finetuned = make_tiny_zoo(TIMM)
+    encoder, finetuned = make_tiny_zoo(TINY_TIMM)
     encoder_keys = list(encoder.state_dict())
     stacked = stack_task_vectors(encoder.state_dict(), finetuned, buffers=buffer_names(encoder))
     merged_encoder = MergedEncoder(encoder, stacked)
@@ -713,7 +712,7 @@ def test_merged_encoder_state_dict_excludes_task_vectors(make_tiny_zoo):
 def test_merged_batch_norm_buffers_train_without_gradient(make_tiny_zoo, granularity):
     # batch norm is not differentiable in its running statistics: with buffer_policy="merge" the
     # merged buffers follow the coefficients in the forward but pass no gradient back.
-    encoder, finetuned = make_tiny_zoo(TIMM, tasks=("a", "b"), perturb_buffers=True)
+    encoder, finetuned = make_tiny_zoo(TINY_TIMM, tasks=("a", "b"), perturb_buffers=True)
     buffers = buffer_names(encoder)
     stacked = stack_task_vectors(encoder.state_dict(), finetuned, buffers=buffers, buffer_policy="merge")
     merged_encoder = MergedEncoder(encoder, stacked, granularity=granularity).eval()
@@ -745,7 +744,7 @@ def _shares_pretrained_blocks(merged_encoder: MergedEncoder) -> bool:
     )
 
 
-@pytest.mark.parametrize(("name", "policy"), [(CLIP, "pretrained"), (TIMM, "merge")], ids=["clip", "timm-bn"])
+@pytest.mark.parametrize(("name", "policy"), [(TINY_CLIP, "pretrained"), (TINY_TIMM, "merge")], ids=["clip", "timm-bn"])
 def test_pretrained_weights_are_stored_once_in_grouped_blocks(make_tiny_zoo, name, policy):
     encoder, finetuned = make_tiny_zoo(name, perturb_buffers=True)
     pretrained = {key: value.clone() for key, value in encoder.state_dict().items()}
@@ -779,7 +778,7 @@ def test_same_shape_tensors_of_different_dtypes_merge_in_separate_groups():
 
 
 def test_forward_error_leaves_encoder_weights_in_place(make_tiny_zoo):
-    encoder, finetuned = make_tiny_zoo(CLIP)
+    encoder, finetuned = make_tiny_zoo(TINY_CLIP)
     merged_encoder = MergedEncoder(encoder, stack_task_vectors(encoder.state_dict(), finetuned))
     before = {key: value for key, value in encoder.state_dict(keep_vars=True).items()}
     with pytest.raises(RuntimeError):

@@ -17,12 +17,6 @@ from lit_adamerging.benchmarks import finetune, mini, passes
 
 TASKS = ("mnist", "fashion_mnist")
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-]
-
 
 def tiny_copy(source: Path, root: Path, train: int, test: int) -> Path:
     """The first ``train``/``test`` images of every class of the offline trees under ``source``, same layout."""
@@ -37,6 +31,7 @@ def tiny_copy(source: Path, root: Path, train: int, test: int) -> Path:
     return root
 
 
+@pytest.mark.slow  # the whole benchmark, run twice (about 60 s)
 def test_whole_pipeline_on_a_tiny_setting(tmp_path, capsys, offline_datasets):
     data = tiny_copy(offline_datasets(*TASKS), tmp_path / "data", train=20, test=12)
     out = tmp_path / "out"
@@ -129,6 +124,7 @@ def tiny_zoo(tmp_path_factory, offline_datasets):
     return root / "out", args, merged
 
 
+@pytest.mark.slow  # the tiny_zoo fixture fine-tunes (about 18 s)
 def test_unseen_experiment_on_a_tiny_setting(tiny_zoo, tmp_path, capsys):
     out, args, merged = tiny_zoo
     # fashion_mnist only ever unseen: its probe head is built, never a fine-tuned model of it
@@ -160,6 +156,7 @@ def test_unseen_experiment_on_a_tiny_setting(tiny_zoo, tmp_path, capsys):
     assert table in readme(tmp_path, "unseen").read_text()
 
 
+@pytest.mark.slow  # the tiny_zoo fixture fine-tunes (about 18 s)
 def test_shift_experiment_on_a_tiny_setting(tiny_zoo, tmp_path, capsys):
     out, args, merged = tiny_zoo
     methods = "individual,task_arithmetic,layer_wise_adamerging"
@@ -208,6 +205,7 @@ def test_heads_frozen_or_trained_jointly(tmp_path, offline_datasets):
     assert not torch.allclose(head("joint", 3), frozen)  # trained with the backbone
 
 
+@pytest.mark.slow  # the tiny_zoo fixture fine-tunes (about 18 s)
 def test_passes_benchmark_times_every_phase_of_the_real_runs(tiny_zoo, capsys):
     out, args, _ = tiny_zoo
     results = passes.main([*args, "--tasks", ",".join(TASKS), "--surgery-steps", "3"])

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+from helpers import TINY_CLIP, TINY_TIMM
 from lit_adamerging import (
     AdaMergingModule,
     CoefficientLogger,
@@ -35,18 +36,6 @@ from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY
 from lit_adamerging.merging import task_arithmetic, ties_merging, weight_averaging
 from lit_adamerging.models import LoadedZoo, create_encoder
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*self.log.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-    pytest.mark.filterwarnings("ignore:.*litlogger.*"),
-    pytest.mark.filterwarnings("ignore:The dirpath has changed.*"),
-    pytest.mark.filterwarnings("ignore:Found \\d+ module\\(s\\) in eval mode.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*Checkpoint directory.*exists and is not empty.*"),
-]
-
-CLIP = "open_clip:test-vit-tiny"
 NUM_CLASSES = {"alpha": 5, "beta": 3}
 
 
@@ -62,7 +51,9 @@ def make_tasks(sizes: Mapping[str, int] | None = None) -> dict[str, SyntheticTas
 def make_module(
     zoo: ModelZoo | None = None, num_classes: Mapping[str, int] | None = None, **kwargs
 ) -> AdaMergingModule:
-    return AdaMergingModule(zoo or SyntheticZoo(CLIP, seed=0), num_classes=dict(num_classes or NUM_CLASSES), **kwargs)
+    return AdaMergingModule(
+        zoo or SyntheticZoo(TINY_CLIP, seed=0), num_classes=dict(num_classes or NUM_CLASSES), **kwargs
+    )
 
 
 def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
@@ -137,7 +128,7 @@ def naive_entropy(logits: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- 1. training_step
 def test_training_step_loss_and_gradient_match_naive_reference():
-    zoo = SyntheticZoo(CLIP, seed=0)
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
     module = make_module(zoo, granularity="layer", clamp=True)
     raw = set_coefficients(module, seed=3)
     reference = Reference(zoo, NUM_CLASSES)
@@ -186,7 +177,7 @@ def test_training_step_loss_and_gradient_match_naive_reference():
 
 
 def test_training_step_task_granularity_gradient():
-    zoo = SyntheticZoo(CLIP, seed=0)
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
     module = make_module(zoo, granularity="task", clamp=False, init=0.2)
     module.configure_model()
     assert module.merger.coefficients.raw.shape == (2, 1)
@@ -254,7 +245,7 @@ def test_fit_batches_are_label_free_and_eval_loaders_in_task_order(tmp_path):
 
     # What the Trainer hands to training_step: {task: images tensor}, one entry per task; the
     # frozen encoder and heads stay in eval mode while fitting.
-    module = RecordingModule(SyntheticZoo(CLIP, seed=0), num_classes=data.num_classes)
+    module = RecordingModule(SyntheticZoo(TINY_CLIP, seed=0), num_classes=data.num_classes)
     make_trainer(tmp_path, max_steps=3).fit(module, datamodule=data)
     assert len(module.seen) == 3
     for shapes, encoder_training, heads_training in module.seen:
@@ -276,7 +267,7 @@ def test_image_tasks_read_with_the_models_preprocessing(tmp_path):
     data = MultiTaskDataModule(tasks, batch_size=2, cache="none")
     with pytest.raises(ValueError, match=r"has no eval preprocessing"):
         data.setup("fit")  # no Trainer, no model to ask
-    module = RecordingModule(SyntheticZoo(CLIP, seed=0), num_classes=data.num_classes)
+    module = RecordingModule(SyntheticZoo(TINY_CLIP, seed=0), num_classes=data.num_classes)
     make_trainer(tmp_path / "run", max_steps=1).fit(module, datamodule=data)
     assert module.seen[0][0] == {task: (Tensor, (2, 3, 32, 32)) for task in NUM_CLASSES}  # test-vit-tiny: 32 px
     expected = ImageFolderTask(root=str(tmp_path / "beta"), preprocess=Preprocess(image_size=32)).test_set()
@@ -302,7 +293,7 @@ def naive_accuracy(reference: Reference, coefficients: Tensor, task: TaskData, n
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_per_task_accuracy_matches_naive(tmp_path, top_k):
-    zoo = SyntheticZoo(CLIP, seed=0)
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
     tasks = make_tasks({"alpha": 23, "beta": 17})
     module = make_module(zoo)
     raw = set_coefficients(module, seed=top_k)
@@ -354,7 +345,7 @@ def test_evaluation_matches_loaders_to_heads_by_task_name(tmp_path):
     tasks = {"alpha": SyntheticTask(num_classes=4, num_images=40, image_size=32, seed=1),
              "beta": SyntheticTask(num_classes=4, num_images=40, image_size=32, seed=2)}
     data = MultiTaskDataModule(tasks, eval_batch_size=16)
-    zoo = SyntheticZoo(CLIP, seed=0)
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
     reversed_classes = {"beta": 4, "alpha": 4}
     module = make_module(zoo, num_classes=reversed_classes)
     raw = set_coefficients(module, seed=3)  # rows in the module's order: beta, alpha
@@ -389,7 +380,7 @@ def test_per_task_accuracy_rejects_bad_top_k():
 def write_state_dict_zoo(tmp_path, head_shapes: Mapping[str, tuple[int, int]], tasks=("alpha", "beta")) -> StateDictZoo:
     """A StateDictZoo over safetensors files: the tiny ViT, perturbed copies and heads of the given shapes."""
     torch.manual_seed(0)
-    encoder = create_encoder(CLIP)
+    encoder = create_encoder(TINY_CLIP)
     pretrained = {k: v.clone().contiguous() for k, v in encoder.state_dict().items()}
     save_file(pretrained, str(tmp_path / "pretrained.safetensors"))
     finetuned, heads = {}, {}
@@ -400,7 +391,7 @@ def write_state_dict_zoo(tmp_path, head_shapes: Mapping[str, tuple[int, int]], t
     for task, shape in head_shapes.items():
         heads[task] = str(tmp_path / f"head_{task}.safetensors")
         save_file({"weight": torch.randn(shape), "bias": torch.zeros(shape[0])}, heads[task])
-    return StateDictZoo(CLIP, str(tmp_path / "pretrained.safetensors"), finetuned, heads)
+    return StateDictZoo(TINY_CLIP, str(tmp_path / "pretrained.safetensors"), finetuned, heads)
 
 
 def test_state_dict_zoo_module_matches_reference(tmp_path):
@@ -441,7 +432,7 @@ class ForgetfulZoo(ModelZoo):
         self.drop = drop
 
     def load(self, num_classes, merged_tasks=None):
-        loaded = SyntheticZoo(CLIP, seed=0).load(num_classes, merged_tasks)
+        loaded = SyntheticZoo(TINY_CLIP, seed=0).load(num_classes, merged_tasks)
         heads = {t: h for t, h in loaded.heads.items() if t != self.drop}
         return LoadedZoo(loaded.encoder, loaded.finetuned, heads)
 
@@ -459,7 +450,7 @@ class ReversedLazyZoo(ModelZoo):
         self.loads: list[str] = []
 
     def load(self, num_classes, merged_tasks=None):
-        loaded = SyntheticZoo(CLIP, seed=0).load(num_classes, merged_tasks)
+        loaded = SyntheticZoo(TINY_CLIP, seed=0).load(num_classes, merged_tasks)
         lazy, self.loads = self.one_at_a_time(loaded.finetuned.__getitem__, reversed(list(loaded.finetuned)))
         return LoadedZoo(loaded.encoder, lazy, loaded.heads)
 
@@ -469,7 +460,7 @@ def test_module_reads_each_fine_tuned_model_once_in_task_order(one_at_a_time):
     module = make_module(zoo)
     module.configure_model()
     assert zoo.loads == list(NUM_CLASSES)  # the coefficients' row order, not the zoo's
-    reference = SyntheticZoo(CLIP, seed=0).load(NUM_CLASSES)
+    reference = SyntheticZoo(TINY_CLIP, seed=0).load(NUM_CLASSES)
     theta0 = reference.encoder.state_dict()
     stacked = module.merger.stacked_task_vectors()
     for k, task in enumerate(NUM_CLASSES):
@@ -479,7 +470,7 @@ def test_module_reads_each_fine_tuned_model_once_in_task_order(one_at_a_time):
 
 
 def test_num_classes_none_is_a_clear_error(tmp_path):
-    module = AdaMergingModule(SyntheticZoo(CLIP), num_classes=None)
+    module = AdaMergingModule(SyntheticZoo(TINY_CLIP), num_classes=None)
     with pytest.raises(ValueError, match="num_classes"):
         module.configure_model()
     with pytest.raises(ValueError, match="num_classes"):
@@ -510,7 +501,7 @@ def test_ties_k_one_is_accepted():
 
 # ----------------------------------------------------------------------------- 5. checkpoints
 def test_checkpoint_is_small_coefficients_only_and_reloads(tmp_path):
-    zoo = SyntheticZoo(CLIP, seed=0)
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
     data = MultiTaskDataModule(make_tasks(), batch_size=4)
     module = make_module(zoo, lr=0.05)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -529,7 +520,7 @@ def test_checkpoint_is_small_coefficients_only_and_reloads(tmp_path):
     # The zoo is a Python object: the checkpoint keeps the arguments it was built with, never the object.
     assert state["hyper_parameters"]["zoo"] == {
         "class_path": "lit_adamerging.models.zoo.SyntheticZoo",
-        "init_args": {"encoder": CLIP, "seed": 0, "perturbation": 0.05},
+        "init_args": {"encoder": TINY_CLIP, "seed": 0, "perturbation": 0.05},
     }
 
     loaded = AdaMergingModule.load_from_checkpoint(path, zoo=zoo, weights_only=True)
@@ -567,7 +558,7 @@ def test_checkpoint_is_small_coefficients_only_and_reloads(tmp_path):
 
 
 def test_python_checkpoint_needs_the_zoo_and_its_settings(tmp_path):
-    zoo = SyntheticZoo(CLIP, seed=0)
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
     module = make_module(zoo)
     set_coefficients(module)
     trainer = make_trainer(tmp_path)
@@ -578,9 +569,9 @@ def test_python_checkpoint_needs_the_zoo_and_its_settings(tmp_path):
         AdaMergingModule.load_from_checkpoint(path)
     # Another zoo than the one the coefficients were learned with is refused, from Python as through the Trainer.
     with pytest.raises(ValueError, match=r"model.zoo.init_args.seed: checkpoint 0, yours 1"):
-        AdaMergingModule.load_from_checkpoint(path, zoo=SyntheticZoo(CLIP, seed=1))
+        AdaMergingModule.load_from_checkpoint(path, zoo=SyntheticZoo(TINY_CLIP, seed=1))
     with pytest.raises(ValueError, match=r"model.zoo.init_args.seed: checkpoint 0, yours 1"):
-        make_trainer(tmp_path).test(make_module(SyntheticZoo(CLIP, seed=1)),
+        make_trainer(tmp_path).test(make_module(SyntheticZoo(TINY_CLIP, seed=1)),
                                     datamodule=MultiTaskDataModule(make_tasks()), ckpt_path=str(path), verbose=False)
     # A module made with another method is refused by the Trainer, listing each difference.
     other = make_module(zoo, granularity="task", ties_k=0.2)
@@ -598,7 +589,7 @@ def test_resume_matches_straight_fit(tmp_path):
     # shuffle order (the entropy mean does not depend on it): the data stream is identical with
     # and without resuming, and the runs must agree. Lightning does not checkpoint the global RNG
     # state, so with mini-batches the shuffling after resuming would differ from a straight run.
-    zoo = SyntheticZoo(CLIP, seed=0)
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
 
     def data():
         return MultiTaskDataModule(make_tasks({"alpha": 8, "beta": 8}), batch_size=8)
@@ -647,7 +638,7 @@ def test_resume_matches_straight_fit(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 6. baselines
-@pytest.mark.parametrize("encoder", [CLIP, "timm:test_efficientnet"])
+@pytest.mark.parametrize("encoder", [TINY_CLIP, TINY_TIMM])
 def test_task_wise_baselines_equal_merging_functions(encoder):
     zoo = SyntheticZoo(encoder, seed=0)
     num_classes = {"alpha": 5, "beta": 3, "gamma": 4}
@@ -682,7 +673,7 @@ def test_task_wise_baselines_equal_merging_functions(encoder):
 
 
 def test_adamerging_plus_plus_and_bf16_task_vectors_through_the_module():
-    zoo = SyntheticZoo(CLIP, seed=0)
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
     reference = Reference(zoo, NUM_CLASSES)
     taus = {t: {k: reference.finetuned[t][k] - reference.theta0[k] for k in reference.names} for t in NUM_CLASSES}
 
@@ -719,7 +710,7 @@ def test_adamerging_plus_plus_and_bf16_task_vectors_through_the_module():
 
 # ----------------------------------------------------------------------------- 7. callbacks
 def test_export_merged_encoder_loads_strictly_and_gives_same_logits(tmp_path):
-    zoo = SyntheticZoo(CLIP, seed=0)
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
     path = tmp_path / "export" / "merged.safetensors"
     module = make_module(zoo, lr=0.05)
     make_trainer(tmp_path, max_steps=3, callbacks=[ExportMergedEncoder(str(path))]).fit(
@@ -727,7 +718,7 @@ def test_export_merged_encoder_loads_strictly_and_gives_same_logits(tmp_path):
     )
     assert path.is_file()
     state = load_file(str(path))
-    fresh = create_encoder(CLIP)
+    fresh = create_encoder(TINY_CLIP)
     assert type(fresh) is type(module.merger.encoder)
     assert set(state) == set(fresh.state_dict())
     fresh.load_state_dict(state, strict=True)
@@ -760,7 +751,7 @@ def test_non_finite_loss_stops_the_fit_naming_the_task_and_saves_nothing(tmp_pat
     tasks = {"alpha": make_tasks()["alpha"], "beta": InfiniteImages()}
     checkpoints = tmp_path / "ckpt"
     export = tmp_path / "merged.safetensors"
-    module = RecordingModule(SyntheticZoo(CLIP, seed=0), num_classes=NUM_CLASSES)
+    module = RecordingModule(SyntheticZoo(TINY_CLIP, seed=0), num_classes=NUM_CLASSES)
     trainer = make_trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[
         ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=1, save_last=True), ExportMergedEncoder(str(export))])
     not_finite = r"training step 1: the loss is not finite: the entropy of task\(s\) \['beta'\]"
@@ -790,7 +781,7 @@ def test_export_path_that_cannot_be_written_fails_before_training(tmp_path):
     }
     (tmp_path / "folder.pt").mkdir()
     for path, message in cases.items():
-        module = RecordingModule(SyntheticZoo(CLIP, seed=0), num_classes=NUM_CLASSES)
+        module = RecordingModule(SyntheticZoo(TINY_CLIP, seed=0), num_classes=NUM_CLASSES)
         with pytest.raises(ValueError, match=message):
             make_trainer(tmp_path, max_steps=2, callbacks=[ExportMergedEncoder(path)]).fit(
                 module, datamodule=MultiTaskDataModule(make_tasks(), batch_size=4))
@@ -849,7 +840,7 @@ def test_ddp_syncs_only_the_coefficients(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    module = make_module(SyntheticZoo(CLIP, seed=0))
+    module = make_module(SyntheticZoo(TINY_CLIP, seed=0))
     module.configure_model()
     names = {name for name, _ in [*module.named_parameters(), *module.named_buffers()]}
     assert set(module._ddp_params_and_buffers_to_ignore) == names - {COEFFICIENTS_KEY}

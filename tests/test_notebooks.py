@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
+from helpers import REPOSITORY
 from lit_adamerging.data.offline import DATA_ENV
 from lit_adamerging.methods import method_names
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-REPOSITORY = NOTEBOOKS.parent
+NOTEBOOKS = REPOSITORY / "notebooks"
 
 
+@pytest.mark.slow  # runs the notebook in a kernel (about 45 s)
 def test_quickstart_runs_and_shows_the_results(offline_datasets, monkeypatch):
     # the kernel inherits the variable, so the notebook's find_data_root reads the tests' trees (no download)
     monkeypatch.setenv(DATA_ENV, str(offline_datasets("mnist", "fashion_mnist")))

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import REPOSITORY, TINY_CLIP, TINY_CLIP_MODEL
 from lit_adamerging.methods import method_names
 
-REPOSITORY = Path(__file__).resolve().parents[1]
 BUILD_INPUTS = ("pyproject.toml", "setup.cfg", "README.md", "LICENSE", "lit_adamerging")
 
-pytestmark = pytest.mark.packaging
+pytestmark = [pytest.mark.packaging, pytest.mark.slow]  # builds a wheel and a virtual environment (about 15 s)
 
-RUN = """
+RUN = f"""
 seed_everything: 0
 trainer:
   accelerator: cpu
@@ -42,17 +42,17 @@ trainer:
 model:
   zoo:
     class_path: lit_adamerging.SyntheticZoo
-    init_args: {encoder: "open_clip:test-vit-tiny", seed: 0}
+    init_args: {{encoder: "{TINY_CLIP}", seed: 0}}
 data:
   batch_size: 2
   eval_batch_size: 8
   tasks:
     alpha:
       class_path: lit_adamerging.SyntheticTask
-      init_args: {num_classes: 3, num_images: 8, image_size: 32, seed: 1}
+      init_args: {{num_classes: 3, num_images: 8, image_size: 32, seed: 1}}
     beta:
       class_path: lit_adamerging.SyntheticTask
-      init_args: {num_classes: 4, num_images: 8, image_size: 32, seed: 2}
+      init_args: {{num_classes: 4, num_images: 8, image_size: 32, seed: 2}}
 """
 
 
@@ -84,7 +84,8 @@ def test_wheel_installs_alone_and_runs_methods_by_name_outside_the_checkout(tmp_
     wheel = build_wheel(tmp_path, env)
     files = set(zipfile.ZipFile(wheel).namelist())
     methods = {f"lit_adamerging/methods/{name}.yaml" for name in method_names()}
-    assert methods | {"lit_adamerging/py.typed", "lit_adamerging/models/open_clip_configs/test-vit-tiny.json"} <= files
+    tiny_clip_config = f"lit_adamerging/models/open_clip_configs/{TINY_CLIP_MODEL}.json"
+    assert methods | {"lit_adamerging/py.typed", tiny_clip_config} <= files
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in files)
 
     venv = tmp_path / "venv"

@@ -164,7 +164,6 @@ def _write(placement: str, payload: object, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("placement", [*PLACEMENTS, "hf-folder", "hf-folder-sharded"])
 @pytest.mark.parametrize("payload", list(PAYLOADS), ids=lambda cls: cls.__name__)
 def test_payloads_execute_nothing(tmp_path, payload, placement):

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from helpers import TINY_CLIP, TINY_TIMM
 from lit_adamerging import (
     AdaMergingModule,
     ExportMergedEncoder,
@@ -40,15 +41,6 @@ from lit_adamerging.merging.surgery import FeatureSurgery, SurgeryModules
 from lit_adamerging.models.encoders import feature_dim
 from lit_adamerging.models.zoo import LoadedZoo
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-    pytest.mark.filterwarnings("ignore:.*litlogger.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`.*"),
-]
-
-CLIP = "open_clip:test-vit-tiny"
 TASK_ARITHMETIC = 0.3
 
 
@@ -61,7 +53,7 @@ def make_tasks(unseen: bool = False) -> dict[str, SyntheticTask]:
 
 
 def make_zoo() -> SyntheticZoo:
-    return SyntheticZoo(CLIP, seed=0, perturbation=0.2)
+    return SyntheticZoo(TINY_CLIP, seed=0, perturbation=0.2)
 
 
 def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
@@ -200,7 +192,7 @@ def test_untrained_surgery_gives_the_merged_encoders_logits_and_accuracies(tmp_p
 
 def timm_state_dict_zoo(tmp_path: Path, make_tiny_zoo, tasks: Mapping[str, SyntheticTask]) -> StateDictZoo:
     """A batch-norm encoder whose fine-tuned copies have their own running statistics, as files."""
-    encoder, finetuned = make_tiny_zoo("timm:test_efficientnet", tasks=list(tasks), perturb_buffers=True)
+    encoder, finetuned = make_tiny_zoo(TINY_TIMM, tasks=list(tasks), perturb_buffers=True)
     torch.save(encoder.state_dict(), tmp_path / "pretrained.pt")
     files, heads = {}, {}
     generator = torch.Generator().manual_seed(0)
@@ -209,7 +201,7 @@ def timm_state_dict_zoo(tmp_path: Path, make_tiny_zoo, tasks: Mapping[str, Synth
         torch.save(finetuned[name], files[name])
         heads[name] = str(tmp_path / f"{name}.head.pt")
         torch.save({"weight": torch.randn(task.num_classes, feature_dim(encoder), generator=generator)}, heads[name])
-    return StateDictZoo("timm:test_efficientnet", str(tmp_path / "pretrained.pt"), files, heads)
+    return StateDictZoo(TINY_TIMM, str(tmp_path / "pretrained.pt"), files, heads)
 
 
 @pytest.mark.parametrize("setting", ["task_arithmetic", "ties", "batch_norm"])
@@ -396,7 +388,7 @@ def test_unseen_tasks_get_no_surgery_and_no_fine_tuned_model_is_read(tmp_path):
             reads.append(task)
             return super()._finetuned(encoder, task)
 
-    zoo = Recording(CLIP, seed=0, perturbation=0.2)
+    zoo = Recording(TINY_CLIP, seed=0, perturbation=0.2)
     tasks = make_tasks(unseen=True)
     module, data, _, recorder = fit(tmp_path, steps=4, tasks=tasks, zoo=zoo, lr=1e-2)
     assert module.surgery.tasks == ["alpha", "beta"] and set(recorder.features) == {"alpha", "beta"}
@@ -458,7 +450,8 @@ def test_bad_input_is_named(tmp_path):
 
 
 # ----------------------------------------------------------------------------- DDP
-DDP_SCRIPT = textwrap.dedent('''
+# A standalone script (run in a fresh interpreter): its first line names the tiny model.
+DDP_SCRIPT = f"TINY_CLIP = {TINY_CLIP!r}\n" + textwrap.dedent('''
     import sys
     import lightning.pytorch as pl
     import torch
@@ -482,7 +475,7 @@ DDP_SCRIPT = textwrap.dedent('''
     tasks = {"alpha": SyntheticTask(num_classes=5, num_images=40, image_size=32, seed=1),
              "beta": SyntheticTask(num_classes=3, num_images=24, image_size=32, seed=2)}
     data = MultiTaskDataModule(tasks, batch_size=batch_size, eval_batch_size=7, cache="none")
-    module = SurgeryModule(SyntheticZoo("open_clip:test-vit-tiny", seed=0, perturbation=0.2),
+    module = SurgeryModule(SyntheticZoo(TINY_CLIP, seed=0, perturbation=0.2),
                            num_classes=data.num_classes, lr=1e-2)
     strategy = DDPStrategy(find_unused_parameters=False) if devices > 1 else "auto"
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=6, logger=False,
@@ -493,6 +486,7 @@ DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # DDP on two processes
 def test_ddp_on_two_processes_trains_the_same_maps_as_one_process(tmp_path):
     # The same tasks, zoo, seed and steps as fit(); each process takes half of the 8 images per task and step.
     script = tmp_path / "surgery_ddp.py"

@@ -23,23 +23,13 @@ import torch
 import yaml
 from torch.utils.data import Dataset, TensorDataset
 
-from conftest import TINY_CONFIG, load_config, printed_metric, reference_accuracies, run_cli
+from helpers import TINY_CLIP, TINY_CONFIG, load_config, printed_metric, reference_accuracies, run_cli
 from lit_adamerging import AdaMergingModule, ModelZoo, MultiTaskDataModule, SyntheticTask, SyntheticZoo, TaskData
 from lit_adamerging.cli import AdaMergingCLI
 from lit_adamerging.lightning.base import intended_warnings_ignored
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY
 from lit_adamerging.lightning.checks import checkpoint_settings_differences
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-    pytest.mark.filterwarnings("ignore:.*litlogger.*"),
-    pytest.mark.filterwarnings("ignore:The dirpath has changed.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*Checkpoint directory.*exists and is not empty.*"),
-]
-
-CLIP = "open_clip:test-vit-tiny"
 QUIET = ["--trainer.logger=false", "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false"]
 
 
@@ -67,7 +57,7 @@ def make_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
 def fit(tmp_path: Path, tasks: dict[str, TaskData], unseen: list[str], steps: int = 4, **kwargs):
     pl.seed_everything(0)
     data = MultiTaskDataModule(tasks, unseen_tasks=unseen, batch_size=4, eval_batch_size=50)
-    module = AdaMergingModule(SyntheticZoo(CLIP, seed=0), num_classes=data.num_classes,
+    module = AdaMergingModule(SyntheticZoo(TINY_CLIP, seed=0), num_classes=data.num_classes,
                               unseen_tasks=data.unseen_tasks, **kwargs)
     trainer = make_trainer(tmp_path, max_steps=steps)
     with intended_warnings_ignored():
@@ -88,7 +78,7 @@ def test_coefficients_bit_identical_with_and_without_unseen_tasks(tmp_path):
     with intended_warnings_ignored():
         trainer.test(module, datamodule=data, verbose=False)
     metrics = {key: value.item() for key, value in trainer.callback_metrics.items()}
-    expected = reference_accuracies(SyntheticZoo(CLIP, seed=0), tasks, ["alpha", "beta"], module.coefficients())
+    expected = reference_accuracies(SyntheticZoo(TINY_CLIP, seed=0), tasks, ["alpha", "beta"], module.coefficients())
     for task, value in expected.items():
         assert metrics[f"test/acc/{task}"] == pytest.approx(value, abs=1e-6)
     assert metrics["test/acc/avg_seen"] == pytest.approx((expected["alpha"] + expected["beta"]) / 2, abs=1e-6)
@@ -101,10 +91,10 @@ def test_coefficients_bit_identical_with_and_without_unseen_tasks(tmp_path):
 
     # A checkpoint keeps the split: loaded from Python it comes back; given another one, it is refused.
     trainer.save_checkpoint(tmp_path / "split.ckpt")
-    loaded = AdaMergingModule.load_from_checkpoint(tmp_path / "split.ckpt", zoo=SyntheticZoo(CLIP, seed=0))
+    loaded = AdaMergingModule.load_from_checkpoint(tmp_path / "split.ckpt", zoo=SyntheticZoo(TINY_CLIP, seed=0))
     assert loaded.unseen_tasks == ["delta"] and torch.equal(loaded.coefficients(), module.coefficients())
     with pytest.raises(ValueError, match=r"model.unseen_tasks: checkpoint \['delta'\], yours \['beta'\]"):
-        AdaMergingModule.load_from_checkpoint(tmp_path / "split.ckpt", zoo=SyntheticZoo(CLIP, seed=0),
+        AdaMergingModule.load_from_checkpoint(tmp_path / "split.ckpt", zoo=SyntheticZoo(TINY_CLIP, seed=0),
                                               unseen_tasks=["beta"])
 
     # Without unseen tasks, only the overall average is logged, as before.
@@ -175,26 +165,26 @@ def test_unseen_errors_name_the_tasks(tmp_path):
         MultiTaskDataModule(tasks, unseen_tasks="delta")
     num_classes = {"alpha": 5, "delta": 4, "beta": 3}
     with pytest.raises(ValueError, match=r"unseen task\(s\) \['gamma'\] are not among the model's tasks"):
-        AdaMergingModule(SyntheticZoo(CLIP), num_classes=num_classes, unseen_tasks=["gamma"])
+        AdaMergingModule(SyntheticZoo(TINY_CLIP), num_classes=num_classes, unseen_tasks=["gamma"])
     with pytest.raises(ValueError, match="every one of the model's tasks .* nothing to merge"):
-        AdaMergingModule(SyntheticZoo(CLIP), num_classes={"alpha": 5}, unseen_tasks=["alpha"])
+        AdaMergingModule(SyntheticZoo(TINY_CLIP), num_classes={"alpha": 5}, unseen_tasks=["alpha"])
     # Weight averaging's 1/T counts the merged tasks only.
-    averaging = AdaMergingModule(SyntheticZoo(CLIP), num_classes=num_classes, unseen_tasks=["delta"], init=None,
+    averaging = AdaMergingModule(SyntheticZoo(TINY_CLIP), num_classes=num_classes, unseen_tasks=["delta"], init=None,
                                  granularity="task")
     assert torch.equal(averaging.coefficients(), torch.full_like(averaging.coefficients(), 0.5))
     # Kept in task order, whatever order they are given in.
     assert MultiTaskDataModule(tasks, unseen_tasks=["beta", "alpha"]).unseen_tasks == ["alpha", "beta"]
-    assert AdaMergingModule(SyntheticZoo(CLIP), num_classes=num_classes, unseen_tasks=["beta", "alpha"]).hparams[
+    assert AdaMergingModule(SyntheticZoo(TINY_CLIP), num_classes=num_classes, unseen_tasks=["beta", "alpha"]).hparams[
         "unseen_tasks"] == ["alpha", "beta"]
 
     # The model and the data must mark the same tasks unseen.
     data = MultiTaskDataModule(tasks, unseen_tasks=["delta"], batch_size=8)
-    module = AdaMergingModule(SyntheticZoo(CLIP), num_classes=data.num_classes)
+    module = AdaMergingModule(SyntheticZoo(TINY_CLIP), num_classes=data.num_classes)
     with pytest.raises(ValueError, match=r"the model's unseen_tasks \[\] and the data module's \['delta'\] differ"):
         make_trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
 
     # Unseen images in a training batch (a data source that ignores unseen_tasks) are refused, not ignored.
-    module = AdaMergingModule(SyntheticZoo(CLIP), num_classes=data.num_classes, unseen_tasks=["delta"])
+    module = AdaMergingModule(SyntheticZoo(TINY_CLIP), num_classes=data.num_classes, unseen_tasks=["delta"])
     module.configure_model()
     batch = {task: torch.zeros(2, 3, 32, 32) for task in tasks}
     with pytest.raises(ValueError, match=r"images of the unseen task\(s\) \['delta'\]; unseen tasks are evaluated"):
@@ -203,7 +193,7 @@ def test_unseen_errors_name_the_tasks(tmp_path):
 
 def test_synthetic_zoo_builds_fine_tuned_weights_only_for_merged_tasks():
     num_classes = {"alpha": 5, "delta": 4, "beta": 3}
-    zoo = SyntheticZoo(CLIP, seed=0)
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
     loaded, everything = zoo.load(num_classes, merged_tasks=["beta", "alpha"]), zoo.load(num_classes)
     assert list(loaded.finetuned) == ["alpha", "beta"] and list(loaded.heads) == list(num_classes)
     assert torch.equal(loaded.heads["delta"].weight, everything.heads["delta"].weight)
@@ -217,7 +207,7 @@ class OldStyleZoo(ModelZoo):
     """A custom zoo written before ``merged_tasks`` existed."""
 
     def load(self, num_classes):
-        return SyntheticZoo(CLIP, seed=0).load(num_classes)
+        return SyntheticZoo(TINY_CLIP, seed=0).load(num_classes)
 
 
 def test_a_zoo_that_cannot_leave_out_unseen_tasks_is_named():
@@ -290,6 +280,7 @@ def fitted(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # runs the command in another process
 def test_cli_coefficients_bit_identical_and_printed_accuracies(fitted):
     plain = torch.load(checkpoint_of(fitted / "plain"), weights_only=True)
     unseen = torch.load(checkpoint_of(fitted / "unseen"), weights_only=True)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 import lit_adamerging.models.zeroshot as zeroshot
+from helpers import TINY_CLIP, TINY_CLIP_MODEL, TINY_TIMM, TINY_TIMM_MODEL
 from lit_adamerging.models import (
     OpenCLIPZoo,
     Preprocess,
@@ -24,8 +25,6 @@ from lit_adamerging.models import (
 )
 from lit_adamerging.models.efficientnet_lite0 import MEAN, PACKAGE, STD, timm_name
 from lit_adamerging.models.preprocess import CLIP_MEAN, CLIP_STD
-
-TINY_CLIP = "test-vit-tiny"
 
 
 def perturbed(state: dict[str, torch.Tensor], seed: int, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -39,9 +38,9 @@ def perturbed(state: dict[str, torch.Tensor], seed: int, prefix: str = "") -> di
 
 @pytest.fixture()
 def clip_files(tmp_path):
-    create_encoder(f"open_clip:{TINY_CLIP}")  # registers the tiny config
+    create_encoder(TINY_CLIP)  # registers the tiny config
     torch.manual_seed(0)
-    clip = open_clip.create_model(TINY_CLIP).eval()
+    clip = open_clip.create_model(TINY_CLIP_MODEL).eval()
     pretrained = tmp_path / "clip.safetensors"
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(pretrained))
     # task a: whole CLIP under "module."; task b: image tower only, .pt
@@ -53,7 +52,7 @@ def clip_files(tmp_path):
 
 
 def naive_zero_shot_weight(clip, class_names, templates):
-    tokenizer = open_clip.get_tokenizer(TINY_CLIP)
+    tokenizer = open_clip.get_tokenizer(TINY_CLIP_MODEL)
     rows = []
     with torch.no_grad():
         for name in class_names:
@@ -67,7 +66,7 @@ def test_open_clip_zoo_heads_weights_and_cache(tmp_path, clip_files, monkeypatch
     names = {"a": ["cat", "dog", "bird"], "b": ["red", "green"]}
     templates = {"a": ["a photo of a {}.", "a drawing of a {}."], "b": ["the color {}."]}
     cache = tmp_path / "heads"
-    zoo = OpenCLIPZoo(TINY_CLIP, finetuned, pretrained=str(pretrained), class_names=names, templates=templates,
+    zoo = OpenCLIPZoo(TINY_CLIP_MODEL, finetuned, pretrained=str(pretrained), class_names=names, templates=templates,
                       head_cache_dir=str(cache))
     loaded = zoo.load({"a": 3, "b": 2})
 
@@ -88,7 +87,7 @@ def test_open_clip_zoo_heads_weights_and_cache(tmp_path, clip_files, monkeypatch
     again = zoo.load({"a": 3, "b": 2})
     torch.testing.assert_close(again.heads["a"].weight, loaded.heads["a"].weight)
     # other templates are another head: built, not read from the cache
-    changed = OpenCLIPZoo(TINY_CLIP, finetuned, pretrained=str(pretrained), class_names=names,
+    changed = OpenCLIPZoo(TINY_CLIP_MODEL, finetuned, pretrained=str(pretrained), class_names=names,
                           templates={**templates, "b": ["a {} thing."]}, head_cache_dir=str(cache))
     with pytest.raises(AssertionError, match="encoded again"):
         changed.load({"a": 3, "b": 2})
@@ -96,26 +95,28 @@ def test_open_clip_zoo_heads_weights_and_cache(tmp_path, clip_files, monkeypatch
 
 def test_open_clip_zoo_builtin_class_names_and_errors(tmp_path, clip_files):
     _, pretrained, finetuned, _, _ = clip_files
-    zoo = OpenCLIPZoo(TINY_CLIP, {"mnist": finetuned["a"]}, pretrained=str(pretrained), head_cache_dir=None)
+    zoo = OpenCLIPZoo(TINY_CLIP_MODEL, {"mnist": finetuned["a"]}, pretrained=str(pretrained), head_cache_dir=None)
     assert zoo.load({"mnist": 10}).heads["mnist"].num_classes == 10
     with pytest.raises(ValueError, match=r"no file for task\(s\) \['b'\]"):
-        OpenCLIPZoo(TINY_CLIP, {"a": finetuned["a"]}, pretrained=str(pretrained)).load({"a": 3, "b": 2})
+        OpenCLIPZoo(TINY_CLIP_MODEL, {"a": finetuned["a"]}, pretrained=str(pretrained)).load({"a": 3, "b": 2})
     with pytest.raises(ValueError, match="unknown open_clip model 'no-such-model'"):
         OpenCLIPZoo("no-such-model", finetuned, pretrained=str(pretrained)).load({"a": 3})
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
-        OpenCLIPZoo(TINY_CLIP, finetuned, pretrained=str(tmp_path / "missing.safetensors")).load({"a": 3})
+        OpenCLIPZoo(TINY_CLIP_MODEL, finetuned, pretrained=str(tmp_path / "missing.safetensors")).load({"a": 3})
     with pytest.raises(KeyError, match="no_such_task"):
-        OpenCLIPZoo(TINY_CLIP, {"no_such_task": finetuned["a"]}, pretrained=str(pretrained)).load({"no_such_task": 3})
+        OpenCLIPZoo(TINY_CLIP_MODEL, {"no_such_task": finetuned["a"]}, pretrained=str(pretrained)).load(
+            {"no_such_task": 3}
+        )
 
 
 @pytest.fixture()
 def timm_files(tmp_path):
     torch.manual_seed(0)
-    base = timm.create_model("test_efficientnet", num_classes=7)
+    base = timm.create_model(TINY_TIMM_MODEL, num_classes=7)
     torch.save(base.state_dict(), tmp_path / "base.pth")
     files, models = {}, {}
     for seed, (task, classes) in enumerate((("a", 3), ("b", 5)), start=1):
-        model = timm.create_model("test_efficientnet", num_classes=classes)
+        model = timm.create_model(TINY_TIMM_MODEL, num_classes=classes)
         state = {k: v for k, v in perturbed(base.state_dict(), seed).items() if not k.startswith("classifier.")}
         model.load_state_dict({**model.state_dict(), **state})
         files[task], models[task] = str(tmp_path / f"{task}.safetensors"), model
@@ -125,7 +126,7 @@ def timm_files(tmp_path):
 
 def test_timm_zoo_backbone_and_heads(timm_files):
     base, pretrained, files, models = timm_files
-    loaded = TimmZoo("test_efficientnet", files, pretrained=pretrained).load({"a": 3, "b": 5})
+    loaded = TimmZoo(TINY_TIMM_MODEL, files, pretrained=pretrained).load({"a": 3, "b": 5})
     backbone_keys = set(loaded.encoder.state_dict())
     assert not any(key.startswith("classifier.") for key in backbone_keys)
     for key in backbone_keys:
@@ -135,7 +136,7 @@ def test_timm_zoo_backbone_and_heads(timm_files):
     images = torch.randn(2, 3, 32, 32)
     for task, model in models.items():
         model.eval()
-        encoder = create_encoder("timm:test_efficientnet").eval()
+        encoder = create_encoder(TINY_TIMM).eval()
         encoder.load_state_dict(loaded.finetuned[task])
         with torch.no_grad():
             torch.testing.assert_close(loaded.heads[task](encoder(images)), model(images), rtol=1e-5, atol=1e-5)
@@ -147,9 +148,9 @@ def test_timm_zoo_errors(tmp_path, timm_files):
     backbone = {k: v.contiguous() for k, v in base.state_dict().items() if not k.startswith("classifier.")}
     save_file(backbone, str(headless))
     with pytest.raises(ValueError, match="headless.safetensors: no classifier 'classifier.weight'"):
-        TimmZoo("test_efficientnet", {"a": str(headless)}, pretrained=pretrained).load({"a": 7})
+        TimmZoo(TINY_TIMM_MODEL, {"a": str(headless)}, pretrained=pretrained).load({"a": 7})
     with pytest.raises(ValueError, match="fit 'efficientnet_lite0', not 'test_efficientnet'"):
-        TimmZoo("test_efficientnet", files, pretrained=PACKAGE).load({"a": 3})
+        TimmZoo(TINY_TIMM_MODEL, files, pretrained=PACKAGE).load({"a": 3})
     with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
         TimmZoo("no_such_net", files, pretrained=pretrained).load({"a": 3})
 
@@ -194,7 +195,7 @@ def test_open_clip_zoo_takes_hugging_face_vision_folders(tmp_path, clip_files):
     )
     folder = tmp_path / "hf_task"
     transformers.CLIPVisionModel(vision).save_pretrained(folder)  # no projection: it was not fine-tuned
-    zoo = OpenCLIPZoo(TINY_CLIP, {"a": finetuned["a"], "b": str(folder)}, pretrained=str(pretrained),
+    zoo = OpenCLIPZoo(TINY_CLIP_MODEL, {"a": finetuned["a"], "b": str(folder)}, pretrained=str(pretrained),
                       class_names={"a": ["x", "y", "z"], "b": ["u", "v"]}, head_cache_dir=None)
     loaded = zoo.load({"a": 3, "b": 2})
     from lit_adamerging.models.checkpoints import read_checkpoint
@@ -212,10 +213,10 @@ def test_encoder_preprocess_follows_each_librarys_config():
     assert encoder_preprocess("open_clip:ViT-B-16-SigLIP", "webli") == Preprocess(
         224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", center_crop=False
     )
-    assert encoder_preprocess(f"open_clip:{TINY_CLIP}") == Preprocess(32)  # no tag: open_clip's defaults
+    assert encoder_preprocess(TINY_CLIP) == Preprocess(32)  # no tag: open_clip's defaults
     # timm: the default pretrained config, crop_pct included
-    cfg = timm.models.get_pretrained_cfg("test_efficientnet")
-    assert encoder_preprocess("timm:test_efficientnet") == Preprocess(
+    cfg = timm.models.get_pretrained_cfg(TINY_TIMM_MODEL)
+    assert encoder_preprocess(TINY_TIMM) == Preprocess(
         cfg.input_size[-1], cfg.mean, cfg.std, cfg.interpolation, True, cfg.crop_pct
     )
     assert encoder_preprocess("timm:efficientnet_lite0", mean=MEAN, std=STD).mean == MEAN
@@ -234,13 +235,13 @@ def test_zoos_report_their_models_preprocessing(tmp_path):
     files = {"a": str(tmp_path / "a.pt")}  # never read: preprocess() loads no weights
     assert OpenCLIPZoo("ViT-B-32", files, pretrained="openai").preprocess() == Preprocess()
     assert OpenCLIPZoo("ViT-B-16-SigLIP", files, pretrained="webli").preprocess().center_crop is False
-    assert OpenCLIPZoo(TINY_CLIP, files, pretrained=str(tmp_path / "clip.pt")).preprocess() == Preprocess(32)
+    assert OpenCLIPZoo(TINY_CLIP_MODEL, files, pretrained=str(tmp_path / "clip.pt")).preprocess() == Preprocess(32)
     lite0 = TimmZoo("efficientnet_lite0", files, pretrained=PACKAGE).preprocess()
     assert (lite0.mean, lite0.std, lite0.image_size, lite0.crop_pct) == (MEAN, STD, 224, 0.875)
-    expected = encoder_preprocess("timm:test_efficientnet")
-    assert TimmZoo("test_efficientnet", files, pretrained="b.pth").preprocess() == expected
-    assert StateDictZoo("timm:test_efficientnet", "b.pth", files, files).preprocess().image_size == 160
-    assert SyntheticZoo(f"open_clip:{TINY_CLIP}").preprocess() == Preprocess(32)
+    expected = encoder_preprocess(TINY_TIMM)
+    assert TimmZoo(TINY_TIMM_MODEL, files, pretrained="b.pth").preprocess() == expected
+    assert StateDictZoo(TINY_TIMM, "b.pth", files, files).preprocess().image_size == 160
+    assert SyntheticZoo(TINY_CLIP).preprocess() == Preprocess(32)
 
 
 def poisoned(kind: str, classes: int, width: int) -> tuple[dict[str, torch.Tensor], str]:
@@ -273,7 +274,7 @@ def test_state_dict_zoo_refuses_bad_head_files(tmp_path, clip_files, kind):
     tensors, message = poisoned(kind, 2, width)
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(tmp_path / "head_b.safetensors"))
     heads = {"a": str(tmp_path / "head_a.safetensors"), "b": str(tmp_path / "head_b.safetensors")}
-    zoo = StateDictZoo(f"open_clip:{TINY_CLIP}", str(pretrained), finetuned, heads)
+    zoo = StateDictZoo(TINY_CLIP, str(pretrained), finetuned, heads)
     with pytest.raises(ValueError, match=re.escape(f"{heads['b']} (head of task 'b'): ") + message):
         zoo.load({"a": 3, "b": 2})
     assert zoo.load({"a": 3}).heads["a"].num_classes == 3  # the good head alone loads
@@ -289,7 +290,7 @@ def test_timm_zoo_refuses_bad_classifiers(tmp_path, timm_files, kind):
     bad = tmp_path / "b_bad.safetensors"
     save_file(state, str(bad))
     with pytest.raises(ValueError, match=re.escape(f"{bad} (head of task 'b'): ") + message):
-        TimmZoo("test_efficientnet", {**files, "b": str(bad)}, pretrained=pretrained).load({"a": 3, "b": 5})
+        TimmZoo(TINY_TIMM_MODEL, {**files, "b": str(bad)}, pretrained=pretrained).load({"a": 3, "b": 5})
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -297,7 +298,8 @@ def test_open_clip_zoo_refuses_a_non_finite_cached_zero_shot_head(tmp_path, clip
     _, pretrained, finetuned, _, _ = clip_files
     cache = tmp_path / "heads"
     names = {"a": ["cat", "dog", "bird"], "b": ["red", "green"]}
-    zoo = OpenCLIPZoo(TINY_CLIP, finetuned, pretrained=str(pretrained), class_names=names, head_cache_dir=str(cache))
+    zoo = OpenCLIPZoo(TINY_CLIP_MODEL, finetuned, pretrained=str(pretrained), class_names=names,
+                      head_cache_dir=str(cache))
     zoo.load({"a": 3, "b": 2})
     (cached,) = cache.glob("a-*.safetensors")
     weight = load_file(str(cached))["weight"]
@@ -318,7 +320,7 @@ def test_open_clip_zoo_never_reads_an_unseen_tasks_checkpoint(tmp_path, clip_fil
     unread = str(tmp_path / "no_such_folder" / "b.pt")  # reading it would raise FileNotFoundError
 
     def zoo(files):
-        return OpenCLIPZoo(TINY_CLIP, files, pretrained=str(pretrained), class_names=names, templates=templates,
+        return OpenCLIPZoo(TINY_CLIP_MODEL, files, pretrained=str(pretrained), class_names=names, templates=templates,
                            head_cache_dir=None)
 
     for files in ({"a": finetuned["a"], "b": unread}, {"a": finetuned["a"]}):  # listed or not: never read
@@ -346,13 +348,13 @@ def test_state_dict_zoo_unseen_task_needs_only_its_head(tmp_path, clip_files):
         heads[task] = str(tmp_path / f"head_{task}.safetensors")
         save_file({"weight": torch.randn(classes, width), "bias": torch.randn(classes)}, heads[task])
     files = {"a": finetuned["a"], "b": str(tmp_path / "missing.pt")}
-    loaded = StateDictZoo(f"open_clip:{TINY_CLIP}", str(pretrained), files, heads).load(
+    loaded = StateDictZoo(TINY_CLIP, str(pretrained), files, heads).load(
         {"a": 3, "b": 2}, merged_tasks=["a"]
     )
     assert list(loaded.finetuned) == ["a"]
     assert torch.equal(loaded.heads["b"].weight, load_file(heads["b"])["weight"])
     with pytest.raises(ValueError, match=r"'heads' has no file for task\(s\) \['b'\]"):  # the head it still needs
-        StateDictZoo(f"open_clip:{TINY_CLIP}", str(pretrained), files, {"a": heads["a"]}).load(
+        StateDictZoo(TINY_CLIP, str(pretrained), files, {"a": heads["a"]}).load(
             {"a": 3, "b": 2}, merged_tasks=["a"]
         )
 
@@ -366,7 +368,7 @@ def test_timm_zoo_head_file_for_an_unseen_task(tmp_path, timm_files):
     save_file({"weight": torch.randn(4, width), "bias": torch.randn(4)}, head_c)
     save_file({"weight": torch.randn(3, width), "bias": torch.randn(3)}, head_a)
     num_classes = {"a": 3, "b": 5, "c": 4}
-    zoo = TimmZoo("test_efficientnet", files, pretrained=pretrained, heads={"c": head_c})
+    zoo = TimmZoo(TINY_TIMM_MODEL, files, pretrained=pretrained, heads={"c": head_c})
     loaded = zoo.load(num_classes, merged_tasks=["a", "b"])
     assert list(loaded.finetuned) == ["a", "b"]
     assert torch.equal(loaded.heads["c"].weight, load_file(head_c)["weight"])
@@ -375,7 +377,7 @@ def test_timm_zoo_head_file_for_an_unseen_task(tmp_path, timm_files):
 
     # Through the module: c's logits are its head on the encoder merged from a and b only (task arithmetic, 0.3).
     module = AdaMergingModule(zoo, num_classes=num_classes, unseen_tasks=["c"], granularity="task", init=0.3)
-    encoder = create_encoder("timm:test_efficientnet").eval()
+    encoder = create_encoder(TINY_TIMM).eval()
     theta0 = {k: v for k, v in base.state_dict().items() if not k.startswith("classifier.")}
     parameters = {name for name, _ in encoder.named_parameters()}
     merged = {
@@ -389,11 +391,11 @@ def test_timm_zoo_head_file_for_an_unseen_task(tmp_path, timm_files):
         torch.testing.assert_close(module.eval()(images, "c"), expected, rtol=1e-4, atol=1e-5)
 
     # A head file takes precedence over a checkpoint's classifier, for any task.
-    with_head = TimmZoo("test_efficientnet", files, pretrained=pretrained, heads={"a": head_a, "c": head_c})
+    with_head = TimmZoo(TINY_TIMM_MODEL, files, pretrained=pretrained, heads={"a": head_a, "c": head_c})
     assert torch.equal(with_head.load(num_classes, merged_tasks=["a", "b"]).heads["a"].weight,
                        load_file(head_a)["weight"])
     # An unseen task with neither a head file nor a checkpoint is named; a merged task still needs its checkpoint.
     with pytest.raises(ValueError, match=r"TimmZoo has no head for task\(s\) \['c'\].*heads: \{task: file"):
-        TimmZoo("test_efficientnet", files, pretrained=pretrained).load(num_classes, merged_tasks=["a", "b"])
+        TimmZoo(TINY_TIMM_MODEL, files, pretrained=pretrained).load(num_classes, merged_tasks=["a", "b"])
     with pytest.raises(ValueError, match=r"'finetuned' has no file for task\(s\) \['c'\]"):
         zoo.load(num_classes)

@@ -5,14 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import open_clip
+import pytest
 import timm
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import TINY_CLIP, TINY_CLIP_MODEL, TINY_TIMM_MODEL, run_cli
 from lit_adamerging import AdaMergingModule, OpenCLIPZoo, TimmZoo
 from lit_adamerging.models import create_encoder
+
+# every test runs the command in other processes (about 14 s each)
+pytestmark = pytest.mark.slow
 
 DATA = {
     "batch_size": 4,
@@ -64,10 +68,10 @@ def perturbed(state: dict, seed: int) -> dict:
 def write_timm_checkpoints(tmp_path: Path, save) -> None:
     """base.pth (backbone) and, per task, a fine-tuned whole model written by ``save(model, task)``."""
     torch.manual_seed(0)
-    base = timm.create_model("test_efficientnet", num_classes=0)
+    base = timm.create_model(TINY_TIMM_MODEL, num_classes=0)
     torch.save(base.state_dict(), tmp_path / "base.pth")
     for seed, (task, classes) in enumerate((("alpha", 3), ("beta", 2)), start=1):
-        model = timm.create_model("test_efficientnet", num_classes=classes)
+        model = timm.create_model(TINY_TIMM_MODEL, num_classes=classes)
         model.load_state_dict({**model.state_dict(), **perturbed(base.state_dict(), seed)})
         save(model, task)
 
@@ -85,9 +89,9 @@ def check_export(tmp_path: Path, module: AdaMergingModule, plain: torch.nn.Modul
 
 
 def test_open_clip_checkpoints_fit_test_and_export(tmp_path):
-    create_encoder("open_clip:test-vit-tiny")
+    create_encoder(TINY_CLIP)
     torch.manual_seed(0)
-    clip = open_clip.create_model("test-vit-tiny")
+    clip = open_clip.create_model(TINY_CLIP_MODEL)
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
     torch.save({f"module.{k}": v for k, v in perturbed(clip.state_dict(), 1).items()}, tmp_path / "alpha.pt")
     visual = perturbed(clip.visual.state_dict(), 2)
@@ -95,7 +99,7 @@ def test_open_clip_checkpoints_fit_test_and_export(tmp_path):
     zoo = {
         "class_path": "lit_adamerging.OpenCLIPZoo",
         "init_args": {
-            "model": "test-vit-tiny",
+            "model": TINY_CLIP_MODEL,
             "pretrained": "clip.safetensors",
             "finetuned": {"alpha": "alpha.pt", "beta": "beta.ckpt"},
             "class_names": {"alpha": ["cat", "dog", "bird"], "beta": ["day", "night"]},
@@ -114,10 +118,10 @@ def test_open_clip_checkpoints_fit_test_and_export(tmp_path):
     names = zoo["init_args"]["class_names"]
     module = AdaMergingModule.load_from_checkpoint(
         tmp_path / "ckpt" / "last.ckpt",
-        zoo=OpenCLIPZoo("test-vit-tiny", files, pretrained=str(tmp_path / "clip.safetensors"),
+        zoo=OpenCLIPZoo(TINY_CLIP_MODEL, files, pretrained=str(tmp_path / "clip.safetensors"),
                         class_names=names, head_cache_dir=str(tmp_path / "heads")),
     )
-    check_export(tmp_path, module, open_clip.create_model("test-vit-tiny").visual)
+    check_export(tmp_path, module, open_clip.create_model(TINY_CLIP_MODEL).visual)
 
 
 def test_timm_checkpoints_fit_test_and_export(tmp_path):
@@ -130,7 +134,7 @@ def test_timm_checkpoints_fit_test_and_export(tmp_path):
     zoo = {
         "class_path": "lit_adamerging.TimmZoo",
         "init_args": {
-            "model": "test_efficientnet",
+            "model": TINY_TIMM_MODEL,
             "pretrained": "base.pth",
             "finetuned": {"alpha": "alpha.safetensors", "beta": "beta.safetensors"},
         },
@@ -144,16 +148,16 @@ def test_timm_checkpoints_fit_test_and_export(tmp_path):
 
     files = {task: str(tmp_path / f"{task}.safetensors") for task in ("alpha", "beta")}
     module = AdaMergingModule.load_from_checkpoint(
-        tmp_path / "ckpt" / "last.ckpt", zoo=TimmZoo("test_efficientnet", files, pretrained=str(tmp_path / "base.pth"))
+        tmp_path / "ckpt" / "last.ckpt", zoo=TimmZoo(TINY_TIMM_MODEL, files, pretrained=str(tmp_path / "base.pth"))
     )
-    check_export(tmp_path, module, timm.create_model("test_efficientnet", num_classes=0))
+    check_export(tmp_path, module, timm.create_model(TINY_TIMM_MODEL, num_classes=0))
 
 
 def test_pickled_checkpoint_refused_then_accepted_through_the_cli(tmp_path):
     write_timm_checkpoints(tmp_path, lambda model, task: torch.save(model, tmp_path / f"{task}.pt"))  # pickled modules
     zoo = {
         "class_path": "lit_adamerging.TimmZoo",
-        "init_args": {"model": "test_efficientnet", "pretrained": "base.pth",
+        "init_args": {"model": TINY_TIMM_MODEL, "pretrained": "base.pth",
                       "finetuned": {"alpha": "alpha.pt", "beta": "beta.pt"}},
     }
     config = write_config(tmp_path / "config.yaml", zoo)
