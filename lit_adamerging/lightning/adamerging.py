@@ -31,8 +31,8 @@ class AdaMergingModule(MergingModule):
     Example:
         >>> from lit_adamerging import SyntheticZoo
         >>> module = AdaMergingModule(SyntheticZoo("open_clip:test-vit-tiny"), {"a": 3, "b": 5}, granularity="task")
-        >>> module.coefficients().shape
-        torch.Size([2, 1])
+        >>> module.coefficients()[:, 0]  # [tasks, merged tensors]; task-wise, each row repeats one value
+        tensor([0.3000, 0.3000])
 
     Args:
         zoo, num_classes, unseen_tasks: see :class:`~lit_adamerging.lightning.base.MergingModule`.
