@@ -2,9 +2,9 @@
 
 Example::
 
-    lit-adamerging fit --config configs/tiny.yaml --method layer_wise_adamerging
-    lit-adamerging test --config configs/tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt
-    lit-adamerging test --config configs/tiny.yaml --method task_arithmetic
+    lit-adamerging fit --config tiny --method layer_wise_adamerging
+    lit-adamerging test --config tiny --ckpt_path runs/tiny/checkpoints/last.ckpt
+    lit-adamerging test --config tiny --method task_arithmetic
     lit-adamerging methods
 
 The model is any merging module, chosen LightningCLI's way (``model: {class_path, init_args}``;
@@ -28,8 +28,14 @@ checked.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
+import os
 import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,7 @@ import yaml
 from jsonargparse import get_loader, set_loader
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from lit_adamerging import __version__
 from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.data import MultiTaskDataModule
 from lit_adamerging.lightning.base import MergingModule, intended_warnings_ignored
@@ -52,6 +59,11 @@ from lit_adamerging.methods import describe_methods, method_config, method_names
 
 # Settings the model takes from the data module (the tasks, which are unseen): never from a checkpoint.
 DATA_SETTINGS = ("num_classes", "unseen_tasks")
+DESCRIPTION = (
+    "Merge fine-tuned models into one multi-task model: AdaMerging and the other merging methods, fitted on "
+    "unlabeled images (fit) and evaluated per task (validate, test). `lit-adamerging methods` and "
+    "`lit-adamerging configs` list the names --method and --config take."
+)
 # ckpt_path values the Trainer resolves to a file itself (read then through SafeCheckpointIO).
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc")
 DEFAULT_MODEL = "lit_adamerging.AdaMergingModule"
@@ -115,14 +127,53 @@ def check_config_files(args: list[str]) -> None:
                 raise ValueError(f"{path} is not valid YAML: {error}") from None
 
 
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def dependency_noise_hidden() -> Iterator[None]:
+    """Inside the block, hide what dependencies print that is not about this run: Lightning's tips (litlogger),
+    a deprecation Lightning itself triggers in PyTorch's pytree API, and LightningCLI's note that the arguments it
+    is given differ from the command line's (the CLI expands method and config names first)."""
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    tips = _DropTips()
+    lightning_log.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+            # our own: --method and shipped --config names are expanded before LightningCLI parses them
+            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run")
+            yield
+    finally:
+        lightning_log.removeFilter(tips)
+
+
 def data_seed(seed_everything: bool | int) -> int:
     """The fit stream's seed: ``seed_everything``'s integer; 0 when it is true or false."""
     return seed_everything if isinstance(seed_everything, int) and not isinstance(seed_everything, bool) else 0
 
 
-def expand_methods(args: list[str]) -> tuple[list[str], str | None]:
-    """``args`` with each ``--method NAME`` (or ``--method=NAME``) replaced by ``--config <its preset>``, and the
-    last method named.
+def shipped_configs() -> tuple[str, ...]:
+    """The names of the configs shipped in the package (``tiny``, ``paper/vit_b32``, ``trainer/ddp``, ...), sorted."""
+    root = files("lit_adamerging") / "configs"
+    names = [f"{entry.name[:-5]}" for entry in root.iterdir() if entry.name.endswith(".yaml")]
+    names += [f"{folder.name}/{entry.name[:-5]}" for folder in root.iterdir() if folder.is_dir()
+              for entry in folder.iterdir() if entry.name.endswith(".yaml")]
+    return tuple(sorted(names))
+
+
+def config_path(value: str) -> str:
+    """``value`` if it names a file; else the path of the shipped config it names (``tiny``, ``paper/vit_b32``)."""
+    if Path(value).expanduser().exists() or value.removesuffix(".yaml") not in shipped_configs():
+        return value
+    return str(files("lit_adamerging") / "configs" / f"{value.removesuffix('.yaml')}.yaml")
+
+
+def expand_names(args: list[str]) -> tuple[list[str], str | None]:
+    """``args`` with each ``--method NAME`` (or ``--method=NAME``) replaced by ``--config <its preset>`` and each
+    ``--config NAME`` of a shipped config by its path; and the last method named.
 
     Raises:
         ValueError: an unknown method name (the message lists the valid ones).
@@ -130,12 +181,15 @@ def expand_methods(args: list[str]) -> tuple[list[str], str | None]:
     expanded, method, index = [], None, 0
     while index < len(args):
         option, equals, inline = args[index].partition("=")
-        if option != "--method":
+        if option not in ("--method", "--config", "-c"):
             expanded.append(args[index])
             index += 1
             continue
-        method = inline if equals else (args[index + 1] if index + 1 < len(args) else "")
-        expanded += ["--config", str(method_config(method))]
+        value = inline if equals else (args[index + 1] if index + 1 < len(args) else "")
+        if option == "--method":
+            method = value
+            value = str(method_config(value))
+        expanded += ["--config", config_path(value)]
         index += 1 if equals else 2
     return expanded, method
 
@@ -156,8 +210,10 @@ class AdaMergingCLI(LightningCLI):
         given = sys.argv[1:] if args is None else args
         self._method: str | None = None
         if isinstance(given, list):
-            given, self._method = expand_methods([str(arg) for arg in given])
+            given, self._method = expand_names([str(arg) for arg in given])
         kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("auto_configure_optimizers", False)  # each method makes its own optimiser
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         super().__init__(MergingModule, MultiTaskDataModule, args=given, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -322,19 +378,59 @@ class AdaMergingCLI(LightningCLI):
             arguments["ckpt_path"] = self._checkpoint_copy
         if "weights_only" in arguments:
             arguments["weights_only"] = True
+        if "verbose" in arguments:
+            arguments["verbose"] = False  # the accuracies are printed once each, by after_validate / after_test
 
-    before_fit = before_validate = before_test = before_predict = _hand_over_checkpoint
+    before_fit = before_validate = before_test = _hand_over_checkpoint
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (a merged model's predictions are its heads' logits: ``predict`` is not offered)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+
+    def after_validate(self) -> None:
+        print_accuracies(self.trainer.callback_metrics, "val")
+
+    def after_test(self) -> None:
+        print_accuracies(self.trainer.callback_metrics, "test")
+
+
+def print_accuracies(metrics: Mapping[str, Any], stage: str) -> None:
+    """Each task's accuracy and the means, once each, as ``<stage>/acc/<name>  <value>`` lines."""
+    rows = {name: float(value) for name, value in metrics.items() if name.startswith(f"{stage}/acc/")}
+    if rows:
+        width = max(map(len, rows))
+        print("\n".join(f"{name:<{width}}  {value:.4f}" for name, value in rows.items()))
+
+
+# Errors the library raises for what a user gave (a config, a file, data, settings): a message, no traceback.
+USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
+DEBUG_VARIABLE = "LIT_ADAMERGING_DEBUG"
 
 
 def main(args: ArgsType = None) -> None:
+    """``lit-adamerging``: fit / validate / test, ``methods`` and ``configs`` (the names to give), ``--version``.
+
+    An error about what the user gave is printed as one message (exit code 2); with the environment
+    variable ``LIT_ADAMERGING_DEBUG=1``, with its traceback.
+    """
     given = sys.argv[1:] if args is None else args
-    if isinstance(given, list) and given[:1] == ["methods"]:
-        print(describe_methods())
+    if isinstance(given, list) and given[:1] in (["methods"], ["configs"], ["--version"]):
+        print({"methods": describe_methods, "configs": lambda: "\n".join(shipped_configs()),
+               "--version": lambda: f"lit-adamerging {__version__}"}[given[0]]())
         return
     install_strict_yaml_loader()
     retain_freed_memory()
-    with intended_warnings_ignored():
-        AdaMergingCLI(args=args, save_config_kwargs={"overwrite": True})
+    try:
+        with intended_warnings_ignored(), dependency_noise_hidden():
+            AdaMergingCLI(args=args, save_config_kwargs={"overwrite": True})
+    except USER_ERRORS as error:
+        if os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        print(f"lit-adamerging: error: {message}\n(the traceback: set {DEBUG_VARIABLE}=1)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

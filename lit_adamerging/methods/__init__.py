@@ -2,7 +2,7 @@
 
 Each method is a preset shipped in this package, ``<name>.yaml``: a plain LightningCLI config
 fragment choosing a merging module and its settings (``model: {class_path, init_args}``). So
-``lit-adamerging fit --config configs/tiny.yaml --method layer_wise_adamerging`` is that
+``lit-adamerging fit --config tiny --method layer_wise_adamerging`` is that
 ``--config`` given by name, with LightningCLI's own rules (what comes later on the command line
 wins), and in Python :func:`create_method` builds the same module.
 

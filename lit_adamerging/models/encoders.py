@@ -10,6 +10,7 @@ an open_clip model (:func:`register_open_clip_configs`), not on import.
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,22 @@ def split_encoder_name(name: str) -> tuple[str, str]:
     return library, model
 
 
+class _NoRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def untrained_open_clip(model: str, **kwargs: Any) -> nn.Module:
+    """``open_clip.create_model(model)`` with random weights, meant to be replaced by a file's; without open_clip's
+    notice that no pretrained weights were loaded (it logs one for every such model)."""
+    notice = _NoRandomInitNotice()
+    logging.getLogger().addFilter(notice)  # open_clip logs through the root logger
+    try:
+        return open_clip.create_model(model, **kwargs)
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
 def create_encoder(name: str, pretrained: str | None = None, **kwargs: Any) -> nn.Module:
     """Build the encoder to merge, in eval mode.
 
@@ -50,7 +67,9 @@ def create_encoder(name: str, pretrained: str | None = None, **kwargs: Any) -> n
     library, model = split_encoder_name(name)
     if library == "open_clip":
         check_open_clip_model(model)
-        return open_clip.create_model(model, pretrained=pretrained, **kwargs).visual.eval()
+        return untrained_open_clip(model, **kwargs).visual.eval() if pretrained is None else (
+            open_clip.create_model(model, pretrained=pretrained, **kwargs).visual.eval()
+        )
     if pretrained is not None:
         raise ValueError(f"timm encoder {model!r}: give pretrained weights as a state dict file to the zoo instead.")
     if not timm.is_model(model):

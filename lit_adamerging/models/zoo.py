@@ -26,7 +26,13 @@ from lit_adamerging.models.checkpoints import (
     read_checkpoint,
     select_encoder_weights,
 )
-from lit_adamerging.models.encoders import check_open_clip_model, create_encoder, encoder_preprocess, feature_dim
+from lit_adamerging.models.encoders import (
+    check_open_clip_model,
+    create_encoder,
+    encoder_preprocess,
+    feature_dim,
+    untrained_open_clip,
+)
 from lit_adamerging.models.heads import ClassificationHead, check_head_fits, head_source
 from lit_adamerging.models.preprocess import Preprocess
 from lit_adamerging.models.prompts import read_class_names
@@ -344,7 +350,7 @@ class OpenCLIPZoo(ModelZoo):
     def _create_clip(self) -> nn.Module:
         check_open_clip_model(self.model)
         if looks_like_path(self.pretrained):
-            clip = open_clip.create_model(self.model)
+            clip = untrained_open_clip(self.model)
             clip.load_state_dict(encoder_weights(self.pretrained, clip, allow_pickle=self.allow_pickle))
             return clip.eval()
         try:
