@@ -134,15 +134,21 @@ class _DropTips(logging.Filter):
 
 @contextlib.contextmanager
 def dependency_noise_hidden() -> Iterator[None]:
-    """Inside the block, hide what dependencies print that is not about this run: Lightning's tips (litlogger),
-    a deprecation Lightning itself triggers in PyTorch's pytree API, and LightningCLI's note that the arguments it
-    is given differ from the command line's (the CLI expands method and config names first)."""
+    """Inside the block, hide what dependencies print that is not about this run.
+
+    Lightning's tips (litlogger), the deprecations Lightning itself triggers in PyTorch's pytree API
+    and in jsonargparse, and LightningCLI's note that the arguments it is given differ from the
+    command line's (the CLI expands method and config names first).
+    """
     lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     tips = _DropTips()
     lightning_log.addFilter(tips)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+            # jsonargparse >= 4.49 on the APIs Lightning 2.6's LightningCLI calls
+            warnings.filterwarnings("ignore", message=r"(?s)\s*(By default only one JsonargparseDeprecationWarning"
+                                                      r"|.*was deprecated in v4\.\d+)")
             # our own: --method and shipped --config names are expanded before LightningCLI parses them
             warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run")
             yield

@@ -129,11 +129,14 @@ class Payload:
         return eval, (f"__import__('pathlib').Path({self.path!r}).write_text('code ran')",)
 
 
-def run_cli(cwd: Path, *args: str, script: bool = False) -> subprocess.CompletedProcess:
-    """``lit-adamerging *args`` in ``cwd`` (``python -m lit_adamerging.cli``; the installed script with ``script``)."""
+def run_cli(
+    cwd: Path, *args: str, script: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``lit-adamerging *args`` in ``cwd`` (``python -m lit_adamerging.cli``; the installed script with ``script``),
+    with Python's warnings off unless ``env`` (added to the environment) sets ``PYTHONWARNINGS``."""
     executable = shutil.which("lit-adamerging", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     command = [executable] if script and executable else [sys.executable, "-m", "lit_adamerging.cli"]
-    env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore")
+    env = {**os.environ, "COLUMNS": "200", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(command + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -124,12 +124,37 @@ def test_bad_granularity_in_config_fails_readably(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_bad_ties_k_fails_with_the_modules_message(tmp_path):
+def test_bad_ties_k_fails_with_the_modules_message_and_no_traceback(tmp_path):
     shutil.copy(TINY_CONFIG, tmp_path / "tiny.yaml")
     result = run_cli(tmp_path, "fit", "--config", "tiny.yaml", "--model.ties_k", "1.5")
-    assert result.returncode != 0
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("ValueError: ties_k must be in (0, 1]"), result.stderr[-2000:]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "lit-adamerging: error: ties_k must be in (0, 1]" in result.stderr, result.stderr[-2000:]
+    # Asked for, the traceback is shown.
+    debug = run_cli(tmp_path, "fit", "--config", "tiny.yaml", "--model.ties_k", "1.5",
+                    env={"LIT_ADAMERGING_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_mistyped_checkpoint_path_is_one_message_and_exit_code_2(tmp_path):
+    result = run_cli(tmp_path, "test", "--config", "tiny", "--ckpt_path", "runs/tiny/checkpoints/lats.ckpt")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()
+    assert message[-2].startswith("lit-adamerging: error: runs/tiny/checkpoints/lats.ckpt is not an AdaMerging "
+                                  "checkpoint: no such file.")
+    assert message[-1] == "(the traceback: set LIT_ADAMERGING_DEBUG=1)"
+
+
+def test_a_run_prints_its_results_once_and_no_dependency_notice(tmp_path):
+    result = run_cli(tmp_path, "test", "--config", "tiny", "--method", "task_arithmetic",
+                     env={"PYTHONWARNINGS": "default"})  # every warning shown once, as for a user
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    for notice in ("Tip:", "litlogger", "No pretrained weights loaded", "LeafSpec", "args parameter is intended",
+                   "Warning", "warn"):
+        assert notice not in output, notice
+    assert [line.split()[0] for line in result.stdout.splitlines() if line.startswith("test/acc/")] == [
+        "test/acc/alpha", "test/acc/beta", "test/acc/gamma", "test/acc/avg"
+    ]
 
 
 def test_a_task_given_twice_in_a_config_is_refused(tmp_path):
