@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 
 from helpers import CONFIGS, TINY_CLIP, TINY_CONFIG
-from lit_adamerging.cli import AdaMergingCLI
+from lit_adamerging.cli import AdaMergingCLI, main
 from lit_adamerging.lightning import (
     AdaMergingModule,
     FisherMergingModule,
@@ -182,3 +182,32 @@ def test_shipped_checkpoints_are_the_latest_fits(configs):
     (checkpoint,) = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
     assert checkpoint.save_last is True and checkpoint.save_top_k == 0
     assert checkpoint._enable_version_counter is False
+
+
+def test_shipped_configs_are_named_without_a_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the names come from the package
+    cli = cli_with("--config", "tiny", "--method", "task_arithmetic")
+    assert list(cli.datamodule.task_names) == ["alpha", "beta", "gamma"] and isinstance(cli.model.zoo, SyntheticZoo)
+    paper = cli_with("--config", "paper/trainer", "--config=paper/data", "-c", "paper/vit_b32")
+    assert paper.trainer.max_steps == 500 and list(paper.model.zoo.finetuned) == PAPER_TASKS
+    # a file of that name in the working folder is still the file
+    (tmp_path / "tiny").write_text("model:\n  init_args:\n    init: 0.7\n")
+    assert cli_with("--config", str(CONFIGS / "tiny.yaml"), "--config", "tiny").model.hparams.init == 0.7
+    main(["configs"])
+    listed = capsys.readouterr().out.split()
+    assert {"tiny", "paper/vit_b32", "paper/surgery", "trainer/ddp"} <= set(listed) and listed == sorted(listed)
+
+
+def test_version_and_the_options_the_command_does_not_offer(capsys):
+    from lit_adamerging import __version__
+
+    main(["--version"])
+    assert capsys.readouterr().out.strip() == f"lit-adamerging {__version__}"
+    tiny = str(TINY_CONFIG)
+    refusals = (["fit", "--config", tiny, "--optimizer", "SGD"], ["fit", "--config", tiny, "--lr_scheduler", "StepLR"],
+                ["predict", "--config", tiny])
+    for refused in refusals:
+        with pytest.raises(SystemExit) as exit_code, mock.patch.object(sys, "argv", ["lit-adamerging"]):
+            AdaMergingCLI(args=refused)
+        assert exit_code.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err or refused[0] == "predict"
