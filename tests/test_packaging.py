@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,38 @@ def test_wheel_installs_alone_and_runs_methods_by_name_outside_the_checkout(tmp_
     assert "test/acc/avg" in tested.stdout
     model = yaml.safe_load((work / "out" / "config.yaml").read_text())["model"]
     assert model["class_path"] == "lit_adamerging.TaskArithmeticModule" and model["init_args"]["scale"] == 0.3
+
+    # The README's commands on the shipped tiny config, in the README's order, from an empty folder.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shell_env = {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env['PATH']}"}
+    commands = readme_tiny_commands()
+    assert len(commands) >= 12, commands
+    for command in commands:
+        result = subprocess.run(command, shell=True, cwd=empty, env=shell_env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+    # The README's Python snippet writes nothing into the folder it runs in.
+    snippet = tmp_path / "snippet"
+    snippet.mkdir()
+    (tmp_path / "snippet.py").write_text(readme_python_snippet())
+    run([str(python), str(tmp_path / "snippet.py")], snippet, env)
+    assert list(snippet.iterdir()) == []
+    version = run([script, "--version"], empty, env).stdout.strip()
+    assert version == f"lit-adamerging {metadata.version('lit_adamerging')}"
+
+
+def readme_tiny_commands() -> list[str]:
+    """The README's shell commands that run on the shipped tiny config (and the copies between them), in order:
+    lines of code blocks and inline code, read line by line."""
+    spans = []
+    for line in (REPOSITORY / "README.md").read_text().splitlines():
+        spans += [line] if line.startswith("lit-adamerging ") else re.findall(r"`([^`]+)`", line)
+    spans = [span.split("  #")[0].strip() for span in spans]
+    return [span for span in spans if (span.startswith("lit-adamerging ") and "--config tiny" in span)
+            or span.startswith("cp runs/tiny/") or span in ("lit-adamerging methods", "lit-adamerging configs")]
+
+
+def readme_python_snippet() -> str:
+    """The README's first Python code block (its Python API example)."""
+    return re.search(r"```python\n(.*?)```", (REPOSITORY / "README.md").read_text(), flags=re.DOTALL).group(1)
