@@ -30,10 +30,12 @@ from lit_adamerging import (
     StateDictZoo,
     SyntheticTask,
     SyntheticZoo,
+    TaskArithmeticModule,
     TaskData,
 )
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY
 from lit_adamerging.merging import task_arithmetic, ties_merging, weight_averaging
+from lit_adamerging.methods import create_method
 from lit_adamerging.models import LoadedZoo, create_encoder
 
 NUM_CLASSES = {"alpha": 5, "beta": 3}
@@ -639,7 +641,7 @@ def test_resume_matches_straight_fit(tmp_path):
 
 # ----------------------------------------------------------------------------- 6. baselines
 @pytest.mark.parametrize("encoder", [TINY_CLIP, TINY_TIMM])
-def test_task_wise_baselines_equal_merging_functions(encoder):
+def test_data_free_methods_equal_merging_functions(encoder):
     zoo = SyntheticZoo(encoder, seed=0)
     num_classes = {"alpha": 5, "beta": 3, "gamma": 4}
     loaded = zoo.load(num_classes)
@@ -647,18 +649,16 @@ def test_task_wise_baselines_equal_merging_functions(encoder):
     finetuned = loaded.finetuned
     buffers = {name for name, _ in loaded.encoder.named_buffers()}
 
-    def merged(**kwargs):
-        module = make_module(zoo, num_classes=num_classes, granularity="task", **kwargs)
+    def merged(method: str):
+        module = create_method(method, zoo, num_classes)
+        assert type(module) is TaskArithmeticModule and not module.LEARNS
         module.configure_model()
         return module.merger.merged_state_dict()
 
     cases = [
-        (merged(init=0.3), task_arithmetic(pretrained, finetuned, 0.3, buffers=buffers)),
-        (merged(init=None), weight_averaging(pretrained, finetuned, buffers=buffers)),
-        (
-            merged(init=0.3, ties_k=0.2, ties_normalize=True),
-            ties_merging(pretrained, finetuned, scale=0.3, ties_k=0.2, buffers=buffers),
-        ),
+        (merged("task_arithmetic"), task_arithmetic(pretrained, finetuned, 0.3, buffers=buffers)),
+        (merged("weight_averaging"), weight_averaging(pretrained, finetuned, buffers=buffers)),
+        (merged("ties_merging"), ties_merging(pretrained, finetuned, scale=0.3, ties_k=0.2, buffers=buffers)),
     ]
     for got, expected in cases:
         assert list(got) == list(pretrained)
