@@ -13,9 +13,11 @@ from lit_adamerging.cli import AdaMergingCLI, main
 from lit_adamerging.lightning import (
     AdaMergingModule,
     FisherMergingModule,
+    IsotropicMergingModule,
     RegMeanModule,
     SurgeryModule,
     TaskArithmeticModule,
+    TSVMergingModule,
 )
 from lit_adamerging.methods import create_method, method_class, method_names, method_of, method_settings
 from lit_adamerging.models import OpenCLIPZoo, SyntheticZoo, prompts
@@ -35,6 +37,9 @@ METHODS = {
                                                     "ties_normalize": False}),
     "fisher_merging": (FisherMergingModule, {"num_images": 256, "floor": 1e-6, "normalize": True}),
     "regmean": (RegMeanModule, {"num_images": 256, "alpha": 0.95}),
+    "tsv_merging": (TSVMergingModule, {"alpha": 1.0, "rank_fraction": None}),
+    "iso_c_merging": (IsotropicMergingModule, {"alpha": 1.0, "common_fraction": 1.0}),
+    "iso_cts_merging": (IsotropicMergingModule, {"alpha": 1.0, "common_fraction": 0.8}),
     "task_arithmetic_surgery": (SurgeryModule, {"merge": "task_arithmetic", "rank": 16}),
     "layer_wise_adamerging_surgery": (SurgeryModule, {"merge": "layer_wise_adamerging", "rank": 16}),
 }

@@ -8,7 +8,9 @@
 5. :mod:`~lit_adamerging.merging.baselines` - weight averaging, task arithmetic, TIES-merging;
 6. :mod:`~lit_adamerging.merging.fisher`, :mod:`~lit_adamerging.merging.regmean` - Fisher merging and
    RegMean, from statistics of unlabeled images;
-7. :mod:`~lit_adamerging.merging.surgery` - Representation Surgery's per-task maps on the merged features.
+7. :mod:`~lit_adamerging.merging.surgery` - Representation Surgery's per-task maps on the merged features;
+8. :mod:`~lit_adamerging.merging.spectral` - TSV-M and isotropic merging (Iso-C, Iso-CTS): each layer's task
+   vectors as matrices, merged through their singular vectors.
 """
 
 from lit_adamerging.merging.baselines import task_arithmetic, ties_merging, weight_averaging
@@ -16,6 +18,18 @@ from lit_adamerging.merging.fisher import FisherWeightedAverage, fisher_merge, f
 from lit_adamerging.merging.merge import Granularity, MergedEncoder, MergingCoefficients, merge, merge_groups
 from lit_adamerging.merging.objective import entropy
 from lit_adamerging.merging.regmean import GramRecorder, RegMeanAverage, regmean_layers, regmean_merge
+from lit_adamerging.merging.spectral import (
+    SpectralFactors,
+    iso_c_merging,
+    iso_cts_merging,
+    iso_factors,
+    iso_task_vector,
+    orthogonalize,
+    spectral_matrices,
+    tsv_factors,
+    tsv_merging,
+    tsv_task_vector,
+)
 from lit_adamerging.merging.surgery import SURGERY_RANK, FeatureSurgery, SurgeryModules
 from lit_adamerging.merging.task_vectors import (
     BUFFER_POLICIES,
@@ -40,6 +54,7 @@ __all__ = [
     "MergingCoefficients",
     "RegMeanAverage",
     "SURGERY_RANK",
+    "SpectralFactors",
     "StackedTaskVectors",
     "SurgeryModules",
     "TaskVectorError",
@@ -49,13 +64,22 @@ __all__ = [
     "fisher_sums",
     "group_names",
     "group_task_vectors",
+    "iso_c_merging",
+    "iso_cts_merging",
+    "iso_factors",
+    "iso_task_vector",
     "merge",
     "merge_groups",
+    "orthogonalize",
     "regmean_layers",
     "regmean_merge",
+    "spectral_matrices",
     "stack_task_vectors",
     "task_arithmetic",
     "ties_merging",
     "ties_task_vectors",
+    "tsv_factors",
+    "tsv_merging",
+    "tsv_task_vector",
     "weight_averaging",
 ]

@@ -62,7 +62,8 @@ def check_compatible(pretrained: Mapping[str, Tensor], finetuned: Mapping[str, T
         if tuned.shape != base.shape:
             raise TaskVectorError(
                 f"task {task!r}, key {key!r}: shape {tuple(tuned.shape)} differs from the pretrained "
-                f"{tuple(base.shape)}; the fine-tuned model has another architecture."
+                f"{tuple(base.shape)}; the fine-tuned model has another architecture. Merge only models fine-tuned "
+                "from this pretrained encoder (check the zoo's model name and each task's file)."
             )
         if tuned.dtype != base.dtype:
             raise TaskVectorError(

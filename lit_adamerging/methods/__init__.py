@@ -18,6 +18,9 @@ layer_wise_adamerging          layer-wise AdaMerging: one learned coefficient pe
 layer_wise_adamerging_pp       layer-wise AdaMerging++ (over TIES task vectors)
 fisher_merging                 Fisher-weighted average of the fine-tuned encoders (``test`` only)
 regmean                        RegMean: closed-form merge of every linear map from Gram matrices (``test`` only)
+tsv_merging                    TSV-M: each task's top 1/T singular components per layer, decorrelated (``test`` only)
+iso_c_merging                  Iso-C: the summed task vector's spectrum flattened to its mean (``test`` only)
+iso_cts_merging                Iso-CTS: common and task-specific singular directions, flat spectrum (``test`` only)
 task_arithmetic_surgery        Representation Surgery on task arithmetic: a rank-16 map per task
 layer_wise_adamerging_surgery  Representation Surgery on layer-wise AdaMerging (``coefficients_from`` its fit)
 =============================  ==========================================================================
@@ -26,7 +29,7 @@ layer_wise_adamerging_surgery  Representation Surgery on layer-wise AdaMerging (
 
 Example:
     >>> method_names()[:3]
-    ('fisher_merging', 'layer_wise_adamerging', 'layer_wise_adamerging_pp')
+    ('fisher_merging', 'iso_c_merging', 'iso_cts_merging')
     >>> method_class("ties_merging").__name__, method_settings("ties_merging")
     ('TaskArithmeticModule', {'scale': 0.3, 'ties_k': 0.2, 'ties_normalize': True})
     >>> from lit_adamerging import SyntheticZoo
@@ -161,10 +164,11 @@ def method_of(module: Any) -> str | None:
 
 def describe_methods() -> str:
     """One line per method: its name, its class and what it is (what ``lit-adamerging methods`` prints)."""
-    width = max(map(len, method_names()))
+    presets = {name: _preset(name) for name in method_names()}
+    width = max(map(len, presets))
+    class_width = max(len(class_path.rpartition(".")[2]) for class_path, _, _ in presets.values())
     lines = []
-    for name in method_names():
-        class_path, _, description = _preset(name)
+    for name, (class_path, _, description) in presets.items():
         summary = description.split(". ")[0].split(": ")[0].rstrip(".")  # the method's name and source
-        lines.append(f"{name:<{width}}  {class_path.rpartition('.')[2]:<20}  {summary}")
+        lines.append(f"{name:<{width}}  {class_path.rpartition('.')[2]:<{class_width}}  {summary}")
     return "\n".join(lines)
