@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from helpers import TINY_CLIP, TINY_TIMM
+from helpers import TINY_CLIP, TINY_TIMM, build_tiny_zoo
 from lit_adamerging import (
     ExportMergedEncoder,
     IsotropicMergingModule,
@@ -380,6 +380,30 @@ def test_module_by_name_equals_the_function_and_the_plain_reference(encoder, met
         update = REFERENCES[method](taus.reshape(len(taus), base.shape[0], -1)).reshape(base.shape) \
             if key in matrices else taus.mean(0)
         torch.testing.assert_close(got[key], base + update.float(), rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_bfloat16_task_vectors_and_merged_buffers():
+    zoo = SyntheticZoo(TINY_TIMM, seed=0)
+    full = TSVMergingModule(zoo, NUM_CLASSES, buffer_policy="merge").merged_state_dict()
+    half = TSVMergingModule(zoo, NUM_CLASSES, buffer_policy="merge", task_vector_dtype="bfloat16")
+    merged = half.merged_state_dict()
+    assert all(v.dtype == torch.bfloat16 for v in half.merger.stacked_task_vectors().values())
+    for key, value in full.items():
+        assert value.dtype == merged[key].dtype and torch.isfinite(merged[key].float()).all()
+        torch.testing.assert_close(merged[key].float(), value.float(), rtol=2e-2, atol=2e-3, msg=key)
+    # buffer_policy "merge": the batch-norm statistics take alpha times the mean of their task vectors
+    encoder, finetuned = build_tiny_zoo(TINY_TIMM, perturb_buffers=True)
+    buffers = {name for name, _ in encoder.named_buffers()}
+    pretrained = encoder.state_dict()
+    merged = iso_cts_merging(pretrained, finetuned, 0.5, buffers=buffers, buffer_policy="merge",
+                             matrices=spectral_matrices(encoder))
+    for key in buffers:
+        if pretrained[key].is_floating_point():
+            mean = sum(state[key] - pretrained[key] for state in finetuned.values()) / len(finetuned)
+            assert not torch.equal(mean, torch.zeros_like(mean))
+            torch.testing.assert_close(merged[key], pretrained[key] + 0.5 * mean, msg=key)
+        else:
+            assert torch.equal(merged[key], pretrained[key])  # integer buffers are never merged
 
 
 def test_test_run_evaluates_and_exports_the_spectral_merge(tmp_path: Path):

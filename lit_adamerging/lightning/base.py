@@ -9,6 +9,8 @@ something for it:
   (task-wise, layer-wise, ++);
 * :class:`~lit_adamerging.FisherMergingModule`, :class:`~lit_adamerging.RegMeanModule`: merges
   computed from statistics of unlabeled images; nothing to fit;
+* :class:`~lit_adamerging.TSVMergingModule`, :class:`~lit_adamerging.IsotropicMergingModule`: spectral
+  merges of each layer's task vectors (TSV-M, Iso-C, Iso-CTS); nothing to fit;
 * :class:`~lit_adamerging.SurgeryModule`: a correction on the features of a merge it composes.
 
 A method builds its :class:`~lit_adamerging.merging.MergedEncoder` (:meth:`MergingModule.build_merger`)
