@@ -8,10 +8,26 @@
 5. :mod:`~lit_adamerging.merging.baselines` - weight averaging, task arithmetic, TIES-merging;
 6. :mod:`~lit_adamerging.merging.fisher`, :mod:`~lit_adamerging.merging.regmean` - Fisher merging and
    RegMean, from statistics of unlabeled images;
-7. :mod:`~lit_adamerging.merging.surgery` - Representation Surgery's per-task maps on the merged features.
+7. :mod:`~lit_adamerging.merging.surgery` - Representation Surgery's per-task maps on the merged features;
+8. :mod:`~lit_adamerging.merging.emr` - EMR-Merging: a unified task vector, a bit mask and a rescaler per task,
+   its export file and the loader that rebuilds a task's weights.
 """
 
 from lit_adamerging.merging.baselines import task_arithmetic, ties_merging, weight_averaging
+from lit_adamerging.merging.emr import (
+    RESCALER_SUMS,
+    EMRFileError,
+    EMRMerge,
+    EMRStorage,
+    RescalerSum,
+    emr_elect,
+    emr_merging,
+    emr_storage,
+    load_emr,
+    pack_masks,
+    save_emr,
+    unpack_mask,
+)
 from lit_adamerging.merging.fisher import FisherWeightedAverage, fisher_merge, fisher_sums
 from lit_adamerging.merging.merge import Granularity, MergedEncoder, MergingCoefficients, merge, merge_groups
 from lit_adamerging.merging.objective import entropy
@@ -32,30 +48,42 @@ from lit_adamerging.merging.ties import ties_task_vectors
 __all__ = [
     "BUFFER_POLICIES",
     "BufferPolicy",
+    "EMRFileError",
+    "EMRMerge",
+    "EMRStorage",
     "FeatureSurgery",
     "FisherWeightedAverage",
     "Granularity",
     "GramRecorder",
     "MergedEncoder",
     "MergingCoefficients",
+    "RESCALER_SUMS",
     "RegMeanAverage",
+    "RescalerSum",
     "SURGERY_RANK",
     "StackedTaskVectors",
     "SurgeryModules",
     "TaskVectorError",
     "check_compatible",
+    "emr_elect",
+    "emr_merging",
+    "emr_storage",
     "entropy",
     "fisher_merge",
     "fisher_sums",
     "group_names",
     "group_task_vectors",
+    "load_emr",
     "merge",
     "merge_groups",
+    "pack_masks",
     "regmean_layers",
     "regmean_merge",
+    "save_emr",
     "stack_task_vectors",
     "task_arithmetic",
     "ties_merging",
     "ties_task_vectors",
+    "unpack_mask",
     "weight_averaging",
 ]
