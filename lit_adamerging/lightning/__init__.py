@@ -4,10 +4,11 @@ from lit_adamerging.lightning.adamerging import AdaMergingModule
 from lit_adamerging.lightning.base import MergingModule
 from lit_adamerging.lightning.callbacks import CoefficientLogger, ExportMergedEncoder, PerTaskAccuracy
 from lit_adamerging.lightning.data_free import TaskArithmeticModule
+from lit_adamerging.lightning.emr import EMRMergingModule
 from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModule
 from lit_adamerging.lightning.surgery import SurgeryModule
 
 __all__ = [
-    "AdaMergingModule", "CoefficientLogger", "ExportMergedEncoder", "FisherMergingModule", "MergingModule",
-    "PerTaskAccuracy", "RegMeanModule", "SurgeryModule", "TaskArithmeticModule",
+    "AdaMergingModule", "CoefficientLogger", "EMRMergingModule", "ExportMergedEncoder", "FisherMergingModule",
+    "MergingModule", "PerTaskAccuracy", "RegMeanModule", "SurgeryModule", "TaskArithmeticModule",
 ]

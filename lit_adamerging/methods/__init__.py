@@ -20,13 +20,14 @@ fisher_merging                 Fisher-weighted average of the fine-tuned encoder
 regmean                        RegMean: closed-form merge of every linear map from Gram matrices (``test`` only)
 task_arithmetic_surgery        Representation Surgery on task arithmetic: a rank-16 map per task
 layer_wise_adamerging_surgery  Representation Surgery on layer-wise AdaMerging (``coefficients_from`` its fit)
+emr_merging                    EMR-Merging: unified task vector, a bit mask and a rescaler per task (``test`` only)
 =============================  ==========================================================================
 
 ``lit-adamerging methods`` prints this list (:func:`describe_methods`).
 
 Example:
     >>> method_names()[:3]
-    ('fisher_merging', 'layer_wise_adamerging', 'layer_wise_adamerging_pp')
+    ('emr_merging', 'fisher_merging', 'layer_wise_adamerging')
     >>> method_class("ties_merging").__name__, method_settings("ties_merging")
     ('TaskArithmeticModule', {'scale': 0.3, 'ties_k': 0.2, 'ties_normalize': True})
     >>> from lit_adamerging import SyntheticZoo
