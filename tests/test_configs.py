@@ -12,6 +12,7 @@ from helpers import CONFIGS, TINY_CLIP, TINY_CONFIG
 from lit_adamerging.cli import AdaMergingCLI, main
 from lit_adamerging.lightning import (
     AdaMergingModule,
+    EMRMergingModule,
     FisherMergingModule,
     IsotropicMergingModule,
     RegMeanModule,
@@ -42,6 +43,7 @@ METHODS = {
     "iso_cts_merging": (IsotropicMergingModule, {"alpha": 1.0, "common_fraction": 0.8}),
     "task_arithmetic_surgery": (SurgeryModule, {"merge": "task_arithmetic", "rank": 16}),
     "layer_wise_adamerging_surgery": (SurgeryModule, {"merge": "layer_wise_adamerging", "rank": 16}),
+    "emr_merging": (EMRMergingModule, {"rescaler_sum": "entries"}),
 }
 # layer-wise surgery needs the learned coefficients' checkpoint (read when the model is used)
 EXTRA = {"layer_wise_adamerging_surgery": ["--model.coefficients_from=runs/tiny/layer_wise.ckpt"]}
@@ -101,7 +103,7 @@ def test_method_is_a_config_by_name_with_lightning_clis_order(tmp_path):
 
 
 def test_unknown_method_names_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown merging method 'magic'; choose one of: fisher_merging, "):
+    with pytest.raises(ValueError, match="unknown merging method 'magic'; choose one of: emr_merging, fisher_merging"):
         cli_with("--config", str(TINY_CONFIG), "--method", "magic")
     with pytest.raises(ValueError, match="unknown merging method 'magic'"):
         method_settings("magic")

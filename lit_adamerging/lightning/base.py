@@ -12,6 +12,8 @@ something for it:
 * :class:`~lit_adamerging.TSVMergingModule`, :class:`~lit_adamerging.IsotropicMergingModule`: spectral
   merges of each layer's task vectors (TSV-M, Iso-C, Iso-CTS); nothing to fit;
 * :class:`~lit_adamerging.SurgeryModule`: a correction on the features of a merge it composes.
+* :class:`~lit_adamerging.EMRMergingModule`: EMR-Merging, each task evaluated with weights of its own
+  (:meth:`MergingModule.task_evaluation_tensors`); nothing to fit.
 
 A method builds its :class:`~lit_adamerging.merging.MergedEncoder` (:meth:`MergingModule.build_merger`)
 and says what tensors evaluation runs with (:meth:`MergingModule.evaluation_tensors`); the base
@@ -346,9 +348,15 @@ class MergingModule(pl.LightningModule):
         with torch.no_grad():
             return {name: value.detach() for name, value in self._built_merger().merged_tensors().items()}
 
+    def task_evaluation_tensors(self, task: str) -> Mapping[str, Tensor] | None:
+        """The tensors ``task``'s images are encoded with: by default the merge :meth:`evaluation_tensors` gave when
+        evaluation started, the same for every task (``None`` outside an evaluation: the merger merges its current
+        coefficients). A method whose tasks run with weights of their own (EMR-Merging) overrides it."""
+        return self._eval_tensors
+
     def forward(self, images: Tensor, task: str) -> Tensor:
-        """Logits of ``task``'s head on ``images`` with the merged encoder."""
-        features = self._built_merger()(images, self._eval_tensors)
+        """Logits of ``task``'s head on ``images`` with the merged encoder (:meth:`task_evaluation_tensors`)."""
+        features = self._built_merger()(images, self.task_evaluation_tensors(task))
         return self.heads[task](features)
 
     def merged_state_dict(self) -> dict[str, Tensor]:

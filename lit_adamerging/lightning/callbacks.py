@@ -171,6 +171,11 @@ class ExportMergedEncoder(pl.Callback):
     :meth:`~lit_adamerging.merging.surgery.SurgeryModules.from_plain_state_dict`); both paths are
     checked when the run starts, and the two files are written together or not at all.
 
+    EMR-Merging (:class:`~lit_adamerging.lightning.emr.EMRMergingModule`) has no single merged encoder:
+    for it ``path`` (a ``.safetensors`` file) gets the unified vector, the packed masks and the
+    rescalers instead (:meth:`~lit_adamerging.lightning.emr.EMRMergingModule.save_emr`), from which
+    :func:`~lit_adamerging.merging.load_emr` rebuilds any task's encoder.
+
     Args:
         path: ``.safetensors`` (default choice) or ``.pt``/``.pth``; written atomically.
     """
@@ -184,6 +189,11 @@ class ExportMergedEncoder(pl.Callback):
         """Fail now, before any step, if a file to write cannot be: it is a folder, or lies under a file or a
         read-only folder (the encoder's path, and the surgery maps' for a model with surgery)."""
         _check_writable(self.path, "export path", "give a file name ending in .safetensors, .pt or .pth")
+        if _is_emr(pl_module) and not self.path.endswith(".safetensors"):
+            raise ValueError(
+                f"export path {self.path!r}: EMR-Merging is exported as its unified vector, masks and rescalers in a "
+                ".safetensors file (there is no single merged encoder); give a path ending in .safetensors."
+            )
         if _has_surgery(pl_module):
             _check_writable(
                 self.surgery_path, "the surgery maps' export path",
@@ -192,6 +202,9 @@ class ExportMergedEncoder(pl.Callback):
             )
 
     def _export(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if trainer.is_global_zero and _is_emr(pl_module):
+            pl_module.save_emr(self.path)  # refuses non-finite values itself
+            return
         if trainer.is_global_zero:
             files = {self.path: ("the merged encoder", pl_module.merged_state_dict())}
             if _has_surgery(pl_module):
@@ -232,6 +245,12 @@ def _has_surgery(pl_module: Any) -> bool:
     from lit_adamerging.lightning.surgery import SurgeryModule  # it imports this module
 
     return isinstance(pl_module, SurgeryModule)
+
+
+def _is_emr(pl_module: Any) -> bool:
+    from lit_adamerging.lightning.emr import EMRMergingModule  # it imports this module (through the base)
+
+    return isinstance(pl_module, EMRMergingModule)
 
 
 def _check_writable(path: str, what: str, advice: str) -> None:

@@ -11,9 +11,25 @@
 7. :mod:`~lit_adamerging.merging.surgery` - Representation Surgery's per-task maps on the merged features;
 8. :mod:`~lit_adamerging.merging.spectral` - TSV-M and isotropic merging (Iso-C, Iso-CTS): each layer's task
    vectors as matrices, merged through their singular vectors.
+9. :mod:`~lit_adamerging.merging.emr` - EMR-Merging: a unified task vector, a bit mask and a rescaler per task,
+   its export file and the loader that rebuilds a task's weights.
 """
 
 from lit_adamerging.merging.baselines import task_arithmetic, ties_merging, weight_averaging
+from lit_adamerging.merging.emr import (
+    RESCALER_SUMS,
+    EMRFileError,
+    EMRMerge,
+    EMRStorage,
+    RescalerSum,
+    emr_elect,
+    emr_merging,
+    emr_storage,
+    load_emr,
+    pack_masks,
+    save_emr,
+    unpack_mask,
+)
 from lit_adamerging.merging.fisher import FisherWeightedAverage, fisher_merge, fisher_sums
 from lit_adamerging.merging.merge import Granularity, MergedEncoder, MergingCoefficients, merge, merge_groups
 from lit_adamerging.merging.objective import entropy
@@ -46,19 +62,27 @@ from lit_adamerging.merging.ties import ties_task_vectors
 __all__ = [
     "BUFFER_POLICIES",
     "BufferPolicy",
+    "EMRFileError",
+    "EMRMerge",
+    "EMRStorage",
     "FeatureSurgery",
     "FisherWeightedAverage",
     "Granularity",
     "GramRecorder",
     "MergedEncoder",
     "MergingCoefficients",
+    "RESCALER_SUMS",
     "RegMeanAverage",
+    "RescalerSum",
     "SURGERY_RANK",
     "SpectralFactors",
     "StackedTaskVectors",
     "SurgeryModules",
     "TaskVectorError",
     "check_compatible",
+    "emr_elect",
+    "emr_merging",
+    "emr_storage",
     "entropy",
     "fisher_merge",
     "fisher_sums",
@@ -68,11 +92,14 @@ __all__ = [
     "iso_cts_merging",
     "iso_factors",
     "iso_task_vector",
+    "load_emr",
     "merge",
     "merge_groups",
     "orthogonalize",
+    "pack_masks",
     "regmean_layers",
     "regmean_merge",
+    "save_emr",
     "spectral_matrices",
     "stack_task_vectors",
     "task_arithmetic",
@@ -81,5 +108,6 @@ __all__ = [
     "tsv_factors",
     "tsv_merging",
     "tsv_task_vector",
+    "unpack_mask",
     "weight_averaging",
 ]

@@ -23,13 +23,14 @@ iso_c_merging                  Iso-C: the summed task vector's spectrum flattene
 iso_cts_merging                Iso-CTS: common and task-specific singular directions, flat spectrum (``test`` only)
 task_arithmetic_surgery        Representation Surgery on task arithmetic: a rank-16 map per task
 layer_wise_adamerging_surgery  Representation Surgery on layer-wise AdaMerging (``coefficients_from`` its fit)
+emr_merging                    EMR-Merging: unified task vector, a bit mask and a rescaler per task (``test`` only)
 =============================  ==========================================================================
 
 ``lit-adamerging methods`` prints this list (:func:`describe_methods`).
 
 Example:
     >>> method_names()[:3]
-    ('fisher_merging', 'iso_c_merging', 'iso_cts_merging')
+    ('emr_merging', 'fisher_merging', 'iso_c_merging')
     >>> method_class("ties_merging").__name__, method_settings("ties_merging")
     ('TaskArithmeticModule', {'scale': 0.3, 'ties_k': 0.2, 'ties_normalize': True})
     >>> from lit_adamerging import SyntheticZoo
