@@ -542,7 +542,8 @@ def shift_table(results: dict[str, Any]) -> str:
     cells = []
     for row in rows:
         done = row["columns"]
-        mean = _percent(sum(done[c]["avg"] for c in corrupted) / len(corrupted)) if set(corrupted) <= set(done) else ""
+        complete = corrupted and set(corrupted) <= set(done)
+        mean = _percent(sum(done[c]["avg"] for c in corrupted) / len(corrupted)) if complete else ""
         cells.append([row["method"], *(_percent(done[c]["avg"]) if c in done else "" for c in columns), mean,
                       f"{row['seconds']:.0f}"])
     labels, note = settings_notes(rows)
