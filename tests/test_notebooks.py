@@ -24,7 +24,8 @@ from lit_adamerging.methods import method_names
 
 NOTEBOOKS = REPOSITORY / "notebooks"
 NUMBERS = dict(enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split()
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split()
 ))
 
 
