@@ -13,6 +13,8 @@
    vectors as matrices, merged through their singular vectors.
 9. :mod:`~lit_adamerging.merging.emr` - EMR-Merging: a unified task vector, a bit mask and a rescaler per task,
    its export file and the loader that rebuilds a task's weights.
+10. :mod:`~lit_adamerging.merging.rank_wise` - rank-wise merging: each matrix's task vectors as singular
+    components, one gate per component (what rank-wise AdaMerging learns).
 """
 
 from lit_adamerging.merging.baselines import task_arithmetic, ties_merging, weight_averaging
@@ -33,6 +35,12 @@ from lit_adamerging.merging.emr import (
 from lit_adamerging.merging.fisher import FisherWeightedAverage, fisher_merge, fisher_sums
 from lit_adamerging.merging.merge import Granularity, MergedEncoder, MergingCoefficients, merge, merge_groups
 from lit_adamerging.merging.objective import entropy
+from lit_adamerging.merging.rank_wise import (
+    RankComponents,
+    rank_components,
+    rank_wise_merging,
+    rank_wise_task_vector,
+)
 from lit_adamerging.merging.regmean import GramRecorder, RegMeanAverage, regmean_layers, regmean_merge
 from lit_adamerging.merging.spectral import (
     SpectralFactors,
@@ -72,6 +80,7 @@ __all__ = [
     "MergedEncoder",
     "MergingCoefficients",
     "RESCALER_SUMS",
+    "RankComponents",
     "RegMeanAverage",
     "RescalerSum",
     "SURGERY_RANK",
@@ -97,6 +106,9 @@ __all__ = [
     "merge_groups",
     "orthogonalize",
     "pack_masks",
+    "rank_components",
+    "rank_wise_merging",
+    "rank_wise_task_vector",
     "regmean_layers",
     "regmean_merge",
     "save_emr",
