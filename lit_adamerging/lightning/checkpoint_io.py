@@ -44,6 +44,7 @@ from lit_adamerging.limits import CHECKPOINT_BYTES, NESTING_DEPTH, NotARegularFi
 
 __all__ = [
     "COEFFICIENTS_KEY",
+    "GATES_KEY",
     "SafeCheckpointIO",
     "fetch_checkpoint",
     "is_url",
@@ -54,6 +55,8 @@ __all__ = [
 ]
 
 COEFFICIENTS_KEY = "merger.coefficients.raw"
+GATES_KEY = "gates.raw"
+"""Rank-wise AdaMerging's learned state: a checkpoint holds the coefficients or these gate logits."""
 ADVICE = (
     "--ckpt_path (and load_from_checkpoint) take the .ckpt file `lit-adamerging fit` writes "
     "(e.g. runs/tiny/checkpoints/last.ckpt); fine-tuned weights go in the zoo (model.zoo.init_args.finetuned)."
@@ -171,10 +174,10 @@ def load_checkpoint(data: bytes, name: str) -> dict[str, Any]:
         raise ValueError(
             f"{name} is not an AdaMerging checkpoint: it is not a Lightning checkpoint (top level: {keys}). {ADVICE}"
         )
-    if COEFFICIENTS_KEY not in state_dict:
+    if COEFFICIENTS_KEY not in state_dict and GATES_KEY not in state_dict:
         raise ValueError(
             f"{name} is not an AdaMerging checkpoint: it holds no merging coefficients ({COEFFICIENTS_KEY!r}; "
-            f"its state dict has {list(state_dict)[:5]}). {ADVICE}"
+            f"nor rank-wise gates, {GATES_KEY!r}; its state dict has {list(state_dict)[:5]}). {ADVICE}"
         )
     if not isinstance(checkpoint.get("hyper_parameters", {}), Mapping):
         raise ValueError(f"{name}: its 'hyper_parameters' are not a mapping; the file is damaged or was edited.")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lit_adamerging.lightning.adamerging import EntropyObjective
 from lit_adamerging.lightning.base import LoadedKeys, MergingModule, StorageDtype, check_storage_dtype
+from lit_adamerging.lightning.checkpoint_io import GATES_KEY
 from lit_adamerging.merging import BufferPolicy, MergedEncoder
 from lit_adamerging.merging.rank_wise import (
     RANK_WISE_SCALE,
@@ -26,9 +27,6 @@ from lit_adamerging.merging.rank_wise import (
 )
 from lit_adamerging.merging.spectral import check_rank_fraction, spectral_matrices
 from lit_adamerging.models.zoo import LoadedZoo, ModelZoo
-
-GATES_KEY = "gates.raw"
-"""The state-dict key of the learned gate logits: all a rank-wise checkpoint holds."""
 
 GATE_INIT = 0.1
 """The gates' initial logit: AdaRank's code starts every kept component's mask logit at 0.1."""
