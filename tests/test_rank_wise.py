@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
+import safetensors.torch
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from helpers import TINY_CLIP
-from lit_adamerging import MultiTaskDataModule, RankWiseAdaMergingModule, SyntheticTask, SyntheticZoo
+from lit_adamerging import (
+    ExportMergedEncoder,
+    MultiTaskDataModule,
+    RankWiseAdaMergingModule,
+    SyntheticTask,
+    SyntheticZoo,
+)
 from lit_adamerging.lightning.rank_wise import GATES_KEY
 from lit_adamerging.merging import rank_components, rank_wise_merging, spectral_matrices, stack_task_vectors
 
@@ -275,3 +282,32 @@ def test_a_layer_without_a_matrix_shape_is_named():
     components = rank_components(task_vectors, ["2.weight"])
     with pytest.raises(ValueError, match=f"a flat vector of {components.num_gates} gates"):
         rank_wise_merging(theta0, task_vectors, components, torch.ones(3))
+
+
+def test_resume_is_exact_and_export_writes_the_hard_merge(tmp_path):
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
+
+    def fit(steps: int, folder, ckpt_path=None, callbacks=()) -> RankWiseAdaMergingModule:
+        module = RankWiseAdaMergingModule(zoo, NUM_CLASSES, lr=0.05)
+        checkpoint = ModelCheckpoint(dirpath=folder, save_last=True)
+        trainer = make_trainer(folder, max_steps=steps, enable_checkpointing=True, callbacks=[checkpoint, *callbacks])
+        trainer.fit(module, datamodule=MultiTaskDataModule(make_tasks(), batch_size=4), ckpt_path=ckpt_path)
+        return module
+
+    export = ExportMergedEncoder(str(tmp_path / "merged.safetensors"))
+    straight = fit(4, tmp_path / "straight", callbacks=[export])
+    fit(2, tmp_path / "first")
+    resumed = fit(4, tmp_path / "second", ckpt_path=str(tmp_path / "first" / "last.ckpt"))
+    torch.testing.assert_close(resumed.gates.raw.detach(), straight.gates.raw.detach(), rtol=0, atol=0)
+    assert not torch.allclose(straight.gates.raw.detach(), torch.full_like(straight.gates.raw, 0.1))  # it learned
+
+    # the export is theta_0 + 0.3 * the components whose logit is above 0, by the plain reference
+    gates = (straight.gates.raw.detach() > 0).float()
+    written = safetensors.torch.load_file(str(tmp_path / "merged.safetensors"))
+    loaded = zoo.load(NUM_CLASSES)
+    theta0 = loaded.encoder.state_dict()
+    matrices = straight.components.matrices
+    task_vectors = straight.merger.stacked_task_vectors()
+    reference = naive_merge(theta0, task_vectors, matrices, per_name(straight.components, gates), 0.3)
+    close(written, reference, atol=1e-4)
+    assert set(written) == set(theta0)
