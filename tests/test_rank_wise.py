@@ -18,7 +18,14 @@ from lit_adamerging import (
     SyntheticZoo,
 )
 from lit_adamerging.lightning.rank_wise import GATES_KEY
-from lit_adamerging.merging import rank_components, rank_wise_merging, spectral_matrices, stack_task_vectors
+from lit_adamerging.merging import (
+    rank_components,
+    rank_wise_merging,
+    spectral_matrices,
+    stack_task_vectors,
+    tsv_merging,
+)
+from lit_adamerging.methods import create_method
 
 NUM_CLASSES = {"alpha": 5, "beta": 3}
 
@@ -118,6 +125,25 @@ def test_gates_all_at_c_are_task_arithmetic_at_c(c):
     close(at_scale, reference)
 
 
+@pytest.mark.parametrize("rank_fraction", [None, 0.5])
+def test_tsv_base_with_every_gate_at_one_is_tsv_merging(rank_fraction):
+    model, theta0, finetuned = small_model()
+    task_vectors = stack_task_vectors(theta0, finetuned)
+    matrices = spectral_matrices(model)
+    components = rank_components(task_vectors, matrices, rank_fraction, base="tsv")
+    merged = rank_wise_merging(theta0, task_vectors, components, torch.ones(components.num_gates), scale=0.8)
+    reference = tsv_merging(theta0, finetuned, 0.8, rank_fraction, matrices=matrices)
+    close(merged, {name: value.double() for name, value in reference.items()})
+    # a gate at 0 drops that decorrelated component: the merge moves by exactly its term
+    gates = torch.ones(components.num_gates)
+    gates[0] = 0.0
+    dropped = rank_wise_merging(theta0, task_vectors, components, gates, scale=0.8)
+    name = components.names[0][0]
+    u, s, v = components.u[0][0, :, 0], components.s[0][0, 0, 0], components.v[0][0, :, 0]
+    term = (0.8 * s * torch.outer(u, v)).reshape(theta0[name].shape)
+    torch.testing.assert_close(merged[name] - dropped[name], term, rtol=1e-4, atol=1e-6)
+
+
 def test_random_gates_match_the_naive_reconstruction():
     theta0, task_vectors, matrices = setup_small()
     components = rank_components(task_vectors, matrices)
@@ -186,6 +212,13 @@ def test_module_merge_at_start_is_task_arithmetic_and_matches_the_functional_cor
     reference = task_arithmetic(theta0, task_vectors, 0.3)
     close(merged, reference, atol=1e-4)
     assert set(module.components.matrices) == set(spectral_matrices(loaded.encoder))
+
+
+def test_module_over_tsv_components_starts_as_tsv_merging():
+    zoo = SyntheticZoo(TINY_CLIP, seed=0)
+    rank_wise = create_method("rank_wise_adamerging_tsv", zoo, NUM_CLASSES).merged_state_dict()
+    reference = create_method("tsv_merging", zoo, NUM_CLASSES).merged_state_dict()
+    close(rank_wise, {name: value.double() for name, value in reference.items()}, atol=1e-4)
 
 
 def test_loss_falls_only_gates_train_and_checkpoint_holds_gates(tmp_path):
@@ -264,6 +297,7 @@ def test_straight_through_reads_out_hard_gates_with_sigmoid_gradients():
     ({"rank_fraction": 1.5}, "rank_fraction must be in"),
     ({"scale": float("inf")}, "scale must be a finite number"),
     ({"lr": 0.0}, "lr must be positive"),
+    ({"base": "iso_cts"}, "base must be one of task_arithmetic, tsv"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -117,8 +117,9 @@ METHODS: dict[str, list[str]] = {
     "individual": ["--method", "task_arithmetic", "--model.scale=1.0"],
     **{name: ["--method", name] for name in (
         "weight_averaging", "task_arithmetic", "ties_merging", "task_wise_adamerging", "task_wise_adamerging_pp",
-        "layer_wise_adamerging", "layer_wise_adamerging_pp", "rank_wise_adamerging", "fisher_merging", "regmean",
-        "tsv_merging", "iso_c_merging", "iso_cts_merging", "emr_merging", "task_arithmetic_surgery",
+        "layer_wise_adamerging", "layer_wise_adamerging_pp", "rank_wise_adamerging", "rank_wise_adamerging_tsv",
+        "fisher_merging", "regmean", "tsv_merging", "iso_c_merging", "iso_cts_merging", "emr_merging",
+        "task_arithmetic_surgery",
         # on the coefficients layer_wise_adamerging learned (its run's checkpoint: that row runs first)
         "layer_wise_adamerging_surgery",
     )},

@@ -19,7 +19,9 @@ from lit_adamerging.lightning.base import LoadedKeys, MergingModule, StorageDtyp
 from lit_adamerging.lightning.checkpoint_io import GATES_KEY
 from lit_adamerging.merging import BufferPolicy, MergedEncoder
 from lit_adamerging.merging.rank_wise import (
+    RANK_BASES,
     RANK_WISE_SCALE,
+    RankBase,
     RankComponents,
     check_scale,
     rank_components,
@@ -95,7 +97,11 @@ class RankWiseAdaMergingModule(EntropyObjective, MergingModule):
         straight_through: hard 0/1 gates in the forward and the read-out, the sigmoid's gradient in the
             backward (AdaRank's default); ``False``: relaxed gates throughout.
         rank_fraction: each task keeps its top ``rank_fraction`` of every matrix's components, in (0, 1];
-            ``None`` (default): all of them.
+            ``None`` (default): all of them (with ``base="tsv"``: TSV-M's ``1 / T``).
+        base: whose components are gated: ``"task_arithmetic"`` (default; each task's own singular
+            components, the other tensors ``scale * sum``) or ``"tsv"`` (TSV-M's decorrelated components,
+            gates at 1 give TSV-M's merge at ``scale``, the other tensors ``scale * mean``; preset
+            ``rank_wise_adamerging_tsv``, with TSV-M's ``scale`` 1.0).
         buffer_policy: what to do with floating-point buffers (see :data:`~lit_adamerging.merging.BufferPolicy`).
         task_vector_dtype: storage dtype of the stacked task vectors (the decompositions run in float64,
             the components are kept in float32).
@@ -105,7 +111,7 @@ class RankWiseAdaMergingModule(EntropyObjective, MergingModule):
     LEARNS: ClassVar[bool] = True
     CHECKPOINT_SETTINGS: ClassVar[tuple[str, ...]] = (
         *MergingModule.CHECKPOINT_SETTINGS, "scale", "init", "temperature", "straight_through", "rank_fraction",
-        "buffer_policy", "task_vector_dtype",
+        "base", "buffer_policy", "task_vector_dtype",
     )
     LEARNED_STATE: ClassVar[tuple[str, ...]] = ("gates.",)
 
@@ -119,6 +125,7 @@ class RankWiseAdaMergingModule(EntropyObjective, MergingModule):
         temperature: float = GATE_TEMPERATURE,
         straight_through: bool = True,
         rank_fraction: float | None = None,
+        base: RankBase = "task_arithmetic",
         buffer_policy: BufferPolicy = "pretrained",
         task_vector_dtype: StorageDtype = "float32",
         lr: float = 1e-3,
@@ -136,6 +143,10 @@ class RankWiseAdaMergingModule(EntropyObjective, MergingModule):
         ):
             raise ValueError(f"temperature must be a positive number (AdaRank's 10.0), got {temperature!r}.")
         check_rank_fraction(rank_fraction)
+        if base not in RANK_BASES:
+            raise ValueError(
+                f"base must be one of {', '.join(RANK_BASES)} (whose singular components are gated), got {base!r}."
+            )
         check_storage_dtype(task_vector_dtype)
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}.")
@@ -155,7 +166,7 @@ class RankWiseAdaMergingModule(EntropyObjective, MergingModule):
                 f"the encoder {type(encoder).__name__} has no matrix with task vectors (no linear, convolution or "
                 "attention weight): rank-wise AdaMerging has no singular components to gate."
             )
-        components = rank_components(task_vectors, matrices, hp.rank_fraction)
+        components = rank_components(task_vectors, matrices, hp.rank_fraction, hp.base)
         merger = MergedEncoder(encoder, task_vectors, "task", hp.scale, clamp=False, cuda_graphs=False)
         merger.coefficients.requires_grad_(False)
         self.components = components.to(next(iter(task_vectors.values())).device)

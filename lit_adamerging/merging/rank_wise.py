@@ -24,14 +24,28 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from lit_adamerging.merging.spectral import _chunks, _matrix_names, check_rank_fraction, top_singular
+from lit_adamerging.merging.spectral import (
+    _chunks,
+    _matrix_names,
+    check_rank_fraction,
+    top_singular,
+    tsv_factors,
+    tsv_rank,
+)
 
 RANK_WISE_SCALE = 0.3
 """The task vectors' scale: task arithmetic's 0.3, the AdaRank code's ``prior`` for task arithmetic."""
+
+RankBase = Literal["task_arithmetic", "tsv"]
+"""Whose components are gated: task arithmetic's task vectors (each task's own singular components, the
+other tensors summed) or TSV-M's (each task's top ``1/T`` components with the tasks' singular vectors
+decorrelated, :func:`~lit_adamerging.merging.spectral.tsv_factors`; the other tensors averaged, as TSV-M)."""
+RANK_BASES: tuple[str, ...] = ("task_arithmetic", "tsv")
 
 
 @dataclass
@@ -49,6 +63,7 @@ class RankComponents:
     s: list[Tensor]
     v: list[Tensor]
     shapes: dict[str, torch.Size]
+    others: str = "sum"  # how the tensors that are not matrices combine their task vectors: "sum" or "mean"
 
     @property
     def gate_shapes(self) -> list[torch.Size]:
@@ -78,7 +93,7 @@ class RankComponents:
         """The components on ``device``."""
         return RankComponents(
             self.names, [u.to(device) for u in self.u], [s.to(device) for s in self.s], [v.to(device) for v in self.v],
-            self.shapes,
+            self.shapes, self.others,
         )
 
 
@@ -101,6 +116,7 @@ def rank_components(
     task_vectors: Mapping[str, Tensor],
     matrices: Collection[str] | None = None,
     rank_fraction: float | None = None,
+    base: RankBase = "task_arithmetic",
 ) -> RankComponents:
     """The singular components of each matrix's stacked task vectors ``{name: Tensor[T, *shape]}``.
 
@@ -109,8 +125,13 @@ def rank_components(
         matrices: the names factorised (:func:`~lit_adamerging.merging.spectral.spectral_matrices`);
             ``None``: every tensor of two or more dimensions.
         rank_fraction: each task keeps its top ``max(1, floor(rank_fraction * min(m, n)))`` components
-            of every matrix, in (0, 1]; ``None`` (the default, AdaRank's ``initial_rank_ratio`` 1.0): all.
+            of every matrix, in (0, 1]; ``None`` (the default, AdaRank's ``initial_rank_ratio`` 1.0): all
+            (with ``base="tsv"``: TSV-M's rank fraction, ``None`` its ``1 / T``).
+        base: ``"task_arithmetic"`` (each task's own components; the other tensors summed) or ``"tsv"``
+            (TSV-M's decorrelated components, gates at 1 give TSV-M's merge; the other tensors averaged).
     """
+    if base not in RANK_BASES:
+        raise ValueError(f"base must be one of {', '.join(RANK_BASES)}, got {base!r}.")
     if not task_vectors:
         raise ValueError("no task vectors to factorise.")
     check_rank_fraction(rank_fraction)
@@ -129,19 +150,26 @@ def rank_components(
     for chunk, stack in _chunks(task_vectors, names):
         batch, num_tasks, rows, columns = stack.shape
         full = min(rows, columns)
+        dtype = torch.promote_types(stack.dtype, torch.float32)
+        chunk_names.append(chunk)
+        if base == "tsv":  # already joined task by task: u [B, m, T*k], s [B, T*k], v [B, n, T*k]
+            k = tsv_rank(full, num_tasks, rank_fraction)
+            merged = tsv_factors(stack, rank_fraction)
+            us.append(merged.u.to(dtype))
+            ss.append(merged.s.reshape(batch, num_tasks, k).to(dtype))
+            vs.append(merged.v.to(dtype))
+            continue
         k = full if rank_fraction is None else min(full, max(1, int(rank_fraction * full)))
         factors = top_singular(stack.reshape(batch * num_tasks, rows, columns), k)
-        dtype = torch.promote_types(stack.dtype, torch.float32)
 
         def joined(side: Tensor, size: int) -> Tensor:
             return side.reshape(batch, num_tasks, size, k).transpose(1, 2).reshape(batch, size, num_tasks * k)
 
-        chunk_names.append(chunk)
         us.append(joined(factors.u, rows).to(dtype))
         ss.append(factors.s.reshape(batch, num_tasks, k).to(dtype))
         vs.append(joined(factors.v, columns).to(dtype))
     shapes = {name: task_vectors[name].shape[1:] for name in names}
-    return RankComponents(chunk_names, us, ss, vs, shapes)
+    return RankComponents(chunk_names, us, ss, vs, shapes, "mean" if base == "tsv" else "sum")
 
 
 def _gate_list(components: RankComponents, gates: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -165,8 +193,9 @@ def rank_wise_task_vector(
     """The merged task vector ``{name: Tensor[*shape]}`` for ``gates``, differentiable in them.
 
     Matrices: ``scale * sum_k U_k diag(g_k * s_k) V_k^T``; every other tensor of ``task_vectors``:
-    ``scale * sum_k tau_k``. ``gates`` is a flat ``[num_gates]`` vector or the chunks' ``[B, T, K]``
-    blocks (:attr:`RankComponents.gate_shapes`); the result follows ``task_vectors``' order.
+    ``scale * sum_k tau_k`` (TSV-M's base: ``scale * mean_k tau_k``). ``gates`` is a flat ``[num_gates]``
+    vector or the chunks' ``[B, T, K]`` blocks (:attr:`RankComponents.gate_shapes`); the result follows
+    ``task_vectors``' order.
     """
     check_scale(scale)
     merged: dict[str, Tensor] = {}
@@ -178,7 +207,8 @@ def rank_wise_task_vector(
             merged[name] = scale * layer.reshape(components.shapes[name])
     for name, stacked in task_vectors.items():
         if name not in merged:
-            merged[name] = scale * stacked.detach().to(torch.promote_types(stacked.dtype, torch.float32)).sum(0)
+            stacked = stacked.detach().to(torch.promote_types(stacked.dtype, torch.float32))
+            merged[name] = scale * (stacked.mean(0) if components.others == "mean" else stacked.sum(0))
     return {name: merged[name] for name in task_vectors}
 
 
@@ -215,6 +245,6 @@ def check_scale(scale: float) -> None:
 
 
 __all__ = [
-    "RANK_WISE_SCALE", "RankComponents", "check_matrix_shapes", "check_scale", "rank_components",
-    "rank_wise_merging", "rank_wise_task_vector",
+    "RANK_BASES", "RANK_WISE_SCALE", "RankBase", "RankComponents", "check_matrix_shapes", "check_scale",
+    "rank_components", "rank_wise_merging", "rank_wise_task_vector",
 ]
