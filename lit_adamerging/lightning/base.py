@@ -7,6 +7,8 @@ something for it:
   arithmetic, TIES-merging); nothing to fit;
 * :class:`~lit_adamerging.AdaMergingModule`: coefficients learned by entropy on unlabeled images
   (task-wise, layer-wise, ++);
+* :class:`~lit_adamerging.RankWiseAdaMergingModule`: a gate per singular component of each task
+  vector's matrices, learned by the same entropy (AdaRank's idea);
 * :class:`~lit_adamerging.FisherMergingModule`, :class:`~lit_adamerging.RegMeanModule`: merges
   computed from statistics of unlabeled images; nothing to fit;
 * :class:`~lit_adamerging.TSVMergingModule`, :class:`~lit_adamerging.IsotropicMergingModule`: spectral
