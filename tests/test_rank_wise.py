@@ -289,6 +289,16 @@ def test_straight_through_reads_out_hard_gates_with_sigmoid_gradients():
     torch.testing.assert_close(module.gates.raw.grad, weights * sigmoid * (1 - sigmoid) / 2.0)
 
 
+def test_a_non_finite_loss_is_reported_naming_the_task():
+    module = RankWiseAdaMergingModule(SyntheticZoo(TINY_CLIP, seed=0), NUM_CLASSES)
+    module.log = lambda *args, **kwargs: None
+    module.log_dict = lambda *args, **kwargs: None
+    images = {"alpha": torch.zeros(2, 3, 32, 32), "beta": torch.full((2, 3, 32, 32), float("nan"))}
+    module.training_step(images, 0)
+    with pytest.raises(FloatingPointError, match=r"entropy of task\(s\) \['beta'\]"):
+        module.evaluation_tensors()
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"init": float("nan")}, "init must be a finite number"),
