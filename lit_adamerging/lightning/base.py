@@ -278,6 +278,14 @@ class MergingModule(pl.LightningModule):
             stacked = ties_task_vectors(stacked, ties_k, normalize=ties_normalize)
         return stacked
 
+    @staticmethod
+    def fixed_merger(encoder: nn.Module, task_vectors: Mapping[str, Tensor], scale: float) -> MergedEncoder:
+        """``encoder`` with ``task_vectors`` at one frozen coefficient ``scale`` per task (nothing learns them): what
+        a method builds when its merge is not learned coefficients."""
+        merger = MergedEncoder(encoder, task_vectors, "task", scale, clamp=False, cuda_graphs=False)
+        merger.coefficients.requires_grad_(False)
+        return merger
+
     def _load_zoo(self, seen: list[str]) -> LoadedZoo:
         """The zoo's models, told which tasks are merged; a zoo whose ``load`` predates ``merged_tasks`` is asked as
         before when every task is merged."""

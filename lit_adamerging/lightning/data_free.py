@@ -62,9 +62,7 @@ class TaskArithmeticModule(MergingModule):
             ties_normalize=hp.ties_normalize,
         )
         scale = 1.0 / len(self.seen_tasks) if hp.scale is None else hp.scale
-        merger = MergedEncoder(encoder, task_vectors, "task", scale, clamp=False, cuda_graphs=False)
-        merger.coefficients.requires_grad_(False)
-        return merger
+        return self.fixed_merger(encoder, task_vectors, scale)
 
     def evaluation_tensors(self) -> dict[str, Tensor]:
         return self.coefficient_merge()

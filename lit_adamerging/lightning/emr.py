@@ -82,9 +82,7 @@ class EMRMergingModule(MergingModule):
         del task_vectors
         self._packed_masks, self._rescalers = merge.packed_masks, merge.rescalers
         unified = {name: value.unsqueeze(0) for name, value in merge.unified.items()}
-        merger = MergedEncoder(encoder, unified, "task", 1.0, clamp=False, cuda_graphs=False)
-        merger.coefficients.requires_grad_(False)
-        return merger
+        return self.fixed_merger(encoder, unified, 1.0)
 
     def emr_merge(self) -> EMRMerge:
         """The merge: the unified vector (the merger's, on the module's device), the packed masks and rescalers."""

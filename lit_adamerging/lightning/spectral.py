@@ -65,9 +65,7 @@ class SpectralMergingModule(MergingModule):
             encoder, loaded, buffer_policy=self.hparams.buffer_policy, dtype=self.hparams.task_vector_dtype
         )
         self.matrices = [name for name in spectral_matrices(encoder) if name in task_vectors]
-        merger = MergedEncoder(encoder, task_vectors, "task", 1.0, clamp=False, cuda_graphs=False)
-        merger.coefficients.requires_grad_(False)
-        return merger
+        return self.fixed_merger(encoder, task_vectors, 1.0)
 
     def merged_task_vector(self, task_vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The method's merged task vector ``{name: Tensor[*shape]}`` from the stacked ``{name: Tensor[T, *shape]}``."""

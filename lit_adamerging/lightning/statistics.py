@@ -72,10 +72,7 @@ class StatisticsMergingModule(MergingModule):
     def build_merger(self, encoder: torch.nn.Module, loaded: LoadedZoo) -> MergedEncoder:
         """The encoder with the exact (float32, untrimmed) task vectors; the merge itself comes from the statistics."""
         task_vectors = self.task_vectors(encoder, loaded, buffer_policy=self.hparams.buffer_policy)
-        average = 1.0 / len(self.seen_tasks)
-        merger = MergedEncoder(encoder, task_vectors, "task", average, clamp=False, cuda_graphs=False)
-        merger.coefficients.requires_grad_(False)
-        return merger
+        return self.fixed_merger(encoder, task_vectors, 1.0 / len(self.seen_tasks))
 
     # ----------------------------------------------------------------- the merge
     def evaluation_tensors(self) -> dict[str, Tensor]:

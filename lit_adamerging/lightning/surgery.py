@@ -121,14 +121,14 @@ class SurgeryModule(MergingModule):
         )
         if method_class(self.hparams.merge) is TaskArithmeticModule:
             scale = 1.0 / len(self.seen_tasks) if settings["scale"] is None else settings["scale"]
-            merger = MergedEncoder(encoder, task_vectors, "task", scale, clamp=False, cuda_graphs=False)
+            merger = self.fixed_merger(encoder, task_vectors, scale)
             self._coefficients_set = True
-        else:
+        else:  # the learned coefficients' layout, read from coefficients_from below and frozen
             init = 1.0 / len(self.seen_tasks) if settings["init"] is None else settings["init"]
             merger = MergedEncoder(
                 encoder, task_vectors, settings["granularity"], init, settings["clamp"], cuda_graphs=False
             )
-        merger.coefficients.requires_grad_(False)
+            merger.coefficients.requires_grad_(False)
         if self._pending_coefficients is not None:
             set_coefficients(merger, self._pending_coefficients, len(self.seen_tasks), merger.coefficients.granularity)
             self._pending_coefficients = None
