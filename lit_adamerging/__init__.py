@@ -25,6 +25,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "lit_adamerging.lightning.spectral": ["IsotropicMergingModule", "TSVMergingModule"],
     "lit_adamerging.lightning.statistics": ["FisherMergingModule", "RegMeanModule"],
     "lit_adamerging.lightning.surgery": ["SurgeryModule"],
+    "lit_adamerging.lightning.wemoe": ["WEMoEModule"],
     "lit_adamerging.models.preprocess": ["Preprocess"],
     "lit_adamerging.models.zoo": ["ModelZoo", "OpenCLIPZoo", "StateDictZoo", "SyntheticZoo", "TimmZoo"],
 })
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from lit_adamerging.lightning.statistics import FisherMergingModule as FisherMergingModule
     from lit_adamerging.lightning.statistics import RegMeanModule as RegMeanModule
     from lit_adamerging.lightning.surgery import SurgeryModule as SurgeryModule
+    from lit_adamerging.lightning.wemoe import WEMoEModule as WEMoEModule
     from lit_adamerging.models.preprocess import Preprocess as Preprocess
     from lit_adamerging.models.zoo import ModelZoo as ModelZoo
     from lit_adamerging.models.zoo import OpenCLIPZoo as OpenCLIPZoo

@@ -9,9 +9,10 @@ from lit_adamerging.lightning.rank_wise import RankWiseAdaMergingModule
 from lit_adamerging.lightning.spectral import IsotropicMergingModule, TSVMergingModule
 from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModule
 from lit_adamerging.lightning.surgery import SurgeryModule
+from lit_adamerging.lightning.wemoe import WEMoEModule
 
 __all__ = [
     "AdaMergingModule", "CoefficientLogger", "EMRMergingModule", "ExportMergedEncoder", "FisherMergingModule",
     "IsotropicMergingModule", "MergingModule", "PerTaskAccuracy", "RankWiseAdaMergingModule", "RegMeanModule",
-    "SurgeryModule", "TSVMergingModule", "TaskArithmeticModule",
+    "SurgeryModule", "TSVMergingModule", "TaskArithmeticModule", "WEMoEModule",
 ]
