@@ -19,6 +19,7 @@ from lit_adamerging.lightning import (
     RegMeanModule,
     SurgeryModule,
     TaskArithmeticModule,
+    WEMoEModule,
     TSVMergingModule,
 )
 from lit_adamerging.methods import create_method, method_class, method_names, method_of, method_settings
@@ -51,6 +52,7 @@ METHODS = {
     "task_arithmetic_surgery": (SurgeryModule, {"merge": "task_arithmetic", "rank": 16}),
     "layer_wise_adamerging_surgery": (SurgeryModule, {"merge": "layer_wise_adamerging", "rank": 16}),
     "emr_merging": (EMRMergingModule, {"rescaler_sum": "entries"}),
+    "wemoe": (WEMoEModule, {"mlp_modules": None, "scale": 0.3, "init": 0.3, "router_depth": 2, "lr": 1e-4}),
 }
 # layer-wise surgery needs the learned coefficients' checkpoint (read when the model is used)
 EXTRA = {"layer_wise_adamerging_surgery": ["--model.coefficients_from=runs/tiny/layer_wise.ckpt"]}

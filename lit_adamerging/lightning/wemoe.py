@@ -15,12 +15,10 @@ from torch import Tensor, nn
 
 from lit_adamerging.lightning.adamerging import EntropyObjective
 from lit_adamerging.lightning.base import LoadedKeys, MergingModule, StorageDtype, check_storage_dtype
+from lit_adamerging.lightning.checkpoint_io import ROUTERS_PREFIX
 from lit_adamerging.merging import BufferPolicy, MergedEncoder
 from lit_adamerging.merging.wemoe import WeightEnsemblingMixture, find_mlp_modules, mixed_layers, save_wemoe
 from lit_adamerging.models.zoo import LoadedZoo, ModelZoo
-
-ROUTERS_PREFIX = "mixture.routers."
-"""The state dict keys of WEMoE's routers: all a checkpoint of :class:`WEMoEModule` keeps."""
 
 
 class WEMoEModule(EntropyObjective, MergingModule):
@@ -56,6 +54,7 @@ class WEMoEModule(EntropyObjective, MergingModule):
         init: the routers' initial output for every task (the last layer's bias; WEMoE's 0.3).
         router_depth: linear layers per router, hidden width the MLP's input width (WEMoE's 2; 0: a learned
             per-task vector that ignores the input).
+        seed: seed of the routers' initial weights (the same in every process and run, whatever the global seed).
         buffer_policy: what to do with floating-point buffers (see :data:`~lit_adamerging.merging.BufferPolicy`).
         task_vector_dtype: storage dtype of the stacked task vectors.
         lr, betas: Adam's (FusionBench's WEMoE config: 1e-4; the optimiser's defaults).
@@ -78,6 +77,7 @@ class WEMoEModule(EntropyObjective, MergingModule):
         scale: float = 0.3,
         init: float = 0.3,
         router_depth: int = 2,
+        seed: int = 0,
         buffer_policy: BufferPolicy = "pretrained",
         task_vector_dtype: StorageDtype = "float32",
         lr: float = 1e-4,
@@ -86,6 +86,8 @@ class WEMoEModule(EntropyObjective, MergingModule):
         for name, value in (("scale", scale), ("init", init)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number (WEMoE's 0.3), got {value!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be a whole number, got {seed!r}.")
         if isinstance(router_depth, bool) or not isinstance(router_depth, int) or router_depth < 0:
             raise ValueError(f"router_depth must be a whole number >= 0 (WEMoE's 2), got {router_depth!r}.")
         if mlp_modules is not None and (not mlp_modules or not all(isinstance(m, str) for m in mlp_modules)):
@@ -121,7 +123,7 @@ class WEMoEModule(EntropyObjective, MergingModule):
         merger = self.fixed_merger(encoder, static, hp.scale)
         self.mixture = WeightEnsemblingMixture(
             merger.encoder, {name: value for name, value in task_vectors.items() if name in mixed}, modules,
-            hp.router_depth, hp.init,
+            hp.router_depth, hp.init, hp.seed,
         )
         if self._pending_routers is not None:
             self._load_routers(self._pending_routers)

@@ -140,13 +140,16 @@ class Router(nn.Module):
 
     ``depth`` linear layers, ReLU between them, hidden width ``width`` (FusionBench's
     ``router_hidden_layers``: 2 is ``Linear(width, width) -> ReLU -> Linear(width, tasks)``); every
-    weight drawn from N(0, 0.01^2), the hidden biases 0 and the last bias ``init``, so the routing
+    weight drawn from N(0, 0.01^2) (from ``generator`` if given), the hidden biases 0 and the last bias ``init``, so
+    the routing
     weights start near ``init`` for every task (task arithmetic at ``init``). Applied to every
     position, then averaged over the positions: ``[batch, positions, width] -> [batch, tasks]``.
     ``depth`` 0 is a learnable vector that ignores the input.
     """
 
-    def __init__(self, width: int, num_tasks: int, depth: int = 2, init: float = 0.3) -> None:
+    def __init__(
+        self, width: int, num_tasks: int, depth: int = 2, init: float = 0.3, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"router_depth must be a whole number >= 0 (WEMoE's 2), got {depth!r}.")
@@ -159,7 +162,7 @@ class Router(nn.Module):
         layers: list[nn.Module] = []
         for index, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
             linear = nn.Linear(fan_in, fan_out)
-            nn.init.normal_(linear.weight, std=0.01)
+            nn.init.normal_(linear.weight, std=0.01, generator=generator)
             nn.init.constant_(linear.bias, float(init) if index == depth - 1 else 0.0)
             layers += [linear, nn.ReLU()]
         self.layers = nn.Sequential(*layers[:-1])
@@ -255,6 +258,8 @@ class WeightEnsemblingMixture(nn.Module):
             the other keys are ignored.
         mlp_modules: the modules made mixtures (default :func:`find_mlp_modules`).
         router_depth, init: the routers' (see :class:`Router`).
+        seed: the routers' initial weights are drawn from a generator with this seed, one router after the other (the
+            same routers in every process and every run, whatever the global random state).
 
     Example:
         >>> mlp = nn.Sequential()
@@ -273,6 +278,7 @@ class WeightEnsemblingMixture(nn.Module):
         mlp_modules: Sequence[str] | None = None,
         router_depth: int = 2,
         init: float = 0.3,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if mlp_modules is None:
@@ -319,8 +325,9 @@ class WeightEnsemblingMixture(nn.Module):
                 self.tensor_names.append(name)
         assert num_tasks is not None
         self.num_tasks = num_tasks
+        generator = torch.Generator().manual_seed(seed)
         self.routers = nn.ModuleDict({
-            _key(mlp): Router(_input_width(encoder, self.layers[mlp][0]), num_tasks, router_depth, init)
+            _key(mlp): Router(_input_width(encoder, self.layers[mlp][0]), num_tasks, router_depth, init, generator)
             for mlp in mlp_modules
         })
         self._sequence_first = {mlp: _sequence_first(encoder, mlp) for mlp in mlp_modules}
