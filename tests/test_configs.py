@@ -19,8 +19,8 @@ from lit_adamerging.lightning import (
     RegMeanModule,
     SurgeryModule,
     TaskArithmeticModule,
-    WEMoEModule,
     TSVMergingModule,
+    WEMoEModule,
 )
 from lit_adamerging.methods import create_method, method_class, method_names, method_of, method_settings
 from lit_adamerging.models import OpenCLIPZoo, SyntheticZoo, prompts

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import safetensors.torch
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from helpers import TINY_CLIP
+from helpers import TINY_CLIP, cpu_trainer, synthetic_tasks
 from lit_adamerging import (
     ExportMergedEncoder,
     MultiTaskDataModule,
     RankWiseAdaMergingModule,
-    SyntheticTask,
     SyntheticZoo,
 )
 from lit_adamerging.lightning.rank_wise import GATES_KEY
@@ -182,20 +180,8 @@ def test_gate_gradients_match_autograd_through_a_naive_reconstruction():
 
 
 # ----------------------------------------------------------------------------- the module
-def make_tasks() -> dict[str, SyntheticTask]:
-    return {
-        task: SyntheticTask(num_classes=NUM_CLASSES[task], num_images=n, image_size=32, seed=index + 1)
-        for index, (task, n) in enumerate({"alpha": 12, "beta": 8}.items())
-    }
 
 
-def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path),
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
 
 
 def test_module_merge_at_start_is_task_arithmetic_and_matches_the_functional_core():
@@ -223,7 +209,7 @@ def test_module_over_tsv_components_starts_as_tsv_merging():
 
 def test_loss_falls_only_gates_train_and_checkpoint_holds_gates(tmp_path):
     zoo = SyntheticZoo(TINY_CLIP, seed=0)
-    data = MultiTaskDataModule(make_tasks(), batch_size=4)
+    data = MultiTaskDataModule(synthetic_tasks(), batch_size=4)
     module = RankWiseAdaMergingModule(zoo, NUM_CLASSES, straight_through=False, init=2.0, temperature=1.0, lr=0.5)
     module.configure_model()
     trainable = [name for name, parameter in module.named_parameters() if parameter.requires_grad]
@@ -243,7 +229,7 @@ def test_loss_falls_only_gates_train_and_checkpoint_holds_gates(tmp_path):
 
     start = loss()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = make_trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[checkpoint])
+    trainer = cpu_trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[checkpoint])
     trainer.fit(module, datamodule=data)
     assert loss() < start
     for name, value in module.merger.encoder.state_dict().items():  # the encoder is untouched
@@ -334,8 +320,8 @@ def test_resume_is_exact_and_export_writes_the_hard_merge(tmp_path):
     def fit(steps: int, folder, ckpt_path=None, callbacks=()) -> RankWiseAdaMergingModule:
         module = RankWiseAdaMergingModule(zoo, NUM_CLASSES, lr=0.05)
         checkpoint = ModelCheckpoint(dirpath=folder, save_last=True)
-        trainer = make_trainer(folder, max_steps=steps, enable_checkpointing=True, callbacks=[checkpoint, *callbacks])
-        trainer.fit(module, datamodule=MultiTaskDataModule(make_tasks(), batch_size=4), ckpt_path=ckpt_path)
+        trainer = cpu_trainer(folder, max_steps=steps, enable_checkpointing=True, callbacks=[checkpoint, *callbacks])
+        trainer.fit(module, datamodule=MultiTaskDataModule(synthetic_tasks(), batch_size=4), ckpt_path=ckpt_path)
         return module
 
     export = ExportMergedEncoder(str(tmp_path / "merged.safetensors"))

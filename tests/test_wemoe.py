@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import struct
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from helpers import TINY_CLIP
+from helpers import TINY_CLIP, cpu_trainer, synthetic_tasks
 from lit_adamerging import (
     ExportMergedEncoder,
     MultiTaskDataModule,
-    SyntheticTask,
     SyntheticZoo,
     TaskArithmeticModule,
     WEMoEModule,
@@ -196,25 +194,13 @@ def test_mlp_modules_found_by_structure():
 
 
 # ----------------------------------------------------------------------------- training, checkpoints, export
-def make_tasks() -> dict[str, SyntheticTask]:
-    return {
-        task: SyntheticTask(num_classes=NUM_CLASSES[task], num_images=n, image_size=32, seed=index + 1)
-        for index, (task, n) in enumerate({"alpha": 12, "beta": 8}.items())
-    }
 
 
-def make_trainer(folder, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(folder),
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
 
 
 def test_loss_falls_only_routers_train_and_checkpoint_holds_routers(tmp_path):
     zoo = SyntheticZoo(TINY_CLIP, seed=0, perturbation=0.5)
-    data = MultiTaskDataModule(make_tasks(), batch_size=4)
+    data = MultiTaskDataModule(synthetic_tasks(), batch_size=4)
     module = WEMoEModule(zoo, NUM_CLASSES, lr=1e-2)
     module.configure_model()
     trainable = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
@@ -235,7 +221,7 @@ def test_loss_falls_only_routers_train_and_checkpoint_holds_routers(tmp_path):
 
     start = loss()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    make_trainer(tmp_path, max_steps=8, enable_checkpointing=True, callbacks=[checkpoint]).fit(module, datamodule=data)
+    cpu_trainer(tmp_path, max_steps=8, enable_checkpointing=True, callbacks=[checkpoint]).fit(module, datamodule=data)
     assert loss() < start
     for name, value in module.merger.encoder.state_dict().items():
         torch.testing.assert_close(value, frozen[name], rtol=0, atol=0)
@@ -267,8 +253,8 @@ def test_resume_is_exact_and_the_export_rebuilds_the_model(tmp_path):
     def fit(steps: int, folder, ckpt_path=None, callbacks=()) -> WEMoEModule:
         module = WEMoEModule(zoo, NUM_CLASSES, lr=1e-2)
         checkpoint = ModelCheckpoint(dirpath=folder, save_last=True)
-        trainer = make_trainer(folder, max_steps=steps, enable_checkpointing=True, callbacks=[checkpoint, *callbacks])
-        trainer.fit(module, datamodule=MultiTaskDataModule(make_tasks(), batch_size=4), ckpt_path=ckpt_path)
+        trainer = cpu_trainer(folder, max_steps=steps, enable_checkpointing=True, callbacks=[checkpoint, *callbacks])
+        trainer.fit(module, datamodule=MultiTaskDataModule(synthetic_tasks(), batch_size=4), ckpt_path=ckpt_path)
         return module
 
     path = tmp_path / "wemoe.safetensors"
