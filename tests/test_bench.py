@@ -78,10 +78,31 @@ def test_bench_times_rank_wise_adamerging_beside_adamerging(tmp_path, methods: l
         assert figures["plain_step_s"] > 0 and figures["plain_peak_memory_bytes"] > 0
 
 
+def test_bench_times_wemoe_beside_adamerging(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    step.main(["--model", TINY_CLIP, "--tasks", "2", "--images-per-task", "2", "--steps", "2",
+               "--methods", "wemoe", "adamerging", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["methods"] == ["adamerging", "wemoe"]
+    assert figures["wemoe_build_s"] > 0 and figures["wemoe_first_step_s"] > 0 and figures["wemoe_peak_memory_bytes"] > 0
+    assert figures["wemoe_ratio"] == pytest.approx(figures["wemoe_step_s"] / figures["plain_step_s"])
+    assert figures["wemoe_vs_adamerging"] == pytest.approx(figures["wemoe_step_s"] / figures["adamerging_step_s"])
+    # Per MLP a router Linear(d, d) + Linear(d, 2); the task vectors of each MLP's two linear layers, 2 tasks, float32
+    encoder = create_encoder(TINY_CLIP)
+    routers = mixed = 0
+    for block in encoder.transformer.resblocks:
+        width = block.mlp.c_fc.in_features
+        routers += width * width + width + width * 2 + 2
+        mixed += sum(p.numel() for p in block.mlp.parameters())
+    assert figures["wemoe_router_parameters"] == routers
+    assert figures["wemoe_mixed_task_vector_bytes"] == 2 * 4 * mixed
+    assert figures["rank_wise_step_s"] is None and figures["rank_wise_ratio"] is None
+
+
 @pytest.mark.parametrize(
     ("argument", "value", "message"), [
         ("tasks", 0, "tasks must be at least 1"), ("steps", 0, "steps must be at least 1"),
-        ("methods", (), "methods must be one or more of adamerging, rank_wise"),
+        ("methods", (), "methods must be one or more of adamerging, rank_wise, wemoe"),
         ("methods", ("adamerging", "ties"), "methods must be one or more of"),
     ]
 )

@@ -142,9 +142,8 @@ def test_the_mixture_equals_a_plain_per_sample_loop(encoder_name):
             hook.remove()
         torch.testing.assert_close(features[sample : sample + 1], expected, rtol=1e-4, atol=1e-5)
         for mlp, hidden in inputs.items():
-            tokens = wemoe_core._as_tokens(hidden, wemoe_core._sequence_first(plain, mlp))
             with torch.no_grad():
-                again = module.mixture.routers[wemoe_core._key(mlp)](tokens)
+                again = module.mixture.route(mlp, hidden)
             torch.testing.assert_close(again[0], routing[mlp][sample], rtol=1e-4, atol=1e-5)
 
 
@@ -356,3 +355,16 @@ def test_the_method_by_name_and_the_command(tmp_path):
     assert isinstance(module, WEMoEModule)
     assert (module.hparams.scale, module.hparams.init, module.hparams.router_depth, module.hparams.lr) == (
         0.3, 0.3, 2, 1e-4)
+
+
+def test_a_convolutional_blocks_router_reads_each_positions_channels_normalised():
+    module = WEMoEModule(SyntheticZoo(TINY_EFFICIENTNET, seed=0), NUM_CLASSES)
+    module.configure_model()
+    mlp = module.mixture.mlp_modules[0]
+    x = 5.0 + 3.0 * torch.randn(2, module.merger.encoder.get_submodule(mlp).conv_pw.in_channels, 4, 4)
+    positions = x.permute(0, 2, 3, 1).reshape(2, 16, -1)  # [batch, positions, channels]
+    normalised = (positions - positions.mean(-1, keepdim=True)) / (positions.var(-1, unbiased=False, keepdim=True)
+                                                                   + 1e-5).sqrt()
+    router = module.mixture.routers[mlp.replace(".", "__")]
+    with torch.no_grad():
+        torch.testing.assert_close(module.mixture.route(mlp, x), router(normalised), rtol=1e-5, atol=1e-6)

@@ -11,8 +11,11 @@ medians are reported; every ratio is over the median of all the plain steps time
 ``--granularity``) and ``rank_wise``, the same step of :class:`RankWiseAdaMergingModule` (one gate
 per singular component; its components factorised when it is built, ``rank_wise_build_s``) on the
 same batch, encoder and task vectors, timed after the AdaMerging module is freed.
-``rank_wise_vs_adamerging`` is its step time over AdaMerging's. The figures of a method not timed
-are ``None``; the memory, merge and evaluation figures are AdaMerging's.
+``rank_wise_vs_adamerging`` is its step time over AdaMerging's. ``wemoe`` times
+:class:`WEMoEModule`'s step the same way (its MLPs weighted per sample by routers;
+``wemoe_router_parameters``, ``wemoe_mixed_task_vector_bytes``). Each of these methods also reports its
+``<method>_peak_memory_bytes`` over its timed steps. The figures of a method not timed are ``None``; the
+other memory, merge and evaluation figures are AdaMerging's.
 
 Memory (max allocated on CUDA, resident set size on CPU): ``plain_peak_memory_bytes`` is the peak
 of the plain step run alone, before the module exists; ``peak_memory_bytes`` the peak over the
@@ -51,12 +54,13 @@ from lit_adamerging.allocator import retain_freed_memory
 from lit_adamerging.lightning.adamerging import AdaMergingModule
 from lit_adamerging.lightning.base import MergingModule
 from lit_adamerging.lightning.rank_wise import RankWiseAdaMergingModule
+from lit_adamerging.lightning.wemoe import WEMoEModule
 from lit_adamerging.merging import entropy
 from lit_adamerging.models.zoo import SyntheticZoo
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
-METHODS = ("adamerging", "rank_wise")
-"""The merging steps ``--methods`` can time: AdaMerging (layer- or task-wise) and rank-wise AdaMerging."""
+METHODS = ("adamerging", "rank_wise", "wemoe")
+"""The merging steps ``--methods`` can time: AdaMerging (layer- or task-wise), rank-wise AdaMerging and WEMoE."""
 _PROC_STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -228,22 +232,55 @@ def _time_adamerging(setting: _Setting, granularity: str, cuda_graphs: bool) -> 
     return figures, plain_times
 
 
+def _time_learned(
+    setting: _Setting, method: str, cls: type[MergingModule], **settings: Any
+) -> tuple[dict[str, Any], list[float], MergingModule]:
+    """``<method>_build_s``, ``_first_step_s``, ``_step_s`` and ``_peak_memory_bytes`` of a module of ``cls``, the
+    times of the plain steps alternated with its steps, and the module."""
+    module, optimizer, build_s = setting.build(cls, **settings)
+    first_step_s, times, plain_times, peak_bytes = setting.time(setting.training_step(module, optimizer))
+    figures = {
+        f"{method}_build_s": build_s,
+        f"{method}_first_step_s": first_step_s,
+        f"{method}_step_s": statistics.median(times),
+        f"{method}_peak_memory_bytes": peak_bytes,
+    }
+    return figures, plain_times, module
+
+
 def _time_rank_wise(setting: _Setting, rank_fraction: float | None) -> tuple[dict[str, Any], list[float]]:
     """Rank-wise AdaMerging's figures and the times of the plain steps alternated with its steps; its build
     factorises every matrix's task vectors."""
-    module, optimizer, build_s = setting.build(RankWiseAdaMergingModule, rank_fraction=rank_fraction)
-    first_step_s, rank_wise_times, plain_times, _ = setting.time(setting.training_step(module, optimizer))
+    figures, plain_times, module = _time_learned(
+        setting, "rank_wise", RankWiseAdaMergingModule, rank_fraction=rank_fraction
+    )
     components = module.components
     assert components is not None
     factors = [*components.u, *components.s, *components.v]
-    figures = {
-        "rank_wise_build_s": build_s,
-        "rank_wise_first_step_s": first_step_s,
-        "rank_wise_step_s": statistics.median(rank_wise_times),
-        "rank_wise_gates": components.num_gates,
-        "rank_wise_component_bytes": sum(factor.numel() * factor.element_size() for factor in factors),
-    }
+    figures["rank_wise_gates"] = components.num_gates
+    figures["rank_wise_component_bytes"] = sum(factor.numel() * factor.element_size() for factor in factors)
     return figures, plain_times
+
+
+def _time_wemoe(setting: _Setting) -> tuple[dict[str, Any], list[float]]:
+    """WEMoE's figures and the times of the plain steps alternated with its steps: its routers' parameters and the
+    bytes of the MLPs' task vectors it mixes per sample."""
+    figures, plain_times, module = _time_learned(setting, "wemoe", WEMoEModule)
+    mixture = module.mixture
+    assert mixture is not None
+    figures["wemoe_router_parameters"] = sum(p.numel() for p in mixture.routers.parameters())
+    figures["wemoe_mixed_task_vector_bytes"] = sum(
+        tensor.numel() * tensor.element_size() for tensor in mixture.task_vectors.buffers()
+    )
+    return figures, plain_times
+
+
+def _ratios(method: str, step_s: float | None, plain_s: float, adamerging_s: float | None) -> dict[str, float | None]:
+    """``<method>_ratio`` (its step over the plain step) and ``<method>_vs_adamerging`` (over AdaMerging's)."""
+    return {
+        f"{method}_ratio": None if step_s is None else step_s / plain_s,
+        f"{method}_vs_adamerging": None if step_s is None or adamerging_s is None else step_s / adamerging_s,
+    }
 
 
 def run(
@@ -313,8 +350,9 @@ def run(
     figures: dict[str, Any] = dict.fromkeys((
         "adamerging_build_s", "adamerging_step_s", "cuda_graphs", "first_step_s", "eager_step_s", "eager_ratio",
         "merge_s", "merge_share", "peak_memory_bytes", "task_vector_bytes", "eval_images_per_s",
-        "rank_wise_build_s", "rank_wise_first_step_s", "rank_wise_step_s", "rank_wise_gates",
-        "rank_wise_component_bytes",
+        "rank_wise_build_s", "rank_wise_first_step_s", "rank_wise_step_s", "rank_wise_peak_memory_bytes",
+        "rank_wise_gates", "rank_wise_component_bytes", "wemoe_build_s", "wemoe_first_step_s", "wemoe_step_s",
+        "wemoe_peak_memory_bytes", "wemoe_router_parameters", "wemoe_mixed_task_vector_bytes",
     ))
     plain_times: list[float] = []
     if "adamerging" in methods:  # first, so that its peak memory is not the rank-wise module's
@@ -325,9 +363,13 @@ def run(
         found, plain_alternated = _time_rank_wise(setting, rank_fraction)
         figures.update(found)
         plain_times += plain_alternated
+    if "wemoe" in methods:
+        found, plain_alternated = _time_wemoe(setting)
+        figures.update(found)
+        plain_times += plain_alternated
 
     plain_s = statistics.median(plain_times)
-    adamerging_s, rank_wise_s = figures["adamerging_step_s"], figures["rank_wise_step_s"]
+    adamerging_s = figures["adamerging_step_s"]
     peak_bytes, task_vector_bytes = figures["peak_memory_bytes"], figures["task_vector_bytes"]
     return {
         "model": model,
@@ -344,8 +386,11 @@ def run(
         **figures,
         "plain_step_s": plain_s,
         "ratio": None if adamerging_s is None else adamerging_s / plain_s,
-        "rank_wise_ratio": None if rank_wise_s is None else rank_wise_s / plain_s,
-        "rank_wise_vs_adamerging": None if adamerging_s is None or rank_wise_s is None else rank_wise_s / adamerging_s,
+        **{
+            key: value
+            for method in ("rank_wise", "wemoe")
+            for key, value in _ratios(method, figures[f"{method}_step_s"], plain_s, adamerging_s).items()
+        },
         "plain_peak_memory_bytes": plain_peak_bytes,
         "encoder_bytes": encoder_bytes,
         "memory_excess_bytes": None if peak_bytes is None
@@ -366,7 +411,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--methods", nargs="+", choices=METHODS, default=["adamerging"],
         help="the merging steps timed, each against the plain step: adamerging (layer- or task-wise by --granularity) "
-        "and rank_wise (rank-wise AdaMerging, its components factorised first; slow on large models)",
+        "rank_wise (rank-wise AdaMerging, its components factorised first; slow on large models) and wemoe (WEMoE: "
+        "routers and per-sample MLP weights)",
     )
     parser.add_argument("--granularity", choices=("task", "layer"), default="layer", help="AdaMerging's")
     parser.add_argument(

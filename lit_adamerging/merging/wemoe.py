@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_adamerging.merging._export_file import json_field, read_export
@@ -354,10 +355,21 @@ class WeightEnsemblingMixture(nn.Module):
             handle.remove()
         self._handles.clear()
 
+    def route(self, mlp: str, x: Tensor) -> Tensor:
+        """The routing weights ``[batch, tasks]`` of the MLP ``mlp`` for its input ``x``.
+
+        A transformer's MLP reads LayerNorm's output; a convolutional block reads the raw residual stream, whose
+        scale grows with depth, so for an image-like ``x`` the router reads each position's channels normalised the
+        same way (no learned scale).
+        """
+        hidden = _as_tokens(x, self._sequence_first[mlp])
+        if x.dim() == 4:
+            hidden = F.layer_norm(hidden, hidden.shape[-1:])
+        return self.routers[_key(mlp)](hidden)
+
     def _route_hook(self, mlp: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            hidden = _as_tokens(args[0], self._sequence_first[mlp])
-            self._routing[mlp] = self.routers[_key(mlp)](hidden)
+            self._routing[mlp] = self.route(mlp, args[0])
             if self._recording is not None:
                 self._recording[mlp] = self._routing[mlp].detach()
         return hook
