@@ -388,7 +388,7 @@ class WeightEnsemblingMixture(nn.Module):
             if isinstance(module, nn.Conv2d):  # pointwise: a linear layer over the channels at every position
                 tokens = x.flatten(2).transpose(1, 2)
                 delta = per_sample_delta(tokens, routing, weight.reshape(weight.shape[:3]), bias)
-                return output + delta.transpose(1, 2).reshape(output.shape)
+                return output + delta.transpose(1, 2).reshape(output.shape).to(output.dtype)
             sequence_first = self._sequence_first[mlp] and x.dim() == 3
             delta = per_sample_delta(_as_tokens(x, sequence_first), routing, weight, bias)
             if x.dim() == 2:
