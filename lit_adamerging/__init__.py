@@ -21,9 +21,11 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "lit_adamerging.lightning.base": ["MergingModule"],
     "lit_adamerging.lightning.data_free": ["TaskArithmeticModule"],
     "lit_adamerging.lightning.emr": ["EMRMergingModule"],
+    "lit_adamerging.lightning.rank_wise": ["RankWiseAdaMergingModule"],
     "lit_adamerging.lightning.spectral": ["IsotropicMergingModule", "TSVMergingModule"],
     "lit_adamerging.lightning.statistics": ["FisherMergingModule", "RegMeanModule"],
     "lit_adamerging.lightning.surgery": ["SurgeryModule"],
+    "lit_adamerging.lightning.wemoe": ["WEMoEModule"],
     "lit_adamerging.models.preprocess": ["Preprocess"],
     "lit_adamerging.models.zoo": ["ModelZoo", "OpenCLIPZoo", "StateDictZoo", "SyntheticZoo", "TimmZoo"],
 })
@@ -41,11 +43,13 @@ if TYPE_CHECKING:
     from lit_adamerging.lightning.callbacks import PerTaskAccuracy as PerTaskAccuracy
     from lit_adamerging.lightning.data_free import TaskArithmeticModule as TaskArithmeticModule
     from lit_adamerging.lightning.emr import EMRMergingModule as EMRMergingModule
+    from lit_adamerging.lightning.rank_wise import RankWiseAdaMergingModule as RankWiseAdaMergingModule
     from lit_adamerging.lightning.spectral import IsotropicMergingModule as IsotropicMergingModule
     from lit_adamerging.lightning.spectral import TSVMergingModule as TSVMergingModule
     from lit_adamerging.lightning.statistics import FisherMergingModule as FisherMergingModule
     from lit_adamerging.lightning.statistics import RegMeanModule as RegMeanModule
     from lit_adamerging.lightning.surgery import SurgeryModule as SurgeryModule
+    from lit_adamerging.lightning.wemoe import WEMoEModule as WEMoEModule
     from lit_adamerging.models.preprocess import Preprocess as Preprocess
     from lit_adamerging.models.zoo import ModelZoo as ModelZoo
     from lit_adamerging.models.zoo import OpenCLIPZoo as OpenCLIPZoo

@@ -15,9 +15,10 @@ import shutil
 import subprocess
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 import yaml
 from torch import Tensor, nn
@@ -187,3 +188,27 @@ def reference_accuracies(
             images, labels = task.test_set().tensors
             accuracies[name] = (loaded.heads[name](encoder(images)).argmax(-1) == labels).float().mean().item()
     return accuracies
+
+
+TWO_TASKS = {"alpha": 5, "beta": 3}
+"""The module tests' two synthetic tasks and their numbers of classes."""
+
+
+def synthetic_tasks(sizes: Mapping[str, int] | None = None) -> dict[str, SyntheticTask]:
+    """:data:`TWO_TASKS` as 32-px synthetic tasks with ``sizes`` images (default 12 and 8)."""
+    sizes = sizes or {"alpha": 12, "beta": 8}
+    return {
+        task: SyntheticTask(num_classes=TWO_TASKS[task], num_images=n, image_size=32, seed=index + 1)
+        for index, (task, n) in enumerate(sizes.items())
+    }
+
+
+def cpu_trainer(folder, **kwargs) -> pl.Trainer:
+    """A quiet one-process CPU Trainer writing under ``folder``: no logger, no checkpoints, no validation (``kwargs``
+    override)."""
+    options = dict(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(folder),
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)

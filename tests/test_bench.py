@@ -1,11 +1,13 @@
 """The step benchmark end to end on a tiny ViT: the figures it writes and how they relate."""
 
 import json
+import math
 
 import pytest
 
 from helpers import TINY_CLIP
 from lit_adamerging.benchmarks import step
+from lit_adamerging.merging import spectral_matrices
 from lit_adamerging.models.encoders import create_encoder
 
 ISSUE_KEYS = (  # the keys issue 6 asks --json to hold
@@ -42,9 +44,68 @@ def test_bench_writes_consistent_figures(tmp_path, granularity: str, dtype: str,
     assert figures["first_step_s"] > 0
 
 
+@pytest.mark.parametrize(("methods", "rank_fraction"), [(["adamerging", "rank_wise"], None), (["rank_wise"], 0.5)])
+def test_bench_times_rank_wise_adamerging_beside_adamerging(tmp_path, methods: list[str], rank_fraction) -> None:
+    out = tmp_path / "bench.json"
+    options = [] if rank_fraction is None else ["--rank-fraction", str(rank_fraction)]
+    printed = step.main(["--model", TINY_CLIP, "--tasks", "2", "--images-per-task", "2", "--steps", "2",
+                         "--methods", *reversed(methods), *options, "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures == json.loads(json.dumps(printed))
+    assert (figures["methods"], figures["rank_fraction"]) == (methods, rank_fraction)  # in the order of METHODS
+    assert figures["rank_wise_build_s"] > 0 and figures["rank_wise_first_step_s"] > 0
+    assert figures["rank_wise_ratio"] == pytest.approx(figures["rank_wise_step_s"] / figures["plain_step_s"])
+    # One gate per task, matrix and kept singular component; the factors u [m, K], s [K], v [n, K] in float32.
+    encoder = create_encoder(TINY_CLIP)
+    state = encoder.state_dict()
+    gates = floats = 0
+    for name in spectral_matrices(encoder):
+        rows, columns = state[name].shape[0], state[name][0].numel()
+        full = min(rows, columns)
+        kept = full if rank_fraction is None else max(1, math.floor(rank_fraction * full))
+        gates += 2 * kept
+        floats += 2 * kept * (rows + columns + 1)
+    assert (figures["rank_wise_gates"], figures["rank_wise_component_bytes"]) == (gates, 4 * floats)
+    if "adamerging" in methods:
+        assert figures["ratio"] == pytest.approx(figures["adamerging_step_s"] / figures["plain_step_s"])
+        assert figures["rank_wise_vs_adamerging"] == pytest.approx(
+            figures["rank_wise_step_s"] / figures["adamerging_step_s"]
+        )
+    else:  # AdaMerging not timed: its figures are None, the plain step's are still there
+        for key in ("adamerging_step_s", "ratio", "rank_wise_vs_adamerging", "peak_memory_bytes", "merge_s",
+                    "eval_images_per_s", "memory_excess_bytes"):
+            assert figures[key] is None, key
+        assert figures["plain_step_s"] > 0 and figures["plain_peak_memory_bytes"] > 0
+
+
+def test_bench_times_wemoe_beside_adamerging(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    step.main(["--model", TINY_CLIP, "--tasks", "2", "--images-per-task", "2", "--steps", "2",
+               "--methods", "wemoe", "adamerging", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["methods"] == ["adamerging", "wemoe"]
+    assert figures["wemoe_build_s"] > 0 and figures["wemoe_first_step_s"] > 0 and figures["wemoe_peak_memory_bytes"] > 0
+    assert figures["wemoe_ratio"] == pytest.approx(figures["wemoe_step_s"] / figures["plain_step_s"])
+    assert figures["wemoe_vs_adamerging"] == pytest.approx(figures["wemoe_step_s"] / figures["adamerging_step_s"])
+    # Per MLP a router Linear(d, d) + Linear(d, 2); the task vectors of each MLP's two linear layers, 2 tasks, float32
+    encoder = create_encoder(TINY_CLIP)
+    routers = mixed = 0
+    for block in encoder.transformer.resblocks:
+        width = block.mlp.c_fc.in_features
+        routers += width * width + width + width * 2 + 2
+        mixed += sum(p.numel() for p in block.mlp.parameters())
+    assert figures["wemoe_router_parameters"] == routers
+    assert figures["wemoe_mixed_task_vector_bytes"] == 2 * 4 * mixed
+    assert figures["rank_wise_step_s"] is None and figures["rank_wise_ratio"] is None
+
+
 @pytest.mark.parametrize(
-    ("argument", "message"), [("tasks", "tasks must be at least 1"), ("steps", "steps must be at least 1")]
+    ("argument", "value", "message"), [
+        ("tasks", 0, "tasks must be at least 1"), ("steps", 0, "steps must be at least 1"),
+        ("methods", (), "methods must be one or more of adamerging, rank_wise, wemoe"),
+        ("methods", ("adamerging", "ties"), "methods must be one or more of"),
+    ]
 )
-def test_bench_rejects_empty_runs(argument: str, message: str) -> None:
+def test_bench_rejects_empty_runs(argument: str, value, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        step.run(model=TINY_CLIP, **{argument: 0})
+        step.run(model=TINY_CLIP, **{argument: value})

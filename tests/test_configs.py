@@ -15,10 +15,12 @@ from lit_adamerging.lightning import (
     EMRMergingModule,
     FisherMergingModule,
     IsotropicMergingModule,
+    RankWiseAdaMergingModule,
     RegMeanModule,
     SurgeryModule,
     TaskArithmeticModule,
     TSVMergingModule,
+    WEMoEModule,
 )
 from lit_adamerging.methods import create_method, method_class, method_names, method_of, method_settings
 from lit_adamerging.models import OpenCLIPZoo, SyntheticZoo, prompts
@@ -36,6 +38,12 @@ METHODS = {
                                                  "ties_normalize": False}),
     "layer_wise_adamerging_pp": (AdaMergingModule, {"granularity": "layer", "init": 0.3, "ties_k": 0.2,
                                                     "ties_normalize": False}),
+    "rank_wise_adamerging": (RankWiseAdaMergingModule, {"scale": 0.3, "init": 0.1, "temperature": 10.0,
+                                                        "straight_through": True, "rank_fraction": None,
+                                                        "base": "task_arithmetic"}),
+    "rank_wise_adamerging_tsv": (RankWiseAdaMergingModule, {"scale": 1.0, "init": 0.1, "temperature": 10.0,
+                                                            "straight_through": True, "rank_fraction": None,
+                                                            "base": "tsv"}),
     "fisher_merging": (FisherMergingModule, {"num_images": 256, "floor": 1e-6, "normalize": True}),
     "regmean": (RegMeanModule, {"num_images": 256, "alpha": 0.95}),
     "tsv_merging": (TSVMergingModule, {"alpha": 1.0, "rank_fraction": None}),
@@ -44,6 +52,7 @@ METHODS = {
     "task_arithmetic_surgery": (SurgeryModule, {"merge": "task_arithmetic", "rank": 16}),
     "layer_wise_adamerging_surgery": (SurgeryModule, {"merge": "layer_wise_adamerging", "rank": 16}),
     "emr_merging": (EMRMergingModule, {"rescaler_sum": "entries"}),
+    "wemoe": (WEMoEModule, {"mlp_modules": None, "scale": 0.3, "init": 0.3, "router_depth": 2, "lr": 1e-4}),
 }
 # layer-wise surgery needs the learned coefficients' checkpoint (read when the model is used)
 EXTRA = {"layer_wise_adamerging_surgery": ["--model.coefficients_from=runs/tiny/layer_wise.ckpt"]}

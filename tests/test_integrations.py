@@ -1,8 +1,8 @@
 """Lightning integrations through the real command: DDP fit, resume after SIGKILL, mixed precision, CSVLogger.
 
 The runs use configs/tiny.yaml (three synthetic tasks of 64/48/32 images, 20 steps) in a
-temporary directory; a small callback module written beside them saves each process's final
-coefficients (and, for the crash test, kills the process).
+temporary directory; a small callback module written beside them saves what each process learned
+(coefficients or gate logits; and, for the crash test, kills the process).
 """
 
 from __future__ import annotations
@@ -28,12 +28,23 @@ import lightning.pytorch as pl
 import torch
 
 
-class SaveCoefficients(pl.Callback):
+class SaveLearned(pl.Callback):
+    """Save what the method learns (its checkpoint's LEARNED_STATE: AdaMerging's raw coefficients, rank-wise
+    AdaMerging's gate logits, WEMoE's routers), flattened into one tensor, when the fit starts and ends."""
+
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
 
+    def _save(self, trainer, pl_module, suffix: str) -> None:
+        learned = [value.detach().cpu().flatten() for key, value in pl_module.state_dict().items()
+                   if key.startswith(pl_module.LEARNED_STATE)]
+        torch.save(torch.cat(learned), f"{self.prefix}{suffix}.rank{trainer.global_rank}.pt")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, ".start")
+
     def on_fit_end(self, trainer, pl_module) -> None:
-        torch.save(pl_module.coefficients().cpu(), f"{self.prefix}.rank{trainer.global_rank}.pt")
+        self._save(trainer, pl_module, "")
 
 
 class KillAt(pl.Callback):
@@ -53,8 +64,8 @@ def callbacks_config(path: Path, *callbacks: dict) -> Path:
     return path
 
 
-def save_coefficients(prefix: str) -> dict:
-    return {"class_path": "probes.SaveCoefficients", "init_args": {"prefix": prefix}}
+def save_learned(prefix: str) -> dict:
+    return {"class_path": "probes.SaveLearned", "init_args": {"prefix": prefix}}
 
 
 @pytest.fixture
@@ -66,43 +77,51 @@ def workdir(tmp_path: Path) -> Path:
 QUIET = ["--trainer.logger=false", "--trainer.check_val_every_n_epoch=100", "--trainer.enable_model_summary=false"]
 
 
+# The methods whose fit is checked under DDP and after a kill: what they learn is layer-wise AdaMerging's raw
+# coefficients, rank-wise AdaMerging's gate logits (one per task, matrix and singular component), WEMoE's routers.
+LEARNING_METHODS = ("layer_wise_adamerging", "rank_wise_adamerging", "wemoe")
+
+
 @pytest.mark.slow  # runs the command, once on two DDP processes
-def test_ddp_fit_on_two_processes_matches_one_process_with_the_same_global_batch(workdir):
-    single = callbacks_config(workdir / "single.yaml", save_coefficients("single"))
-    double = callbacks_config(workdir / "double.yaml", save_coefficients("double"))
-    one = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--config", str(single), *QUIET, "--data.batch_size=8")
+@pytest.mark.parametrize("method", LEARNING_METHODS)
+def test_ddp_fit_on_two_processes_matches_one_process_with_the_same_global_batch(workdir, method):
+    single = callbacks_config(workdir / "single.yaml", save_learned("single"))
+    double = callbacks_config(workdir / "double.yaml", save_learned("double"))
+    fit = ["fit", "--config", str(TINY_CONFIG), "--method", method]
+    one = run_cli(workdir, *fit, "--config", str(single), *QUIET, "--data.batch_size=8")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--config", str(TRAINER_PRESETS / "ddp.yaml"),
+    two = run_cli(workdir, *fit, "--config", str(TRAINER_PRESETS / "ddp.yaml"),
                   "--config", str(double), *QUIET, "--trainer.accelerator=cpu", "--trainer.devices=2",
                   "--data.batch_size=4")
     assert two.returncode == 0, two.stderr[-3000:]
     reference = torch.load(workdir / "single.rank0.pt", weights_only=True)
     rank0 = torch.load(workdir / "double.rank0.pt", weights_only=True)
     rank1 = torch.load(workdir / "double.rank1.pt", weights_only=True)
-    assert torch.equal(rank0, rank1)  # the coefficients stay identical across processes
-    assert not torch.allclose(reference, torch.full_like(reference, 0.3))  # they did learn
+    assert torch.equal(rank0, rank1)  # what is learned stays identical across processes
+    assert not torch.allclose(reference, torch.load(workdir / "single.start.rank0.pt", weights_only=True))  # learned
     # Same images per step, gradients averaged over the processes: equal up to float rounding.
     torch.testing.assert_close(rank0, reference, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow  # runs the command three times, killing one
-def test_a_fit_killed_mid_run_and_resumed_ends_where_an_uninterrupted_fit_ends(workdir):
+@pytest.mark.parametrize("method", LEARNING_METHODS)
+def test_a_fit_killed_mid_run_and_resumed_ends_where_an_uninterrupted_fit_ends(workdir, method):
     checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"dirpath": "ckpt", "every_n_train_steps": 5, "save_last": True}}
     kill = {"class_path": "probes.KillAt", "init_args": {"step": 13}}
     killed = callbacks_config(workdir / "killed.yaml", checkpoint, kill)
-    resumed = callbacks_config(workdir / "resumed.yaml", checkpoint, save_coefficients("resumed"))
-    whole = callbacks_config(workdir / "whole.yaml", save_coefficients("whole"))
+    resumed = callbacks_config(workdir / "resumed.yaml", checkpoint, save_learned("resumed"))
+    whole = callbacks_config(workdir / "whole.yaml", save_learned("whole"))
 
-    crash = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--config", str(killed), *QUIET)
+    fit = ["fit", "--config", str(TINY_CONFIG), "--method", method]
+    crash = run_cli(workdir, *fit, "--config", str(killed), *QUIET)
     assert crash.returncode == -9  # SIGKILL at step 13: steps 11-13 are lost
     state = torch.load(workdir / "ckpt" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 10  # mid-epoch: an epoch is 8 steps (64 images / 8)
-    again = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--config", str(resumed), *QUIET,
-                    "--ckpt_path", "ckpt/last.ckpt")
+    again = run_cli(workdir, *fit, "--config", str(resumed), *QUIET, "--ckpt_path", "ckpt/last.ckpt")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "not resumable" not in again.stderr
-    uninterrupted = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--config", str(whole), *QUIET)
+    uninterrupted = run_cli(workdir, *fit, "--config", str(whole), *QUIET)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     assert torch.equal(torch.load(workdir / "resumed.rank0.pt", weights_only=True),
                        torch.load(workdir / "whole.rank0.pt", weights_only=True))

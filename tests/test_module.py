@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-from helpers import TINY_CLIP, TINY_TIMM
+from helpers import TINY_CLIP, TINY_TIMM, cpu_trainer, synthetic_tasks
 from lit_adamerging import (
     AdaMergingModule,
     CoefficientLogger,
@@ -42,12 +42,6 @@ NUM_CLASSES = {"alpha": 5, "beta": 3}
 
 
 # ----------------------------------------------------------------------------- helpers
-def make_tasks(sizes: Mapping[str, int] | None = None) -> dict[str, SyntheticTask]:
-    sizes = sizes or {"alpha": 12, "beta": 8}
-    return {
-        task: SyntheticTask(num_classes=NUM_CLASSES[task], num_images=n, image_size=32, seed=index + 1)
-        for index, (task, n) in enumerate(sizes.items())
-    }
 
 
 def make_module(
@@ -58,20 +52,6 @@ def make_module(
     )
 
 
-def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(tmp_path),
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
 
 
 def set_coefficients(module: AdaMergingModule, seed: int = 0) -> Tensor:
@@ -216,7 +196,7 @@ class RecordingModule(AdaMergingModule):
 
 # ----------------------------------------------------------------------------- 2. data
 def test_fit_batches_are_label_free_and_eval_loaders_in_task_order(tmp_path):
-    tasks = make_tasks({"alpha": 12, "beta": 8})
+    tasks = synthetic_tasks({"alpha": 12, "beta": 8})
     data = MultiTaskDataModule(tasks, batch_size=4, eval_batch_size=5)
     assert data.num_classes == NUM_CLASSES
     data.setup("fit")
@@ -248,7 +228,7 @@ def test_fit_batches_are_label_free_and_eval_loaders_in_task_order(tmp_path):
     # What the Trainer hands to training_step: {task: images tensor}, one entry per task; the
     # frozen encoder and heads stay in eval mode while fitting.
     module = RecordingModule(SyntheticZoo(TINY_CLIP, seed=0), num_classes=data.num_classes)
-    make_trainer(tmp_path, max_steps=3).fit(module, datamodule=data)
+    cpu_trainer(tmp_path, max_steps=3).fit(module, datamodule=data)
     assert len(module.seen) == 3
     for shapes, encoder_training, heads_training in module.seen:
         assert shapes == {"alpha": (Tensor, (4, 3, 32, 32)), "beta": (Tensor, (4, 3, 32, 32))}
@@ -270,7 +250,7 @@ def test_image_tasks_read_with_the_models_preprocessing(tmp_path):
     with pytest.raises(ValueError, match=r"has no eval preprocessing"):
         data.setup("fit")  # no Trainer, no model to ask
     module = RecordingModule(SyntheticZoo(TINY_CLIP, seed=0), num_classes=data.num_classes)
-    make_trainer(tmp_path / "run", max_steps=1).fit(module, datamodule=data)
+    cpu_trainer(tmp_path / "run", max_steps=1).fit(module, datamodule=data)
     assert module.seen[0][0] == {task: (Tensor, (2, 3, 32, 32)) for task in NUM_CLASSES}  # test-vit-tiny: 32 px
     expected = ImageFolderTask(root=str(tmp_path / "beta"), preprocess=Preprocess(image_size=32)).test_set()
     got = data.test_dataloader()[1].dataset
@@ -282,7 +262,7 @@ def test_datamodule_errors():
     with pytest.raises(ValueError, match="at least one task"):
         MultiTaskDataModule({})
     with pytest.raises(ValueError, match="positive"):
-        MultiTaskDataModule(make_tasks(), batch_size=0)
+        MultiTaskDataModule(synthetic_tasks(), batch_size=0)
 
 
 # ----------------------------------------------------------------------------- 3. accuracy
@@ -296,11 +276,11 @@ def naive_accuracy(reference: Reference, coefficients: Tensor, task: TaskData, n
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_per_task_accuracy_matches_naive(tmp_path, top_k):
     zoo = SyntheticZoo(TINY_CLIP, seed=0)
-    tasks = make_tasks({"alpha": 23, "beta": 17})
+    tasks = synthetic_tasks({"alpha": 23, "beta": 17})
     module = make_module(zoo)
     raw = set_coefficients(module, seed=top_k)
     data = MultiTaskDataModule(tasks, batch_size=4, eval_batch_size=6)  # several batches, a partial last one
-    trainer = make_trainer(tmp_path, callbacks=[PerTaskAccuracy(top_k=top_k)])
+    trainer = cpu_trainer(tmp_path, callbacks=[PerTaskAccuracy(top_k=top_k)])
     results = trainer.test(module, datamodule=data, verbose=False)
 
     reference = Reference(zoo, NUM_CLASSES)
@@ -334,11 +314,11 @@ class ShiftedLabels(TaskData):
 
 
 def test_label_outside_head_raises_naming_task(tmp_path):
-    tasks = {"alpha": make_tasks()["alpha"], "beta": ShiftedLabels(3)}
+    tasks = {"alpha": synthetic_tasks()["alpha"], "beta": ShiftedLabels(3)}
     data = MultiTaskDataModule(tasks, eval_batch_size=4)
     module = make_module(num_classes=data.num_classes)
     with pytest.raises(ValueError, match=r"task 'beta': label 3 is outside the head's 3 classes"):
-        make_trainer(tmp_path).test(module, datamodule=data, verbose=False)
+        cpu_trainer(tmp_path).test(module, datamodule=data, verbose=False)
 
 
 def test_evaluation_matches_loaders_to_heads_by_task_name(tmp_path):
@@ -351,7 +331,7 @@ def test_evaluation_matches_loaders_to_heads_by_task_name(tmp_path):
     reversed_classes = {"beta": 4, "alpha": 4}
     module = make_module(zoo, num_classes=reversed_classes)
     raw = set_coefficients(module, seed=3)  # rows in the module's order: beta, alpha
-    trainer = make_trainer(tmp_path)
+    trainer = cpu_trainer(tmp_path)
     trainer.test(module, datamodule=data, verbose=False)
 
     reference = Reference(zoo, reversed_classes)
@@ -366,9 +346,9 @@ def test_evaluation_matches_loaders_to_heads_by_task_name(tmp_path):
 
     # Other tasks, or other class counts, than the data's are refused, naming the task.
     with pytest.raises(ValueError, match=r"task 'alpha' is in the data but not in the model's num_classes"):
-        make_trainer(tmp_path).test(make_module(zoo, num_classes={"beta": 4}), datamodule=data, verbose=False)
+        cpu_trainer(tmp_path).test(make_module(zoo, num_classes={"beta": 4}), datamodule=data, verbose=False)
     with pytest.raises(ValueError, match=r"task 'beta' has 3 classes in the model's num_classes but 4 in the data"):
-        make_trainer(tmp_path).test(
+        cpu_trainer(tmp_path).test(
             make_module(zoo, num_classes={"alpha": 4, "beta": 3}), datamodule=data, verbose=False
         )
 
@@ -476,7 +456,7 @@ def test_num_classes_none_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         module.configure_model()
     with pytest.raises(ValueError, match="num_classes"):
-        make_trainer(tmp_path, max_steps=1).fit(module, datamodule=MultiTaskDataModule(make_tasks()))
+        cpu_trainer(tmp_path, max_steps=1).fit(module, datamodule=MultiTaskDataModule(synthetic_tasks()))
 
 
 @pytest.mark.parametrize(
@@ -504,10 +484,10 @@ def test_ties_k_one_is_accepted():
 # ----------------------------------------------------------------------------- 5. checkpoints
 def test_checkpoint_is_small_coefficients_only_and_reloads(tmp_path):
     zoo = SyntheticZoo(TINY_CLIP, seed=0)
-    data = MultiTaskDataModule(make_tasks(), batch_size=4)
+    data = MultiTaskDataModule(synthetic_tasks(), batch_size=4)
     module = make_module(zoo, lr=0.05)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = make_trainer(tmp_path, max_steps=4, enable_checkpointing=True, callbacks=[checkpoint])
+    trainer = cpu_trainer(tmp_path, max_steps=4, enable_checkpointing=True, callbacks=[checkpoint])
     trainer.fit(module, datamodule=data)
     trained = module.merger.coefficients.raw.detach().clone()
     assert not torch.allclose(trained, torch.full_like(trained, 0.3))  # it did learn something
@@ -553,7 +533,7 @@ def test_checkpoint_is_small_coefficients_only_and_reloads(tmp_path):
         built.load_state_dict(state["state_dict"])
     # Through a Trainer, a checkpoint made for other tasks is refused before its coefficients are used.
     with pytest.raises(ValueError, match=r"model.num_classes.beta: checkpoint 3, yours '<not set>'"):
-        make_trainer(tmp_path / "t").test(built, datamodule=MultiTaskDataModule({"alpha": make_tasks()["alpha"]}),
+        cpu_trainer(tmp_path / "t").test(built, datamodule=MultiTaskDataModule({"alpha": synthetic_tasks()["alpha"]}),
                                           ckpt_path=str(path), verbose=False, weights_only=True)
     with pytest.raises(KeyError, match=COEFFICIENTS_KEY):
         built.load_state_dict({"something.else": torch.zeros(1)})
@@ -563,7 +543,7 @@ def test_python_checkpoint_needs_the_zoo_and_its_settings(tmp_path):
     zoo = SyntheticZoo(TINY_CLIP, seed=0)
     module = make_module(zoo)
     set_coefficients(module)
-    trainer = make_trainer(tmp_path)
+    trainer = cpu_trainer(tmp_path)
     trainer.strategy.connect(module)
     path = tmp_path / "python.ckpt"
     trainer.save_checkpoint(path)
@@ -573,13 +553,14 @@ def test_python_checkpoint_needs_the_zoo_and_its_settings(tmp_path):
     with pytest.raises(ValueError, match=r"model.zoo.init_args.seed: checkpoint 0, yours 1"):
         AdaMergingModule.load_from_checkpoint(path, zoo=SyntheticZoo(TINY_CLIP, seed=1))
     with pytest.raises(ValueError, match=r"model.zoo.init_args.seed: checkpoint 0, yours 1"):
-        make_trainer(tmp_path).test(make_module(SyntheticZoo(TINY_CLIP, seed=1)),
-                                    datamodule=MultiTaskDataModule(make_tasks()), ckpt_path=str(path), verbose=False)
+        cpu_trainer(tmp_path).test(make_module(SyntheticZoo(TINY_CLIP, seed=1)),
+                                   datamodule=MultiTaskDataModule(synthetic_tasks()), ckpt_path=str(path),
+                                   verbose=False)
     # A module made with another method is refused by the Trainer, listing each difference.
     other = make_module(zoo, granularity="task", ties_k=0.2)
     with pytest.raises(ValueError, match=r"(?s)model.granularity: checkpoint 'layer', yours 'task'.*"
                                          r"model.ties_k: checkpoint None, yours 0.2"):
-        make_trainer(tmp_path).test(other, datamodule=MultiTaskDataModule(make_tasks()), ckpt_path=str(path),
+        cpu_trainer(tmp_path).test(other, datamodule=MultiTaskDataModule(synthetic_tasks()), ckpt_path=str(path),
                                     verbose=False)
     # The optimiser's settings do not change what the coefficients mean: another lr loads them.
     again = AdaMergingModule.load_from_checkpoint(path, zoo=zoo, lr=0.5)
@@ -594,7 +575,7 @@ def test_resume_matches_straight_fit(tmp_path):
     zoo = SyntheticZoo(TINY_CLIP, seed=0)
 
     def data():
-        return MultiTaskDataModule(make_tasks({"alpha": 8, "beta": 8}), batch_size=8)
+        return MultiTaskDataModule(synthetic_tasks({"alpha": 8, "beta": 8}), batch_size=8)
 
     def optimizer_state(trainer):
         state = trainer.optimizers[0].state_dict()["state"][0]
@@ -602,13 +583,13 @@ def test_resume_matches_straight_fit(tmp_path):
 
     pl.seed_everything(0)
     straight = make_module(zoo, lr=0.02)
-    straight_trainer = make_trainer(tmp_path / "a", max_steps=10)
+    straight_trainer = cpu_trainer(tmp_path / "a", max_steps=10)
     straight_trainer.fit(straight, datamodule=data())
 
     pl.seed_everything(0)
     first = make_module(zoo, lr=0.02)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    first_trainer = make_trainer(tmp_path / "b", max_steps=5, enable_checkpointing=True, callbacks=[checkpoint])
+    first_trainer = cpu_trainer(tmp_path / "b", max_steps=5, enable_checkpointing=True, callbacks=[checkpoint])
     first_trainer.fit(first, datamodule=data())
     saved = first.merger.coefficients.raw.detach().clone()
     saved_optimizer = optimizer_state(first_trainer)
@@ -623,7 +604,7 @@ def test_resume_matches_straight_fit(tmp_path):
             restored["raw"] = pl_module.merger.coefficients.raw.detach().clone()
             restored["optimizer"] = optimizer_state(trainer)
 
-    second_trainer = make_trainer(tmp_path / "c", max_steps=10, enable_checkpointing=True,
+    second_trainer = cpu_trainer(tmp_path / "c", max_steps=10, enable_checkpointing=True,
                                   callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2"), Probe()])
     second_trainer.fit(second, datamodule=data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), weights_only=True)
 
@@ -713,8 +694,8 @@ def test_export_merged_encoder_loads_strictly_and_gives_same_logits(tmp_path):
     zoo = SyntheticZoo(TINY_CLIP, seed=0)
     path = tmp_path / "export" / "merged.safetensors"
     module = make_module(zoo, lr=0.05)
-    make_trainer(tmp_path, max_steps=3, callbacks=[ExportMergedEncoder(str(path))]).fit(
-        module, datamodule=MultiTaskDataModule(make_tasks(), batch_size=4)
+    cpu_trainer(tmp_path, max_steps=3, callbacks=[ExportMergedEncoder(str(path))]).fit(
+        module, datamodule=MultiTaskDataModule(synthetic_tasks(), batch_size=4)
     )
     assert path.is_file()
     state = load_file(str(path))
@@ -748,11 +729,11 @@ class InfiniteImages(TaskData):
 
 
 def test_non_finite_loss_stops_the_fit_naming_the_task_and_saves_nothing(tmp_path):
-    tasks = {"alpha": make_tasks()["alpha"], "beta": InfiniteImages()}
+    tasks = {"alpha": synthetic_tasks()["alpha"], "beta": InfiniteImages()}
     checkpoints = tmp_path / "ckpt"
     export = tmp_path / "merged.safetensors"
     module = RecordingModule(SyntheticZoo(TINY_CLIP, seed=0), num_classes=NUM_CLASSES)
-    trainer = make_trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[
+    trainer = cpu_trainer(tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[
         ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=1, save_last=True), ExportMergedEncoder(str(export))])
     not_finite = r"training step 1: the loss is not finite: the entropy of task\(s\) \['beta'\]"
     with pytest.raises(FloatingPointError, match=not_finite):
@@ -768,8 +749,8 @@ def test_export_refuses_a_non_finite_merged_encoder(tmp_path):
         module.merger.coefficients.raw[1, 4] = float("nan")
     export = tmp_path / "merged.safetensors"
     with pytest.raises(FloatingPointError, match=r"NaN or infinite values in 1 tensor\(s\).*not exported"):
-        make_trainer(tmp_path, callbacks=[ExportMergedEncoder(str(export))]).test(
-            module, datamodule=MultiTaskDataModule(make_tasks()), verbose=False)
+        cpu_trainer(tmp_path, callbacks=[ExportMergedEncoder(str(export))]).test(
+            module, datamodule=MultiTaskDataModule(synthetic_tasks()), verbose=False)
     assert not export.exists() and not list(tmp_path.glob(".merged*"))
 
 
@@ -783,8 +764,8 @@ def test_export_path_that_cannot_be_written_fails_before_training(tmp_path):
     for path, message in cases.items():
         module = RecordingModule(SyntheticZoo(TINY_CLIP, seed=0), num_classes=NUM_CLASSES)
         with pytest.raises(ValueError, match=message):
-            make_trainer(tmp_path, max_steps=2, callbacks=[ExportMergedEncoder(path)]).fit(
-                module, datamodule=MultiTaskDataModule(make_tasks(), batch_size=4))
+            cpu_trainer(tmp_path, max_steps=2, callbacks=[ExportMergedEncoder(path)]).fit(
+                module, datamodule=MultiTaskDataModule(synthetic_tasks(), batch_size=4))
         assert not hasattr(module, "seen")  # no training step ran
 
 
@@ -806,9 +787,9 @@ def test_coefficient_logger_writes_scalars_and_heatmap(tmp_path):
     module = make_module(lr=0.05)
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
     # log_every_n_steps=1: Lightning writes the step metrics every step (train/loss at 5 steps).
-    trainer = make_trainer(tmp_path, max_steps=5, logger=logger, log_every_n_steps=1,
+    trainer = cpu_trainer(tmp_path, max_steps=5, logger=logger, log_every_n_steps=1,
                            callbacks=[CoefficientLogger(every_n_steps=2), Probe()])
-    trainer.fit(module, datamodule=MultiTaskDataModule(make_tasks(), batch_size=4))  # 3 batches an epoch
+    trainer.fit(module, datamodule=MultiTaskDataModule(synthetic_tasks(), batch_size=4))  # 3 batches an epoch
     logger.experiment.flush()
 
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})

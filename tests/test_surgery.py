@@ -35,6 +35,7 @@ from lit_adamerging import (
     TaskArithmeticModule,
 )
 from lit_adamerging.lightning.base import intended_warnings_ignored
+from lit_adamerging.lightning.callbacks import surgery_path
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
 from lit_adamerging.lightning.surgery import SurgeryModule
 from lit_adamerging.merging.surgery import FeatureSurgery, SurgeryModules
@@ -401,12 +402,13 @@ def test_unseen_tasks_get_no_surgery_and_no_fine_tuned_model_is_read(tmp_path):
 
 def test_export_writes_the_merged_encoder_and_the_maps_that_reproduce_the_logits(tmp_path):
     export = ExportMergedEncoder(str(tmp_path / "out" / "merged.safetensors"))
-    assert export.surgery_path == str(tmp_path / "out" / "merged.surgery.safetensors")
+    surgery_file = surgery_path(export.path)
+    assert surgery_file == str(tmp_path / "out" / "merged.surgery.safetensors")
     module, _, _, _ = fit(tmp_path, steps=4, lr=1e-2, callbacks=[export])
     tasks = make_tasks()
     encoder, _ = reference_encoders(make_zoo(), tasks, ["alpha", "beta"])
     encoder.load_state_dict(load_file(str(tmp_path / "out" / "merged.safetensors")), strict=True)
-    maps = SurgeryModules.from_plain_state_dict(load_file(export.surgery_path), export.surgery_path)
+    maps = SurgeryModules.from_plain_state_dict(load_file(surgery_file), surgery_file)
     assert maps.tasks == ["alpha", "beta"] and (maps.width, maps.rank) == (32, 16)
     module.on_test_start()
     with torch.no_grad():

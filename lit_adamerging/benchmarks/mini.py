@@ -35,7 +35,8 @@ Two more experiments, the paper's other claims, each its own option (the default
 in. A row is one method run with one set of *settings*, the options that change its numbers
 (:func:`row_settings`): ``tasks`` (and ``unseen_tasks`` or ``severity``), the zoo's (``seed``,
 ``image_size``, ``shots``, ``heads``, ``finetune_steps``, ``finetune_lr``, ``finetune_batch``), and
-those the method depends on: ``lr``, ``steps``, ``images_per_task`` for AdaMerging, ``surgery_steps``
+those the method depends on: ``steps`` and ``images_per_task`` for the methods that learn by entropy
+(AdaMerging, rank-wise AdaMerging, WEMoE), ``lr`` for AdaMerging, ``surgery_steps``
 and ``images_per_task`` for surgery (on learned coefficients: those of the row that learned them too),
 ``task_vector_dtype`` where the module stacks task vectors. A rerun of a method with the same
 settings replaces its row; with other settings it adds one. Not settings: ``--methods`` and
@@ -117,8 +118,10 @@ METHODS: dict[str, list[str]] = {
     "individual": ["--method", "task_arithmetic", "--model.scale=1.0"],
     **{name: ["--method", name] for name in (
         "weight_averaging", "task_arithmetic", "ties_merging", "task_wise_adamerging", "task_wise_adamerging_pp",
-        "layer_wise_adamerging", "layer_wise_adamerging_pp", "fisher_merging", "regmean", "tsv_merging",
-        "iso_c_merging", "iso_cts_merging", "emr_merging", "task_arithmetic_surgery",
+        "layer_wise_adamerging", "layer_wise_adamerging_pp", "rank_wise_adamerging", "rank_wise_adamerging_tsv",
+        "wemoe",
+        "fisher_merging", "regmean", "tsv_merging", "iso_c_merging", "iso_cts_merging", "emr_merging",
+        "task_arithmetic_surgery",
         # on the coefficients layer_wise_adamerging learned (its run's checkpoint: that row runs first)
         "layer_wise_adamerging_surgery",
     )},
@@ -130,9 +133,11 @@ EXPERIMENTS = ("merge", "unseen", "shift")
 # The rows of the unseen and shift tables (an unseen task has no individual model to compare with).
 UNSEEN_METHODS = (
     "pretrained", "task_arithmetic", "ties_merging", "task_wise_adamerging", "task_wise_adamerging_pp",
-    "layer_wise_adamerging", "layer_wise_adamerging_pp",
+    "layer_wise_adamerging", "layer_wise_adamerging_pp", "rank_wise_adamerging", "wemoe",
 )
-SHIFT_METHODS = ("individual", "task_arithmetic", "ties_merging", "layer_wise_adamerging")
+SHIFT_METHODS = (
+    "individual", "task_arithmetic", "ties_merging", "layer_wise_adamerging", "rank_wise_adamerging", "wemoe",
+)
 # (seen, unseen) splits of the four offline tasks: each task is unseen once, each split pairs a grey
 # and a colour task on both sides.
 UNSEEN_SPLITS = ((("mnist", "cifar10"), ("fashion_mnist", "gtsrb")), (("fashion_mnist", "gtsrb"), ("mnist", "cifar10")))
@@ -262,13 +267,13 @@ def row_settings(args: argparse.Namespace, method: str, structure: dict[str, Any
 
     ``structure`` (the tasks, and ``unseen_tasks`` or ``severity``), the zoo's settings (every row), the
     module's settings the benchmark sets (:func:`model_settings`), ``steps`` and ``images_per_task`` where
-    AdaMerging learns, ``surgery_steps`` and ``images_per_task`` for surgery, and for surgery on learned
+    a method learns by entropy, ``surgery_steps`` and ``images_per_task`` for surgery, and for surgery on learned
     coefficients (:data:`SURGERY_ON`) the settings of the row that learned them.
     """
     name = _library_method(method)
     module = method_class(name)
     keys = {*ZOO_SETTINGS, *model_settings(args, name)}
-    if module is AdaMergingModule:
+    if module.LEARNS and not issubclass(module, SurgeryModule):
         keys |= {"steps", "images_per_task"}
     if issubclass(module, SurgeryModule):
         keys |= {"surgery_steps", "images_per_task"}

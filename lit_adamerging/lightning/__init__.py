@@ -5,12 +5,14 @@ from lit_adamerging.lightning.base import MergingModule
 from lit_adamerging.lightning.callbacks import CoefficientLogger, ExportMergedEncoder, PerTaskAccuracy
 from lit_adamerging.lightning.data_free import TaskArithmeticModule
 from lit_adamerging.lightning.emr import EMRMergingModule
+from lit_adamerging.lightning.rank_wise import RankWiseAdaMergingModule
 from lit_adamerging.lightning.spectral import IsotropicMergingModule, TSVMergingModule
 from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModule
 from lit_adamerging.lightning.surgery import SurgeryModule
+from lit_adamerging.lightning.wemoe import WEMoEModule
 
 __all__ = [
     "AdaMergingModule", "CoefficientLogger", "EMRMergingModule", "ExportMergedEncoder", "FisherMergingModule",
-    "IsotropicMergingModule", "MergingModule", "PerTaskAccuracy", "RegMeanModule", "SurgeryModule",
-    "TSVMergingModule", "TaskArithmeticModule",
+    "IsotropicMergingModule", "MergingModule", "PerTaskAccuracy", "RankWiseAdaMergingModule", "RegMeanModule",
+    "SurgeryModule", "TSVMergingModule", "TaskArithmeticModule", "WEMoEModule",
 ]

@@ -15,7 +15,76 @@ from lit_adamerging.merging import BufferPolicy, Granularity, MergedEncoder, ent
 from lit_adamerging.models.zoo import LoadedZoo, ModelZoo
 
 
-class AdaMergingModule(MergingModule):
+class EntropyObjective:
+    """The entropy objective of the learned merges, shared by :class:`AdaMergingModule` and
+    :class:`~lit_adamerging.RankWiseAdaMergingModule` (put before :class:`MergingModule` in the bases).
+
+    The loss is the sum over the seen tasks of the mean Shannon entropy of their heads' predictions
+    on a batch of their unlabeled images, all tasks in one forward and one backward; a non-finite
+    loss is reported one step later, naming the task(s), and nothing is saved or evaluated after it.
+    A method says how a training batch is encoded (:meth:`_training_features`).
+    """
+
+    _last_entropies: tuple[int, Tensor] | None = None  # (step, entropy per task), checked one step later
+
+    def _training_features(self, images: Tensor) -> Tensor:
+        """The merged encoder's features of ``images``, differentiable in what the method learns."""
+        return self._built_merger()(images)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_last_entropies()  # never save what a non-finite loss has updated
+        super().on_save_checkpoint(checkpoint)
+
+    def on_train_end(self) -> None:
+        self._check_last_entropies()
+
+    def _check_last_entropies(self) -> None:
+        """Raise if the last training step's loss was not finite, naming the task(s) whose entropy was not.
+
+        Checked one step later (and before saving, evaluating or ending the fit), so that reading
+        the value does not make every step wait for the device.
+        """
+        if self._last_entropies is None:
+            return
+        step, entropies = self._last_entropies
+        self._last_entropies = None
+        values = entropies.tolist()
+        bad = {task: value for task, value in zip(self.seen_tasks, values) if not math.isfinite(value)}
+        if bad:
+            raise FloatingPointError(
+                f"training step {step}: the loss is not finite: the entropy of task(s) {list(bad)} is "
+                f"{list(bad.values())}. "
+                "Their images, heads or fine-tuned weights hold NaN or infinite values, or the encoder overflows "
+                "(with precision 16-mixed, try bf16-mixed or 32-true). Nothing was saved or exported from this step on."
+            )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._check_last_entropies()
+        tasks = self.seen_tasks
+        missing = [task for task in tasks if task not in batch]
+        if missing:
+            raise KeyError(f"the training batch has no images for task(s) {missing}; got {list(batch)}.")
+        unseen = [task for task in self.unseen_tasks if task in batch]
+        if unseen:
+            raise ValueError(
+                f"the training batch holds images of the unseen task(s) {unseen}; unseen tasks are evaluated only. "
+                "Give the data module the same unseen_tasks (MultiTaskDataModule(..., unseen_tasks=...))."
+            )
+        sizes = [batch[task].shape[0] for task in tasks]
+        features = self._training_features(torch.cat([batch[task] for task in tasks]))
+        entropies = {
+            task: entropy(self.heads[task](chunk)).mean() for task, chunk in zip(tasks, features.split(sizes))
+        }
+        stacked = torch.stack(list(entropies.values()))
+        self._last_entropies = (self.global_step + 1, stacked.detach())
+        loss = stacked.sum()
+        total = sum(sizes)
+        self.log("train/loss", loss, prog_bar=True, batch_size=total)
+        self.log_dict({f"train/entropy/{task}": value for task, value in entropies.items()}, batch_size=total)
+        return loss
+
+
+class AdaMergingModule(EntropyObjective, MergingModule):
     """Learns merging coefficients by minimising the entropy of every task head on unlabeled images.
 
     Task-wise (``granularity="task"``: one coefficient per task) or layer-wise (``"layer"``: one per
@@ -103,10 +172,6 @@ class AdaMergingModule(MergingModule):
         """The coefficients in use, ``[merged tasks, 1 or merged tensors]`` (clamped if ``clamp``)."""
         return self._built_merger().coefficients().detach()
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_last_entropies()  # never save coefficients a non-finite loss has updated
-        super().on_save_checkpoint(checkpoint)
-
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load the coefficients (the only learned state); other keys are ignored.
 
@@ -125,59 +190,10 @@ class AdaMergingModule(MergingModule):
             set_coefficients(self.merger, raw, len(self.seen_tasks), self.hparams.granularity)
         return LoadedKeys([], [])
 
-    # ----------------------------------------------------------------- steps
-    def _check_last_entropies(self) -> None:
-        """Raise if the last training step's loss was not finite, naming the task(s) whose entropy was not.
-
-        Checked one step later (and before saving, evaluating or ending the fit), so that reading
-        the value does not make every step wait for the device.
-        """
-        if self._last_entropies is None:
-            return
-        step, entropies = self._last_entropies
-        self._last_entropies = None
-        values = entropies.tolist()
-        bad = {task: value for task, value in zip(self.seen_tasks, values) if not math.isfinite(value)}
-        if bad:
-            raise FloatingPointError(
-                f"training step {step}: the loss is not finite: the entropy of task(s) {list(bad)} is "
-                f"{list(bad.values())}. "
-                "Their images, heads or fine-tuned weights hold NaN or infinite values, or the encoder overflows "
-                "(with precision 16-mixed, try bf16-mixed or 32-true). Nothing was saved or exported from this step on."
-            )
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        self._check_last_entropies()
-        tasks = self.seen_tasks
-        missing = [task for task in tasks if task not in batch]
-        if missing:
-            raise KeyError(f"the training batch has no images for task(s) {missing}; got {list(batch)}.")
-        unseen = [task for task in self.unseen_tasks if task in batch]
-        if unseen:
-            raise ValueError(
-                f"the training batch holds images of the unseen task(s) {unseen}; unseen tasks are evaluated only. "
-                "Give the data module the same unseen_tasks (MultiTaskDataModule(..., unseen_tasks=...))."
-            )
-        sizes = [batch[task].shape[0] for task in tasks]
-        features = self._built_merger()(torch.cat([batch[task] for task in tasks]))
-        entropies = {
-            task: entropy(self.heads[task](chunk)).mean() for task, chunk in zip(tasks, features.split(sizes))
-        }
-        stacked = torch.stack(list(entropies.values()))
-        self._last_entropies = (self.global_step + 1, stacked.detach())
-        loss = stacked.sum()
-        total = sum(sizes)
-        self.log("train/loss", loss, prog_bar=True, batch_size=total)
-        self.log_dict({f"train/entropy/{task}": value for task, value in entropies.items()}, batch_size=total)
-        return loss
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(
             self._built_merger().coefficients.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas)
         )
-
-    def on_train_end(self) -> None:
-        self._check_last_entropies()
 
     def evaluation_tensors(self) -> dict[str, Tensor]:
         """The merge of the coefficients (checked first: no evaluation after a non-finite loss)."""

@@ -7,6 +7,8 @@ something for it:
   arithmetic, TIES-merging); nothing to fit;
 * :class:`~lit_adamerging.AdaMergingModule`: coefficients learned by entropy on unlabeled images
   (task-wise, layer-wise, ++);
+* :class:`~lit_adamerging.RankWiseAdaMergingModule`: a gate per singular component of each task
+  vector's matrices, learned by the same entropy (AdaRank's idea);
 * :class:`~lit_adamerging.FisherMergingModule`, :class:`~lit_adamerging.RegMeanModule`: merges
   computed from statistics of unlabeled images; nothing to fit;
 * :class:`~lit_adamerging.TSVMergingModule`, :class:`~lit_adamerging.IsotropicMergingModule`: spectral
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from lit_adamerging.data.contract import DescribesTasks, FitInputs
 from lit_adamerging.data.datamodule import checked_unseen_tasks
 from lit_adamerging.data.tasks import check_task_name
-from lit_adamerging.lightning.callbacks import PerTaskAccuracy
+from lit_adamerging.lightning.callbacks import PerTaskAccuracy, save_finite_state_dicts
 from lit_adamerging.lightning.checkpoint_io import SafeCheckpointIO, fetch_checkpoint, load_checkpoint, source_name
 from lit_adamerging.lightning.checks import (
     check_checkpoint_class,
@@ -368,12 +370,30 @@ class MergingModule(pl.LightningModule):
         return self.heads[task](features)
 
     def merged_state_dict(self) -> dict[str, Tensor]:
-        """The merged encoder as a plain state dict with the encoder's keys (:class:`ExportMergedEncoder` writes it)."""
+        """The merged encoder as a plain state dict with the encoder's keys (what :meth:`export` writes)."""
         merged = self.evaluation_tensors()
         return {
             name: (merged[name] if name in merged else tensor).detach().clone().contiguous()
             for name, tensor in self._built_merger().encoder.state_dict().items()
         }
+
+    # ----------------------------------------------------------------- export
+    # The file kinds export() writes (ExportMergedEncoder refuses another path before the run starts).
+    EXPORT_SUFFIXES: ClassVar[tuple[str, ...]] = (".safetensors", ".pt", ".pth")
+
+    def export_description(self) -> str:
+        """What :meth:`export` writes, in words (for messages)."""
+        return "the merged encoder as a plain state dict"
+
+    def export_paths(self, path: str) -> dict[str, str]:
+        """``{file: what it holds}`` for every file :meth:`export` to ``path`` writes."""
+        return {path: "the merged encoder's export path"}
+
+    def export(self, path: str) -> None:
+        """Write the merged model to ``path`` (:class:`~lit_adamerging.ExportMergedEncoder` calls it on the first
+        process): here the merged encoder as a plain state dict, atomically, refused if it holds NaN or infinite
+        values."""
+        save_finite_state_dicts({path: ("the merged encoder", self.merged_state_dict())})
 
     def _evaluation_step(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> dict[str, Any]:
         images, labels = batch

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_adamerging.data.tasks import AVERAGE_NAMES
@@ -160,21 +161,18 @@ def coefficient_heatmap(coefficients: torch.Tensor, task_names: list[str]) -> Fi
 
 
 class ExportMergedEncoder(pl.Callback):
-    """Writes the merged encoder as a plain state dict at the end of fit and of test.
+    """Writes the merged model at the end of fit and of test: what the method's
+    :meth:`~lit_adamerging.lightning.base.MergingModule.export` writes.
 
-    The file has the original encoder's keys (open_clip: ``model.visual``'s; timm: the backbone's),
-    so ``encoder.load_state_dict(safetensors.torch.load_file(path))`` works without this library.
-    Whether ``path`` can be written is checked when the run starts, not after the last step; a
-    merged encoder holding NaN or infinite values is never written (an error names its tensors).
-    A model with Representation Surgery (:class:`~lit_adamerging.lightning.surgery.SurgeryModule`)
-    also gets its surgery maps written beside it, to :attr:`surgery_path` (read them back with
-    :meth:`~lit_adamerging.merging.surgery.SurgeryModules.from_plain_state_dict`); both paths are
-    checked when the run starts, and the two files are written together or not at all.
-
-    EMR-Merging (:class:`~lit_adamerging.lightning.emr.EMRMergingModule`) has no single merged encoder:
-    for it ``path`` (a ``.safetensors`` file) gets the unified vector, the packed masks and the
-    rescalers instead (:meth:`~lit_adamerging.lightning.emr.EMRMergingModule.save_emr`), from which
-    :func:`~lit_adamerging.merging.load_emr` rebuilds any task's encoder.
+    For most methods that is the merged encoder as a plain state dict with the original encoder's keys
+    (open_clip: ``model.visual``'s; timm: the backbone's), so
+    ``encoder.load_state_dict(safetensors.torch.load_file(path))`` works without this library. A method
+    whose model is more than one encoder writes more, or another file: Representation Surgery adds its
+    maps beside ``path`` (:func:`surgery_path`), EMR-Merging and WEMoE write their own ``.safetensors``
+    files (:func:`~lit_adamerging.merging.load_emr`, :func:`~lit_adamerging.merging.load_wemoe` read them).
+    Whether every file can be written is checked when the run starts, not after the last step; NaN or
+    infinite values are never written (an error names their tensors), and the files of one export are
+    written together or not at all.
 
     Args:
         path: ``.safetensors`` (default choice) or ``.pt``/``.pth``; written atomically.
@@ -186,47 +184,20 @@ class ExportMergedEncoder(pl.Callback):
         self.path = path
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
-        """Fail now, before any step, if a file to write cannot be: it is a folder, or lies under a file or a
-        read-only folder (the encoder's path, and the surgery maps' for a model with surgery)."""
-        _check_writable(self.path, "export path", "give a file name ending in .safetensors, .pt or .pth")
-        if _is_emr(pl_module) and not self.path.endswith(".safetensors"):
+        """Fail now, before any step, if a file to write cannot be: the method does not write that kind of file,
+        or it is a folder, or lies under a file or a read-only folder."""
+        suffixes = pl_module.EXPORT_SUFFIXES
+        if not self.path.endswith(suffixes):
             raise ValueError(
-                f"export path {self.path!r}: EMR-Merging is exported as its unified vector, masks and rescalers in a "
-                ".safetensors file (there is no single merged encoder); give a path ending in .safetensors."
+                f"export path {self.path!r}: {type(pl_module).__name__} exports {pl_module.export_description()}, "
+                f"written as {' or '.join(suffixes)}; give a path ending in {suffixes[0]}."
             )
-        if _has_surgery(pl_module):
-            _check_writable(
-                self.surgery_path, "the surgery maps' export path",
-                "move it away, or give ExportMergedEncoder another path (the maps go beside it, to "
-                "<stem>.surgery<suffix>)",
-            )
+        for path, what in pl_module.export_paths(self.path).items():
+            _check_writable(path, what, "give another file name")
 
     def _export(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        if trainer.is_global_zero and _is_emr(pl_module):
-            pl_module.save_emr(self.path)  # refuses non-finite values itself
-            return
         if trainer.is_global_zero:
-            files = {self.path: ("the merged encoder", pl_module.merged_state_dict())}
-            if _has_surgery(pl_module):
-                files[self.surgery_path] = ("the surgery maps", pl_module.surgery_state_dict())
-            for path, (what, state) in files.items():
-                bad = [
-                    key for key, value in state.items()
-                    if value.is_floating_point() and not bool(value.isfinite().all())
-                ]
-                if bad:
-                    raise FloatingPointError(
-                        f"{what} holds NaN or infinite values in {len(bad)} tensor(s) ({bad[:5]}); it was not "
-                        f"exported to {path}, nor anything else. Check the coefficients, the fine-tuned weights and "
-                        "the training loss."
-                    )
-            save_state_dicts({path: state for path, (_, state) in files.items()})  # both files or neither
-
-    @property
-    def surgery_path(self) -> str:
-        """Where a model's Representation Surgery maps go: ``<stem>.surgery<suffix>`` beside ``path``."""
-        path = Path(self.path)
-        return str(path.with_suffix(".surgery" + path.suffix))
+            pl_module.export(self.path)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._export(trainer, pl_module)
@@ -235,22 +206,29 @@ class ExportMergedEncoder(pl.Callback):
         self._export(trainer, pl_module)
 
 
+def surgery_path(path: str) -> str:
+    """Where a model's Representation Surgery maps go beside its encoder's ``path``: ``<stem>.surgery<suffix>``."""
+    file = Path(path)
+    return str(file.with_suffix(".surgery" + file.suffix))
+
+
+def save_finite_state_dicts(files: dict[str, tuple[str, dict[str, Tensor]]]) -> None:
+    """Write ``{path: (what, state dict)}`` together or not at all, atomically; refuse (naming the tensors) any
+    NaN or infinite value before anything is written."""
+    for path, (what, state) in files.items():
+        bad = [key for key, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+        if bad:
+            raise FloatingPointError(
+                f"{what} holds NaN or infinite values in {len(bad)} tensor(s) ({bad[:5]}); it was not exported to "
+                f"{path}, nor anything else. Check the coefficients, the fine-tuned weights and the training loss."
+            )
+    save_state_dicts({path: state for path, (_, state) in files.items()})
+
+
 def _learns_coefficients(pl_module: Any) -> bool:
     from lit_adamerging.lightning.adamerging import AdaMergingModule  # it imports this module
 
     return isinstance(pl_module, AdaMergingModule)
-
-
-def _has_surgery(pl_module: Any) -> bool:
-    from lit_adamerging.lightning.surgery import SurgeryModule  # it imports this module
-
-    return isinstance(pl_module, SurgeryModule)
-
-
-def _is_emr(pl_module: Any) -> bool:
-    from lit_adamerging.lightning.emr import EMRMergingModule  # it imports this module (through the base)
-
-    return isinstance(pl_module, EMRMergingModule)
 
 
 def _check_writable(path: str, what: str, advice: str) -> None:

@@ -44,6 +44,8 @@ from lit_adamerging.limits import CHECKPOINT_BYTES, NESTING_DEPTH, NotARegularFi
 
 __all__ = [
     "COEFFICIENTS_KEY",
+    "GATES_KEY",
+    "ROUTERS_PREFIX",
     "SafeCheckpointIO",
     "fetch_checkpoint",
     "is_url",
@@ -54,6 +56,10 @@ __all__ = [
 ]
 
 COEFFICIENTS_KEY = "merger.coefficients.raw"
+GATES_KEY = "gates.raw"
+"""Rank-wise AdaMerging's learned state: its gate logits."""
+ROUTERS_PREFIX = "mixture.routers."
+"""WEMoE's learned state: the keys of its routers."""
 ADVICE = (
     "--ckpt_path (and load_from_checkpoint) take the .ckpt file `lit-adamerging fit` writes "
     "(e.g. runs/tiny/checkpoints/last.ckpt); fine-tuned weights go in the zoo (model.zoo.init_args.finetuned)."
@@ -171,10 +177,11 @@ def load_checkpoint(data: bytes, name: str) -> dict[str, Any]:
         raise ValueError(
             f"{name} is not an AdaMerging checkpoint: it is not a Lightning checkpoint (top level: {keys}). {ADVICE}"
         )
-    if COEFFICIENTS_KEY not in state_dict:
+    if not any(key.startswith((COEFFICIENTS_KEY, GATES_KEY, ROUTERS_PREFIX)) for key in state_dict):
         raise ValueError(
             f"{name} is not an AdaMerging checkpoint: it holds no merging coefficients ({COEFFICIENTS_KEY!r}; "
-            f"its state dict has {list(state_dict)[:5]}). {ADVICE}"
+            f"nor rank-wise gates, {GATES_KEY!r}; nor WEMoE routers, {ROUTERS_PREFIX!r}...; its state dict has "
+            f"{list(state_dict)[:5]}). {ADVICE}"
         )
     if not isinstance(checkpoint.get("hyper_parameters", {}), Mapping):
         raise ValueError(f"{name}: its 'hyper_parameters' are not a mapping; the file is damaged or was edited.")

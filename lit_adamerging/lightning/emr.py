@@ -126,6 +126,16 @@ class EMRMergingModule(MergingModule):
         with torch.no_grad():
             return self.emr_merge().task_state_dict(self._built_merger().encoder.state_dict(), task)
 
+    EXPORT_SUFFIXES: ClassVar[tuple[str, ...]] = (".safetensors",)
+
+    def export_description(self) -> str:
+        return "its unified vector, masks and rescalers (there is no single merged encoder)"
+
+    def export(self, path: str) -> None:
+        """:meth:`save_emr`: the unified vector, packed masks and rescalers, which
+        :func:`~lit_adamerging.merging.load_emr` reads back."""
+        self.save_emr(path)
+
     def save_emr(self, path: str | Path) -> Path:
         """Write the unified vector, the packed masks and the rescalers to ``path`` (see
         :func:`~lit_adamerging.merging.save_emr`), atomically."""

@@ -13,6 +13,7 @@ from torch.func import functional_call
 from lit_adamerging.data.contract import UnlabeledImages
 from lit_adamerging.lightning.adamerging import AdaMergingModule, set_coefficients
 from lit_adamerging.lightning.base import LoadedKeys, MergingModule
+from lit_adamerging.lightning.callbacks import save_finite_state_dicts, surgery_path
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
 from lit_adamerging.lightning.checks import check_checkpoint_class, checkpoint_settings_differences
 from lit_adamerging.lightning.data_free import TaskArithmeticModule
@@ -314,3 +315,18 @@ class SurgeryModule(MergingModule):
         self._built_merger()
         assert self.surgery is not None
         return self.surgery.plain_state_dict()
+
+    def export_description(self) -> str:
+        return "the merged encoder and, beside it, the surgery maps"
+
+    def export_paths(self, path: str) -> dict[str, str]:
+        """The merged encoder's ``path`` and the surgery maps' :func:`~lit_adamerging.lightning.callbacks.surgery_path`
+        beside it (read them back with :meth:`~lit_adamerging.merging.surgery.SurgeryModules.from_plain_state_dict`)."""
+        return {**super().export_paths(path), surgery_path(path): "the surgery maps' export path"}
+
+    def export(self, path: str) -> None:
+        """Write the merged encoder to ``path`` and the surgery maps beside it, both or neither."""
+        save_finite_state_dicts({
+            path: ("the merged encoder", self.merged_state_dict()),
+            surgery_path(path): ("the surgery maps", self.surgery_state_dict()),
+        })

@@ -13,6 +13,10 @@
    vectors as matrices, merged through their singular vectors.
 9. :mod:`~lit_adamerging.merging.emr` - EMR-Merging: a unified task vector, a bit mask and a rescaler per task,
    its export file and the loader that rebuilds a task's weights.
+10. :mod:`~lit_adamerging.merging.rank_wise` - rank-wise merging: each matrix's task vectors as singular
+    components, one gate per component (what rank-wise AdaMerging learns).
+11. :mod:`~lit_adamerging.merging.wemoe` - WEMoE: MLPs as weight-ensembling mixtures routed per sample, the
+    per-sample product, its export file and loader.
 """
 
 from lit_adamerging.merging.baselines import task_arithmetic, ties_merging, weight_averaging
@@ -33,6 +37,12 @@ from lit_adamerging.merging.emr import (
 from lit_adamerging.merging.fisher import FisherWeightedAverage, fisher_merge, fisher_sums
 from lit_adamerging.merging.merge import Granularity, MergedEncoder, MergingCoefficients, merge, merge_groups
 from lit_adamerging.merging.objective import entropy
+from lit_adamerging.merging.rank_wise import (
+    RankComponents,
+    rank_components,
+    rank_wise_merging,
+    rank_wise_task_vector,
+)
 from lit_adamerging.merging.regmean import GramRecorder, RegMeanAverage, regmean_layers, regmean_merge
 from lit_adamerging.merging.spectral import (
     SpectralFactors,
@@ -58,6 +68,17 @@ from lit_adamerging.merging.task_vectors import (
     stack_task_vectors,
 )
 from lit_adamerging.merging.ties import ties_task_vectors
+from lit_adamerging.merging.wemoe import (
+    Router,
+    WeightEnsemblingMixture,
+    WEMoEEncoder,
+    WEMoEFileError,
+    find_mlp_modules,
+    load_wemoe,
+    mixed_layers,
+    per_sample_delta,
+    save_wemoe,
+)
 
 __all__ = [
     "BUFFER_POLICIES",
@@ -72,18 +93,24 @@ __all__ = [
     "MergedEncoder",
     "MergingCoefficients",
     "RESCALER_SUMS",
+    "RankComponents",
     "RegMeanAverage",
     "RescalerSum",
+    "Router",
     "SURGERY_RANK",
     "SpectralFactors",
     "StackedTaskVectors",
     "SurgeryModules",
     "TaskVectorError",
+    "WEMoEEncoder",
+    "WEMoEFileError",
+    "WeightEnsemblingMixture",
     "check_compatible",
     "emr_elect",
     "emr_merging",
     "emr_storage",
     "entropy",
+    "find_mlp_modules",
     "fisher_merge",
     "fisher_sums",
     "group_names",
@@ -93,13 +120,20 @@ __all__ = [
     "iso_factors",
     "iso_task_vector",
     "load_emr",
+    "load_wemoe",
     "merge",
     "merge_groups",
+    "mixed_layers",
     "orthogonalize",
     "pack_masks",
+    "per_sample_delta",
+    "rank_components",
+    "rank_wise_merging",
+    "rank_wise_task_vector",
     "regmean_layers",
     "regmean_merge",
     "save_emr",
+    "save_wemoe",
     "spectral_matrices",
     "stack_task_vectors",
     "task_arithmetic",

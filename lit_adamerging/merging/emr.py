@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from lit_adamerging.merging._export_file import json_field, read_export
 from lit_adamerging.merging.task_vectors import BufferPolicy, stack_task_vectors
 
 RescalerSum = Literal["entries", "tensor_means"]
@@ -372,51 +372,16 @@ def load_emr(path: str | Path) -> EMRMerge:
     masks' padding bits); a file that fails is an :class:`EMRFileError` naming it and what is wrong.
     Rebuild task ``k``'s encoder with ``load_emr(path).task_state_dict(pretrained_state_dict, k)``.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_bytes
-
-    from lit_adamerging.limits import open_regular_file
-
     path = Path(path)
-    with open_regular_file(path, "EMR-Merging export") as file:
-        data = file.read()
-    metadata = _read_metadata(data, path)
-    try:
-        tensors = load_bytes(data)
-    except (SafetensorError, ValueError, RuntimeError) as error:
-        raise EMRFileError(f"{path}: not a readable safetensors file ({error}); the file may be truncated.") from error
+    metadata, tensors = read_export(
+        path, "an EMR-Merging export", EMR_FORMAT, EMR_FORMAT_VERSION, EMRFileError,
+        "ExportMergedEncoder writes one for the emr_merging method (lit_adamerging.merging.save_emr from Python)",
+    )
     return _merge_from_file(tensors, metadata, path)
 
 
-def _read_metadata(data: bytes, path: Path) -> dict[str, str]:
-    """The safetensors header's ``__metadata__``, checked to be an EMR-Merging export's."""
-    header = None
-    if len(data) >= 8:
-        (length,) = struct.unpack("<Q", data[:8])
-        if 8 + length <= len(data):
-            try:
-                header = json.loads(data[8 : 8 + length])
-            except (UnicodeDecodeError, ValueError):
-                header = None
-    if not isinstance(header, dict):
-        raise EMRFileError(f"{path}: not a readable safetensors file (its header is missing or garbled).")
-    metadata = header.get("__metadata__")
-    if not isinstance(metadata, dict) or metadata.get("format") != EMR_FORMAT:
-        raise EMRFileError(
-            f"{path}: not an EMR-Merging export (its metadata lacks format={EMR_FORMAT!r}); ExportMergedEncoder writes "
-            "one for the emr_merging method (lit_adamerging.merging.save_emr from Python)."
-        )
-    if metadata.get("version") != EMR_FORMAT_VERSION:
-        raise EMRFileError(f"{path}: EMR-Merging export version {metadata.get('version')!r}; this library reads "
-                           f"version {EMR_FORMAT_VERSION!r}.")
-    return metadata
-
-
 def _json_field(metadata: Mapping[str, str], key: str, path: Path) -> object:
-    try:
-        return json.loads(metadata[key])
-    except (KeyError, TypeError, ValueError):
-        raise EMRFileError(f"{path}: the metadata's {key!r} is missing or not JSON; the file is garbled.") from None
+    return json_field(metadata, key, path, EMRFileError)
 
 
 def _merge_from_file(tensors: dict[str, Tensor], metadata: Mapping[str, str], path: Path) -> EMRMerge:

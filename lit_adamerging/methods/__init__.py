@@ -16,6 +16,9 @@ task_wise_adamerging           task-wise AdaMerging: one learned coefficient per
 task_wise_adamerging_pp        task-wise AdaMerging++ (over TIES task vectors)
 layer_wise_adamerging          layer-wise AdaMerging: one learned coefficient per task and tensor
 layer_wise_adamerging_pp       layer-wise AdaMerging++ (over TIES task vectors)
+rank_wise_adamerging           rank-wise AdaMerging (AdaRank): a learned gate per singular component
+rank_wise_adamerging_tsv       rank-wise AdaMerging over TSV-M's decorrelated components
+wemoe                          WEMoE: each MLP a mixture of the task vectors, weighted per sample by a learned router
 fisher_merging                 Fisher-weighted average of the fine-tuned encoders (``test`` only)
 regmean                        RegMean: closed-form merge of every linear map from Gram matrices (``test`` only)
 tsv_merging                    TSV-M: each task's top 1/T singular components per layer, decorrelated (``test`` only)
