@@ -15,7 +15,11 @@ from lit_adamerging.lightning.adamerging import AdaMergingModule, set_coefficien
 from lit_adamerging.lightning.base import LoadedKeys, MergingModule
 from lit_adamerging.lightning.callbacks import save_finite_state_dicts, surgery_path
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
-from lit_adamerging.lightning.checks import check_checkpoint_class, checkpoint_settings_differences
+from lit_adamerging.lightning.checks import (
+    check_checkpoint_class,
+    checkpoint_settings_differences,
+    load_learned_module,
+)
 from lit_adamerging.lightning.data_free import TaskArithmeticModule
 from lit_adamerging.merging import MergedEncoder, check_compatible
 from lit_adamerging.merging.surgery import SURGERY_RANK, SurgeryModules
@@ -179,19 +183,8 @@ class SurgeryModule(MergingModule):
 
     def _load_surgery(self, state: Mapping[str, Tensor]) -> None:
         assert self.surgery is not None
-        ours = self.surgery.state_dict()
-        if set(state) != set(ours):
-            raise ValueError(
-                f"the checkpoint's surgery maps {sorted(state)} do not match this model's {sorted(ours)} (one per "
-                "merged task); it was saved for other tasks."
-            )
-        for key, value in state.items():
-            if value.shape != ours[key].shape:
-                raise ValueError(
-                    f"the checkpoint's surgery tensor {key!r} has shape {tuple(value.shape)} but this model needs "
-                    f"{tuple(ours[key].shape)} (rank {self.hparams.rank}, the encoder's feature width)."
-                )
-        self.surgery.load_state_dict(state)
+        hint = f"one map per merged task, rank {self.hparams.rank}, the encoder's feature width"
+        load_learned_module(self.surgery, state, "surgery", hint)
 
     # ----------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
