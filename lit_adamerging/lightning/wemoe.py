@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lit_adamerging.lightning.adamerging import EntropyObjective
-from lit_adamerging.lightning.base import LoadedKeys, MergingModule, StorageDtype, check_storage_dtype
+from lit_adamerging.lightning.base import MergingModule, StorageDtype, check_storage_dtype
 from lit_adamerging.lightning.checkpoint_io import ROUTERS_PREFIX
 from lit_adamerging.lightning.checks import load_learned_module
 from lit_adamerging.merging import BufferPolicy, MergedEncoder
@@ -97,7 +97,6 @@ class WEMoEModule(EntropyObjective, MergingModule):
         super().__init__(zoo, num_classes, unseen_tasks)
         self.mixture: WeightEnsemblingMixture | None = None
         self._static: dict[str, Tensor] | None = None
-        self._pending_routers: dict[str, Tensor] | None = None
 
     # ----------------------------------------------------------------- building
     def build_merger(self, encoder: nn.Module, loaded: LoadedZoo) -> MergedEncoder:
@@ -113,9 +112,6 @@ class WEMoEModule(EntropyObjective, MergingModule):
             raise ValueError("every merged tensor of the encoder lies in an MLP mixture; WEMoE needs the rest of the "
                              "encoder to merge statically (name fewer mlp_modules).")
         merger = self.fixed_merger(encoder, static, hp.scale)
-        if self._pending_routers is not None:
-            self._load_routers(self._pending_routers)
-            self._pending_routers = None
         return merger
 
     def _mixture(self) -> WeightEnsemblingMixture:
@@ -153,23 +149,10 @@ class WEMoEModule(EntropyObjective, MergingModule):
         return seen
 
     # ----------------------------------------------------------------- checkpoints and export
-    def _load_routers(self, state: Mapping[str, Tensor]) -> None:
-        load_learned_module(self._mixture().routers, state, "router", "one router per MLP module")
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load the routers (the only learned state), before or after the model is built."""
-        state = {key[len(ROUTERS_PREFIX):]: value.detach().clone() for key, value in state_dict.items()
-                 if key.startswith(ROUTERS_PREFIX)}
-        if not state:
-            raise KeyError(
-                f"the state dict has no {ROUTERS_PREFIX}* keys; it is not a WEMoEModule checkpoint "
-                f"(keys: {list(state_dict)[:5]})."
-            )
-        if self.mixture is None:
-            self._pending_routers = state
-        else:
-            self._load_routers(state)
-        return LoadedKeys([], [])
+    def load_learned_state(self, learned: Mapping[str, Tensor]) -> None:
+        """Load the routers (``mixture.routers.*``), checking their keys, shapes and values."""
+        routers = {key[len(ROUTERS_PREFIX):]: value for key, value in learned.items()}
+        load_learned_module(self._mixture().routers, routers, "router", "one router per MLP module")
 
     def merged_state_dict(self) -> dict[str, Tensor]:
         """Refused: WEMoE's MLP weights differ per sample (see :meth:`save_wemoe`)."""
