@@ -39,6 +39,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import get_loader, set_loader
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -437,6 +438,11 @@ def main(args: ArgsType = None) -> None:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"lit-adamerging: error: {message}\n(the traceback: set {DEBUG_VARIABLE}=1)", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        # A multi-process run leaves its process group to the interpreter's exit otherwise, where gloo's threads
+        # were seen to abort a process after the fit had finished ("terminate called without an active exception").
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lit_adamerging.lightning.base import LoadedKeys, MergingModule, StorageDtype, check_storage_dtype, check_ties
+from lit_adamerging.lightning.base import MergingModule, StorageDtype, check_storage_dtype, check_ties
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY
 from lit_adamerging.merging import BufferPolicy, Granularity, MergedEncoder, entropy
 from lit_adamerging.models.zoo import LoadedZoo, ModelZoo
@@ -150,7 +150,6 @@ class AdaMergingModule(EntropyObjective, MergingModule):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         super().__init__(zoo, num_classes, unseen_tasks)
-        self._pending_coefficients: Tensor | None = None
         self._last_entropies: tuple[int, Tensor] | None = None  # (step, entropy per task), checked one step later
 
     # ----------------------------------------------------------------- building
@@ -161,34 +160,16 @@ class AdaMergingModule(EntropyObjective, MergingModule):
             ties_normalize=hp.ties_normalize,
         )
         init = 1.0 / len(self.seen_tasks) if hp.init is None else hp.init
-        merger = MergedEncoder(encoder, task_vectors, hp.granularity, init, hp.clamp, cuda_graphs=hp.cuda_graphs)
-        if self._pending_coefficients is not None:
-            set_coefficients(merger, self._pending_coefficients, len(self.seen_tasks), hp.granularity)
-            self._pending_coefficients = None
-        return merger
+        return MergedEncoder(encoder, task_vectors, hp.granularity, init, hp.clamp, cuda_graphs=hp.cuda_graphs)
 
     # ----------------------------------------------------------------- coefficients
     def coefficients(self) -> Tensor:
         """The coefficients in use, ``[merged tasks, 1 or merged tensors]`` (clamped if ``clamp``)."""
         return self._built_merger().coefficients().detach()
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load the coefficients (the only learned state); other keys are ignored.
-
-        Works before the model is built (``load_from_checkpoint``): the coefficients are applied in
-        :meth:`configure_model`, where their shape is checked against the zoo.
-        """
-        if COEFFICIENTS_KEY not in state_dict:
-            raise KeyError(
-                f"the state dict has no {COEFFICIENTS_KEY!r}; it is not an AdaMergingModule checkpoint "
-                f"(keys: {list(state_dict)[:5]})."
-            )
-        raw = state_dict[COEFFICIENTS_KEY].detach().clone()
-        if self.merger is None:
-            self._pending_coefficients = raw
-        else:
-            set_coefficients(self.merger, raw, len(self.seen_tasks), self.hparams.granularity)
-        return LoadedKeys([], [])
+    def load_learned_state(self, learned: Mapping[str, Tensor]) -> None:
+        merger = self._built_merger()
+        set_coefficients(merger, learned[COEFFICIENTS_KEY], len(self.seen_tasks), self.hparams.granularity)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(

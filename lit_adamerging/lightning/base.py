@@ -163,6 +163,7 @@ class MergingModule(pl.LightningModule):
         self.heads = nn.ModuleDict()
         self._eval_tensors: dict[str, Tensor] | None = None
         self._loader_tasks: list[str] | None = None  # the evaluation loaders' tasks, in loader order
+        self._pending_learned: dict[str, Tensor] | None = None  # see load_state_dict
 
     # ----------------------------------------------------------------- tasks
     @property
@@ -248,6 +249,9 @@ class MergingModule(pl.LightningModule):
         self._check_heads(loaded)
         self.heads = nn.ModuleDict({task: loaded.heads[task].requires_grad_(False).eval() for task in self.task_names})
         self.merger = self.build_merger(loaded.encoder.eval(), loaded)
+        if self._pending_learned is not None:  # a state dict loaded before the model was built
+            pending, self._pending_learned = self._pending_learned, None
+            self.load_learned_state(pending)
         # Under DDP every process builds the same frozen weights from the zoo: only what trains needs
         # syncing, so DDP neither broadcasts the (large) task vectors nor the encoder.
         self._ddp_params_and_buffers_to_ignore = [
@@ -446,8 +450,36 @@ class MergingModule(pl.LightningModule):
         check_checkpoint_settings(stored, self.hparams, source, self.CHECKPOINT_SETTINGS)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load the learned state; a method that learns nothing has none."""
-        raise ValueError(f"{type(self).__name__} learns nothing, so it has no state to load.")
+        """Load the learned state (the keys under :attr:`LEARNED_STATE`; others are ignored), before or after the
+        model is built.
+
+        Before (``load_from_checkpoint``), it is kept and applied in :meth:`configure_model`, where its shapes
+        are checked against the zoo (:meth:`load_learned_state`). A method that learns nothing has none.
+        """
+        if not self.LEARNS:
+            raise ValueError(f"{type(self).__name__} learns nothing, so it has no state to load.")
+        learned = {
+            key: value.detach().clone() for key, value in state_dict.items() if key.startswith(self.LEARNED_STATE)
+        }
+        self.check_learned_keys(learned, list(state_dict))
+        if self.merger is None:
+            self._pending_learned = learned
+        else:
+            self.load_learned_state(learned)
+        return LoadedKeys([], [])
+
+    def check_learned_keys(self, learned: Mapping[str, Tensor], keys: list[str]) -> None:
+        """Raise ``KeyError`` when a state dict (whose ``keys`` are given) lacks the learned state: not a checkpoint
+        of this method."""
+        if not learned:
+            raise KeyError(
+                f"the state dict has no {' or '.join(f'{prefix!r}' for prefix in self.LEARNED_STATE)} keys; it is not "
+                f"a checkpoint of {type(self).__name__} (keys: {keys[:5]})."
+            )
+
+    def load_learned_state(self, learned: Mapping[str, Tensor]) -> None:
+        """Copy the learned state (by its state dict keys) into the built model, after checking that it fits."""
+        raise NotImplementedError(f"{type(self).__name__} has no learned state to load.")
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]

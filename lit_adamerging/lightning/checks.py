@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 __all__ = [
     "SETTINGS_BEFORE_STORED",
     "USER_ONLY_ZOO_ARGS",
@@ -174,3 +176,25 @@ def check_checkpoint_class(stored: Mapping[str, Any], cls: type, source: str) ->
         "means something else there. Load it with the class that wrote it (the method it was fitted with), or ask "
         "for the checkpoint's settings: `lit-adamerging ... --settings_from_checkpoint=true`."
     )
+
+
+def load_learned_module(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str, hint: str) -> None:
+    """Load ``state`` into ``module`` (a method's learned submodule: surgery maps, routers) after checking that it has
+    the module's keys and shapes and only finite values; each error names ``what`` (e.g. "router") and, for keys and
+    shapes, says ``hint`` (what the learned state depends on)."""
+    ours = module.state_dict()
+    if set(state) != set(ours):
+        raise ValueError(
+            f"the checkpoint's {what} tensors {sorted(state)[:5]} do not match this model's {sorted(ours)[:5]} "
+            f"({hint}); it was saved for other tasks, models or settings."
+        )
+    for key, value in state.items():
+        if value.shape != ours[key].shape:
+            raise ValueError(
+                f"the checkpoint's {what} tensor {key!r} has shape {tuple(value.shape)} but this model needs "
+                f"{tuple(ours[key].shape)} ({hint}); it was saved for other tasks, models or settings."
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"the checkpoint's {what} tensor {key!r} holds NaN or infinite values; load one from a "
+                             "run that did not diverge.")
+    module.load_state_dict(state)

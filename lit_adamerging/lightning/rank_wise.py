@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_adamerging.lightning.adamerging import EntropyObjective
-from lit_adamerging.lightning.base import LoadedKeys, MergingModule, StorageDtype, check_storage_dtype
+from lit_adamerging.lightning.base import MergingModule, StorageDtype, check_storage_dtype
 from lit_adamerging.lightning.checkpoint_io import GATES_KEY
 from lit_adamerging.merging import BufferPolicy, MergedEncoder
 from lit_adamerging.merging.rank_wise import (
@@ -113,7 +113,7 @@ class RankWiseAdaMergingModule(EntropyObjective, MergingModule):
         *MergingModule.CHECKPOINT_SETTINGS, "scale", "init", "temperature", "straight_through", "rank_fraction",
         "base", "buffer_policy", "task_vector_dtype",
     )
-    LEARNED_STATE: ClassVar[tuple[str, ...]] = ("gates.",)
+    LEARNED_STATE: ClassVar[tuple[str, ...]] = (GATES_KEY,)
 
     def __init__(
         self,
@@ -153,7 +153,6 @@ class RankWiseAdaMergingModule(EntropyObjective, MergingModule):
         super().__init__(zoo, num_classes, unseen_tasks)
         self.components: RankComponents | None = None
         self.gates: RankGates | None = None
-        self._pending_gates: Tensor | None = None
 
     # ----------------------------------------------------------------- building
     def build_merger(self, encoder: nn.Module, loaded: LoadedZoo) -> MergedEncoder:
@@ -171,9 +170,6 @@ class RankWiseAdaMergingModule(EntropyObjective, MergingModule):
         merger.coefficients.requires_grad_(False)
         self.components = components.to(next(iter(task_vectors.values())).device)
         self.gates = RankGates(components.num_gates, hp.init, hp.temperature, hp.straight_through)
-        if self._pending_gates is not None:
-            self._set_gates(self._pending_gates)
-            self._pending_gates = None
         return merger
 
     def _apply(self, fn: Any, recurse: bool = True) -> RankWiseAdaMergingModule:
@@ -231,16 +227,5 @@ class RankWiseAdaMergingModule(EntropyObjective, MergingModule):
             return {name: value.detach() for name, value in self.merged_tensors().items()}
 
     # ----------------------------------------------------------------- checkpoints
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load the gate logits (the only learned state), before or after the model is built."""
-        if GATES_KEY not in state_dict:
-            raise KeyError(
-                f"the state dict has no {GATES_KEY!r}; it is not a RankWiseAdaMergingModule checkpoint "
-                f"(keys: {list(state_dict)[:5]})."
-            )
-        raw = state_dict[GATES_KEY].detach().clone()
-        if self.merger is None:
-            self._pending_gates = raw
-        else:
-            self._set_gates(raw)
-        return LoadedKeys([], [])
+    def load_learned_state(self, learned: Mapping[str, Tensor]) -> None:
+        self._set_gates(learned[GATES_KEY])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +12,14 @@ from torch.func import functional_call
 
 from lit_adamerging.data.contract import UnlabeledImages
 from lit_adamerging.lightning.adamerging import AdaMergingModule, set_coefficients
-from lit_adamerging.lightning.base import LoadedKeys, MergingModule
+from lit_adamerging.lightning.base import MergingModule
 from lit_adamerging.lightning.callbacks import save_finite_state_dicts, surgery_path
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY, read_adamerging_checkpoint
-from lit_adamerging.lightning.checks import check_checkpoint_class, checkpoint_settings_differences
+from lit_adamerging.lightning.checks import (
+    check_checkpoint_class,
+    checkpoint_settings_differences,
+    load_learned_module,
+)
 from lit_adamerging.lightning.data_free import TaskArithmeticModule
 from lit_adamerging.merging import MergedEncoder, check_compatible
 from lit_adamerging.merging.surgery import SURGERY_RANK, SurgeryModules
@@ -105,8 +109,6 @@ class SurgeryModule(MergingModule):
             )
         super().__init__(zoo, num_classes, unseen_tasks)
         self.surgery: SurgeryModules | None = None
-        self._pending_surgery: dict[str, Tensor] | None = None
-        self._pending_coefficients: Tensor | None = None  # a checkpoint's, before the model is built
         self._individual: Mapping[str, dict[str, Tensor]] | None = None
         self._coefficients_set = False  # by a checkpoint, or from coefficients_from on first use
         self._features: dict[str, tuple[Tensor, Tensor]] | None = None  # task: (merged, individual), by image
@@ -130,14 +132,8 @@ class SurgeryModule(MergingModule):
                 encoder, task_vectors, settings["granularity"], init, settings["clamp"], cuda_graphs=False
             )
             merger.coefficients.requires_grad_(False)
-        if self._pending_coefficients is not None:
-            set_coefficients(merger, self._pending_coefficients, len(self.seen_tasks), merger.coefficients.granularity)
-            self._pending_coefficients = None
         width = self.heads[self.seen_tasks[0]].weight.shape[1]
         self.surgery = SurgeryModules(self.seen_tasks, width, self.hparams.rank)
-        if self._pending_surgery is not None:
-            self._load_surgery(self._pending_surgery)
-            self._pending_surgery = None
         return merger
 
     def coefficients(self) -> Tensor:
@@ -177,42 +173,24 @@ class SurgeryModule(MergingModule):
             )
         return checkpoint["state_dict"][COEFFICIENTS_KEY]
 
-    def _load_surgery(self, state: Mapping[str, Tensor]) -> None:
-        assert self.surgery is not None
-        ours = self.surgery.state_dict()
-        if set(state) != set(ours):
-            raise ValueError(
-                f"the checkpoint's surgery maps {sorted(state)} do not match this model's {sorted(ours)} (one per "
-                "merged task); it was saved for other tasks."
-            )
-        for key, value in state.items():
-            if value.shape != ours[key].shape:
-                raise ValueError(
-                    f"the checkpoint's surgery tensor {key!r} has shape {tuple(value.shape)} but this model needs "
-                    f"{tuple(ours[key].shape)} (rank {self.hparams.rank}, the encoder's feature width)."
-                )
-        self.surgery.load_state_dict(state)
-
-    # ----------------------------------------------------------------- checkpoints
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load the merge's coefficients and the surgery maps (before the model is built too)."""
-        surgery = {key[len(SURGERY_PREFIX):]: value for key, value in state_dict.items()
-                   if key.startswith(SURGERY_PREFIX)}
-        if not surgery or COEFFICIENTS_KEY not in state_dict:
+    def check_learned_keys(self, learned: Mapping[str, Tensor], keys: list[str]) -> None:
+        if COEFFICIENTS_KEY not in learned or not any(key.startswith(SURGERY_PREFIX) for key in learned):
             raise KeyError(
                 f"the state dict has no surgery maps ({SURGERY_PREFIX}*) or no coefficients ({COEFFICIENTS_KEY!r}; "
-                f"keys: {list(state_dict)[:5]}): it is not a SurgeryModule checkpoint. An AdaMerging checkpoint's "
+                f"keys: {keys[:5]}): it is not a SurgeryModule checkpoint. An AdaMerging checkpoint's "
                 "coefficients go in coefficients_from."
             )
-        raw = state_dict[COEFFICIENTS_KEY].detach().clone()
+
+    def load_learned_state(self, learned: Mapping[str, Tensor]) -> None:
+        """Load the merge's coefficients and the surgery maps (a checkpoint's coefficients replace
+        ``coefficients_from``)."""
+        merger = self._built_merger()
         self._coefficients_set = True
-        if self.merger is None:
-            self._pending_coefficients = raw
-            self._pending_surgery = {key: value.detach().clone() for key, value in surgery.items()}
-        else:
-            set_coefficients(self.merger, raw, len(self.seen_tasks), self.merger.coefficients.granularity)
-            self._load_surgery(surgery)
-        return LoadedKeys([], [])
+        set_coefficients(merger, learned[COEFFICIENTS_KEY], len(self.seen_tasks), merger.coefficients.granularity)
+        assert self.surgery is not None
+        surgery = {key[len(SURGERY_PREFIX):]: value for key, value in learned.items() if key.startswith(SURGERY_PREFIX)}
+        hint = f"one map per merged task, rank {self.hparams.rank}, the encoder's feature width"
+        load_learned_module(self.surgery, surgery, "surgery", hint)
 
     # ----------------------------------------------------------------- features
     def on_train_start(self) -> None:

@@ -5,19 +5,20 @@ What the paper and FusionBench do, and where this module differs, is in docs/wem
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lit_adamerging.lightning.adamerging import EntropyObjective
-from lit_adamerging.lightning.base import LoadedKeys, MergingModule, StorageDtype, check_storage_dtype
+from lit_adamerging.lightning.base import MergingModule, StorageDtype, check_storage_dtype
 from lit_adamerging.lightning.checkpoint_io import ROUTERS_PREFIX
+from lit_adamerging.lightning.checks import load_learned_module
 from lit_adamerging.merging import BufferPolicy, MergedEncoder
-from lit_adamerging.merging.wemoe import WeightEnsemblingMixture, find_mlp_modules, mixed_layers, save_wemoe
+from lit_adamerging.merging.rank_wise import check_scale
+from lit_adamerging.merging.wemoe import WeightEnsemblingMixture, check_router, save_wemoe
 from lit_adamerging.models.zoo import LoadedZoo, ModelZoo
 
 
@@ -83,13 +84,10 @@ class WEMoEModule(EntropyObjective, MergingModule):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
-        for name, value in (("scale", scale), ("init", init)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number (WEMoE's 0.3), got {value!r}.")
+        check_scale(scale)
+        check_router(router_depth, init)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be a whole number, got {seed!r}.")
-        if isinstance(router_depth, bool) or not isinstance(router_depth, int) or router_depth < 0:
-            raise ValueError(f"router_depth must be a whole number >= 0 (WEMoE's 2), got {router_depth!r}.")
         if mlp_modules is not None and (not mlp_modules or not all(isinstance(m, str) for m in mlp_modules)):
             raise ValueError(f"mlp_modules must be a non-empty list of module names (or None: found), got "
                              f"{mlp_modules!r}.")
@@ -99,35 +97,21 @@ class WEMoEModule(EntropyObjective, MergingModule):
         super().__init__(zoo, num_classes, unseen_tasks)
         self.mixture: WeightEnsemblingMixture | None = None
         self._static: dict[str, Tensor] | None = None
-        self._pending_routers: dict[str, Tensor] | None = None
 
     # ----------------------------------------------------------------- building
     def build_merger(self, encoder: nn.Module, loaded: LoadedZoo) -> MergedEncoder:
         """Task arithmetic on the tensors outside the MLPs; the MLPs' task vectors go to the mixture, hooked onto
         the encoder."""
         hp = self.hparams
-        modules = hp.mlp_modules if hp.mlp_modules is not None else find_mlp_modules(encoder)
-        if not modules:
-            raise ValueError(
-                f"the encoder {type(encoder).__name__} has no module WEMoE recognises as an MLP (children c_fc and "
-                "c_proj or fc1 and fc2, both linear; or conv_pw and conv_pwl, both pointwise convolutions); name "
-                "the modules to make mixtures with mlp_modules=[...] (model.mlp_modules in a config)."
-            )
-        layers = [layer for mlp in modules for layer in mixed_layers(encoder, mlp)]
-        mixed = {f"{layer}.{kind}" for layer in layers for kind in ("weight", "bias")}
         task_vectors = self.task_vectors(encoder, loaded, buffer_policy=hp.buffer_policy, dtype=hp.task_vector_dtype)
+        # The mixture finds the MLPs and keeps their task vectors; the merger (on the same encoder) takes the rest.
+        self.mixture = WeightEnsemblingMixture(encoder, task_vectors, hp.mlp_modules, hp.router_depth, hp.init, hp.seed)
+        mixed = set(self.mixture.tensor_names)
         static = {name: value for name, value in task_vectors.items() if name not in mixed}
         if not static:
             raise ValueError("every merged tensor of the encoder lies in an MLP mixture; WEMoE needs the rest of the "
                              "encoder to merge statically (name fewer mlp_modules).")
         merger = self.fixed_merger(encoder, static, hp.scale)
-        self.mixture = WeightEnsemblingMixture(
-            merger.encoder, {name: value for name, value in task_vectors.items() if name in mixed}, modules,
-            hp.router_depth, hp.init, hp.seed,
-        )
-        if self._pending_routers is not None:
-            self._load_routers(self._pending_routers)
-            self._pending_routers = None
         return merger
 
     def _mixture(self) -> WeightEnsemblingMixture:
@@ -165,39 +149,10 @@ class WEMoEModule(EntropyObjective, MergingModule):
         return seen
 
     # ----------------------------------------------------------------- checkpoints and export
-    def _load_routers(self, state: Mapping[str, Tensor]) -> None:
-        routers = self._mixture().routers
-        expected = routers.state_dict()
-        if state.keys() != expected.keys():
-            raise ValueError(
-                f"the checkpoint's routers {sorted(state)[:3]}... do not match this model's {sorted(expected)[:3]}... "
-                "(one router per MLP module); it was saved for another encoder or other mlp_modules."
-            )
-        for name, value in state.items():
-            if value.shape != expected[name].shape:
-                raise ValueError(
-                    f"the checkpoint's router tensor {name!r} has shape {tuple(value.shape)} but this model needs "
-                    f"{tuple(expected[name].shape)}; it was saved for other tasks, models or settings."
-                )
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"the checkpoint's router tensor {name!r} holds NaN or infinite values; load routers "
-                                 "from a run that did not diverge.")
-        routers.load_state_dict(state)
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load the routers (the only learned state), before or after the model is built."""
-        state = {key[len(ROUTERS_PREFIX):]: value.detach().clone() for key, value in state_dict.items()
-                 if key.startswith(ROUTERS_PREFIX)}
-        if not state:
-            raise KeyError(
-                f"the state dict has no {ROUTERS_PREFIX}* keys; it is not a WEMoEModule checkpoint "
-                f"(keys: {list(state_dict)[:5]})."
-            )
-        if self.mixture is None:
-            self._pending_routers = state
-        else:
-            self._load_routers(state)
-        return LoadedKeys([], [])
+    def load_learned_state(self, learned: Mapping[str, Tensor]) -> None:
+        """Load the routers (``mixture.routers.*``), checking their keys, shapes and values."""
+        routers = {key[len(ROUTERS_PREFIX):]: value for key, value in learned.items()}
+        load_learned_module(self._mixture().routers, routers, "router", "one router per MLP module")
 
     def merged_state_dict(self) -> dict[str, Tensor]:
         """Refused: WEMoE's MLP weights differ per sample (see :meth:`save_wemoe`)."""

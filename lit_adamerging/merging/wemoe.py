@@ -136,6 +136,14 @@ def _as_tokens(x: Tensor, sequence_first: bool) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- routers
+def check_router(depth: int, init: float) -> None:
+    """Refuse a router depth that is not a whole number >= 0 and an initial weight that is not a finite number."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"router_depth must be a whole number >= 0 (WEMoE's 2), got {depth!r}.")
+    if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+        raise ValueError(f"init must be a finite number (the routers' initial weight, WEMoE's 0.3), got {init!r}.")
+
+
 class Router(nn.Module):
     """Per-task weights for each sample from the hidden states of an MLP's input (WEMoE's router).
 
@@ -152,8 +160,7 @@ class Router(nn.Module):
         self, width: int, num_tasks: int, depth: int = 2, init: float = 0.3, generator: torch.Generator | None = None
     ) -> None:
         super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"router_depth must be a whole number >= 0 (WEMoE's 2), got {depth!r}.")
+        check_router(depth, init)
         self.depth = depth
         if depth == 0:
             self.constant = nn.Parameter(torch.full((num_tasks,), float(init)))
@@ -288,13 +295,12 @@ class WeightEnsemblingMixture(nn.Module):
                 raise ValueError(
                     f"the encoder {type(encoder).__name__} has no module WEMoE recognises as an MLP (children c_fc and "
                     "c_proj or fc1 and fc2, both linear; or conv_pw and conv_pwl, both pointwise convolutions); name "
-                    "the modules to make mixtures with mlp_modules=[...]."
+                    "the modules to make mixtures with mlp_modules=[...] (model.mlp_modules in a config)."
                 )
         mlp_modules = list(mlp_modules)
         if len(set(mlp_modules)) != len(mlp_modules):
             raise ValueError(f"mlp_modules names a module twice: {mlp_modules}.")
-        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
-            raise ValueError(f"init must be a finite number (the routers' initial weight, WEMoE's 0.3), got {init!r}.")
+        check_router(router_depth, init)
         self.mlp_modules = mlp_modules
         self.layers: dict[str, list[str]] = {mlp: mixed_layers(encoder, mlp) for mlp in mlp_modules}
         nested = [(a, b) for a in mlp_modules for b in mlp_modules if a != b and b.startswith(a + ".")]
