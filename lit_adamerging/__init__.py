@@ -22,6 +22,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "lit_adamerging.lightning.data_free": ["TaskArithmeticModule"],
     "lit_adamerging.lightning.emr": ["EMRMergingModule"],
     "lit_adamerging.lightning.rank_wise": ["RankWiseAdaMergingModule"],
+    "lit_adamerging.lightning.sharded": ["ShardedMergingStrategy"],
     "lit_adamerging.lightning.spectral": ["IsotropicMergingModule", "TSVMergingModule"],
     "lit_adamerging.lightning.statistics": ["FisherMergingModule", "RegMeanModule"],
     "lit_adamerging.lightning.surgery": ["SurgeryModule"],
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from lit_adamerging.lightning.data_free import TaskArithmeticModule as TaskArithmeticModule
     from lit_adamerging.lightning.emr import EMRMergingModule as EMRMergingModule
     from lit_adamerging.lightning.rank_wise import RankWiseAdaMergingModule as RankWiseAdaMergingModule
+    from lit_adamerging.lightning.sharded import ShardedMergingStrategy as ShardedMergingStrategy
     from lit_adamerging.lightning.spectral import IsotropicMergingModule as IsotropicMergingModule
     from lit_adamerging.lightning.spectral import TSVMergingModule as TSVMergingModule
     from lit_adamerging.lightning.statistics import FisherMergingModule as FisherMergingModule

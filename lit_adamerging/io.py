@@ -5,20 +5,24 @@ flushed to disk and renamed over the destination. A writer killed mid-write (``k
 memory) leaves its temporary file behind; the next write to the same destination removes the ones
 whose writer is gone (written on this host by a process that no longer runs), never one that a
 running process is still writing. :func:`atomic_directory` does the same for a whole folder, and
-:func:`write_all_atomic` for several files that must change together.
+:func:`write_all_atomic` for several files that must change together, :func:`save_safetensors_stream` for a
+state dict produced one tensor at a time.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import secrets
 import shutil
 import socket
-from collections.abc import Callable, Iterator, Mapping
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 from torch import Tensor
@@ -234,3 +238,62 @@ def _state_dict_writer(state: Mapping[str, Tensor], path: Path) -> Callable[[str
 
         return lambda temporary: save_file(tensors, temporary)
     return lambda temporary: torch.save(tensors, temporary)
+
+
+# The safetensors format's names of the dtypes a streamed file may hold.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def save_safetensors_stream(
+    path: str | Path | None,
+    layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, Tensor]],
+) -> None:
+    """Write a ``.safetensors`` file one tensor at a time, never holding them all: atomically, as :func:`atomic_path`.
+
+    ``layout`` is ``{name: (dtype, shape)}``; the header is written from it first, then each tensor of
+    ``tensors`` (``(name, tensor)`` pairs in ``layout``'s order) as it comes. ``path`` ``None`` writes
+    nothing but still consumes ``tensors`` and checks them, so that processes that only help produce the
+    tensors (each gathered from all processes) can run the same loop as the one that writes.
+
+    Example:
+        >>> import tempfile, safetensors.torch
+        >>> path = Path(tempfile.mkdtemp()) / "m.safetensors"
+        >>> save_safetensors_stream(path, {"w": (torch.float32, (2,))}, [("w", torch.ones(2))])
+        >>> safetensors.torch.load_file(path)["w"]
+        tensor([1., 1.])
+    """
+    entries: dict[str, Any] = {}
+    position = 0
+    for name, (dtype, shape) in layout.items():
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, which a safetensors file cannot hold.")
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        entries[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [position, position + size]}
+        position += size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the tensors' bytes start 8-byte aligned
+
+    def write_all(file: IO[bytes] | None) -> None:
+        if file is not None:
+            file.write(struct.pack("<Q", len(header)) + header)
+        expected = iter(layout)
+        for name, tensor in tensors:
+            wanted = next(expected, None)
+            if wanted is None or name != wanted or (tensor.dtype, tuple(tensor.shape)) != layout[wanted]:
+                got = f"{name!r} ({tensor.dtype}, {tuple(tensor.shape)})"
+                raise ValueError(f"save_safetensors_stream: expected {wanted!r} {layout.get(wanted)}, got {got}.")
+            if file is not None:
+                file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        left = list(expected)
+        if left:
+            raise ValueError(f"save_safetensors_stream: {len(left)} tensor(s) of the layout were not given ({left[:3]}).")
+
+    if path is None:
+        write_all(None)
+        return
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        write_all(file)

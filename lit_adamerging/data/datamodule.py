@@ -8,13 +8,13 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from lit_adamerging.data.cache import DecodedImages, collate_batch, decoded_test_set
 from lit_adamerging.data.contract import DeclaresFitInputs, FitInputs, ReportsPreprocess
 from lit_adamerging.data.image_file_task import ImageFileTask
 from lit_adamerging.data.images import ImageReadError
-from lit_adamerging.data.sampling import EvalShardSampler, FitStreamSampler, steps_per_pass
+from lit_adamerging.data.sampling import EvalShardBatches, EvalShardSampler, FitStreamSampler, steps_per_pass
 from lit_adamerging.data.tasks import ImagesOnly, TaskData, check_task_name
 from lit_adamerging.models.preprocess import Preprocess
 
@@ -53,6 +53,21 @@ class _Numbered(Dataset):
         else:
             images = torch.stack([self.images[index] for index in indices])
         return torch.tensor(indices), images
+
+
+class _Batches(Dataset):
+    """A dataset read a batch at a time: ``batches[indices]`` is the batch of those items, collated."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, indices: list[int]) -> Any:
+        if isinstance(self.dataset, DecodedImages):  # a decoded cache reads the rows at once, already a batch
+            return self.dataset.__getitems__(indices)
+        return default_collate([self.dataset[index] for index in indices])
 
 
 class _NamedTask(Dataset):
@@ -281,7 +296,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self._built_with = preprocess
         self._decoded_sets = {(key, normalizers[key]): sets[key] for key in normalizers}  # type: ignore[misc]
 
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int | None, **kwargs: Any) -> DataLoader:
         if isinstance(dataset, DecodedImages):
             kwargs["collate_fn"] = collate_batch  # batches are fetched whole, by DecodedImages.__getitems__
         return DataLoader(
@@ -388,11 +403,14 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self._check_images_per_process(world_size, "evaluate")
         loaders = []
         for dataset in self._test_sets.values():
-            sampler = None
-            if world_size > 1:
-                # No padding (Lightning's default DistributedSampler repeats samples to even out ranks).
-                sampler = EvalShardSampler(len(dataset), world_size, self.trainer.global_rank)  # type: ignore[arg-type,union-attr]
-            loaders.append(self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler))
+            if world_size == 1:
+                loaders.append(self._loader(dataset, self.eval_batch_size, shuffle=False))
+                continue
+            # Each image on one process, none repeated (Lightning's DistributedSampler would repeat some to even
+            # out the processes), and as many batches on every process (a sharded model needs every process in
+            # each forward).
+            batches = EvalShardBatches(len(dataset), world_size, self.trainer.global_rank, self.eval_batch_size)  # type: ignore[arg-type,union-attr]
+            loaders.append(self._loader(_Batches(dataset), None, sampler=batches, collate_fn=collate_batch))  # type: ignore[arg-type]
         return loaders
 
     def val_dataloader(self) -> list[DataLoader]:

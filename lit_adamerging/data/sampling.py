@@ -134,3 +134,42 @@ class EvalShardSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_images, self.num_replicas))
+
+
+class EvalShardBatches(DistributedSampler):
+    """This process's share of ``num_images`` images (as :class:`EvalShardSampler`: ``rank, rank + W, ...``), in
+    batches of at most ``batch_size``: as many batches on every process.
+
+    A sharded model (:class:`~lit_adamerging.ShardedMergingStrategy`) gathers weights from every process in
+    each forward, so every process must run the same number of them. The count is the one the process with
+    the most images needs; each process splits its images into that many batches of nearly equal size.
+    It yields lists of indices (a DataLoader with ``batch_size=None`` reads each as one batch).
+
+    Example:
+        >>> [list(EvalShardBatches(9, world_size=2, rank=r, batch_size=4)) for r in (0, 1)]
+        [[[0, 2, 4], [6, 8]], [[1, 3], [5, 7]]]
+    """
+
+    def __init__(self, num_images: int, world_size: int, rank: int, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        shard = EvalShardSampler(num_images, world_size, rank)
+        own = torch.tensor(list(shard), dtype=torch.long)
+        most = len(range(0, num_images, world_size))
+        count = -(-most // batch_size)
+        if len(own) < count:
+            raise ValueError(
+                f"{num_images} images on {world_size} processes with batches of {batch_size}: process {rank} has "
+                f"{len(own)} images for the {count} batches every process must run. Use a batch size of 2 or more."
+            )
+        self.batches = [batch.tolist() for batch in own.tensor_split(count)] if count else []
+        self.num_replicas = world_size
+        self.rank = rank
+        self.shuffle = False
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list[int]]:  # type: ignore[override]
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

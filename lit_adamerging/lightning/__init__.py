@@ -6,6 +6,7 @@ from lit_adamerging.lightning.callbacks import CoefficientLogger, ExportMergedEn
 from lit_adamerging.lightning.data_free import TaskArithmeticModule
 from lit_adamerging.lightning.emr import EMRMergingModule
 from lit_adamerging.lightning.rank_wise import RankWiseAdaMergingModule
+from lit_adamerging.lightning.sharded import ShardedMergingStrategy
 from lit_adamerging.lightning.spectral import IsotropicMergingModule, TSVMergingModule
 from lit_adamerging.lightning.statistics import FisherMergingModule, RegMeanModule
 from lit_adamerging.lightning.surgery import SurgeryModule
@@ -14,5 +15,5 @@ from lit_adamerging.lightning.wemoe import WEMoEModule
 __all__ = [
     "AdaMergingModule", "CoefficientLogger", "EMRMergingModule", "ExportMergedEncoder", "FisherMergingModule",
     "IsotropicMergingModule", "MergingModule", "PerTaskAccuracy", "RankWiseAdaMergingModule", "RegMeanModule",
-    "SurgeryModule", "TSVMergingModule", "TaskArithmeticModule", "WEMoEModule",
+    "ShardedMergingStrategy", "SurgeryModule", "TSVMergingModule", "TaskArithmeticModule", "WEMoEModule",
 ]

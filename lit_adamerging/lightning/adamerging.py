@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lit_adamerging.lightning.base import MergingModule, StorageDtype, check_storage_dtype, check_ties
 from lit_adamerging.lightning.checkpoint_io import COEFFICIENTS_KEY
-from lit_adamerging.merging import BufferPolicy, Granularity, MergedEncoder, entropy
+from lit_adamerging.merging import BufferPolicy, Granularity, MergedEncoder, ShardedMergedEncoder, entropy
 from lit_adamerging.models.zoo import LoadedZoo, ModelZoo
 
 
@@ -126,6 +126,7 @@ class AdaMergingModule(EntropyObjective, MergingModule):
         "buffer_policy", "task_vector_dtype",
     )
     LEARNED_STATE: ClassVar[tuple[str, ...]] = (COEFFICIENTS_KEY,)
+    SHARDS: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -153,14 +154,14 @@ class AdaMergingModule(EntropyObjective, MergingModule):
         self._last_entropies: tuple[int, Tensor] | None = None  # (step, entropy per task), checked one step later
 
     # ----------------------------------------------------------------- building
-    def build_merger(self, encoder: nn.Module, loaded: LoadedZoo) -> MergedEncoder:
+    def build_merger(self, encoder: nn.Module, loaded: LoadedZoo) -> MergedEncoder | ShardedMergedEncoder:
         hp = self.hparams
         task_vectors = self.task_vectors(
             encoder, loaded, buffer_policy=hp.buffer_policy, dtype=hp.task_vector_dtype, ties_k=hp.ties_k,
             ties_normalize=hp.ties_normalize,
         )
         init = 1.0 / len(self.seen_tasks) if hp.init is None else hp.init
-        return MergedEncoder(encoder, task_vectors, hp.granularity, init, hp.clamp, cuda_graphs=hp.cuda_graphs)
+        return self.merged_encoder(encoder, task_vectors, hp.granularity, init, hp.clamp, cuda_graphs=hp.cuda_graphs)
 
     # ----------------------------------------------------------------- coefficients
     def coefficients(self) -> Tensor:
@@ -182,7 +183,7 @@ class AdaMergingModule(EntropyObjective, MergingModule):
         return self.coefficient_merge()
 
 
-def set_coefficients(merger: MergedEncoder, raw: Tensor, merged_tasks: int, granularity: str) -> None:
+def set_coefficients(merger: MergedEncoder | ShardedMergedEncoder, raw: Tensor, merged_tasks: int, granularity: str) -> None:
     """Copy learned raw coefficients into ``merger``, after checking their shape and values."""
     target = merger.coefficients.raw
     if raw.shape != target.shape:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from lit_adamerging.data.contract import DescribesTasks, FitInputs
 from lit_adamerging.data.datamodule import checked_unseen_tasks
 from lit_adamerging.data.tasks import check_task_name
+from lit_adamerging.io import save_safetensors_stream
 from lit_adamerging.lightning.callbacks import PerTaskAccuracy, save_finite_state_dicts
 from lit_adamerging.lightning.checkpoint_io import SafeCheckpointIO, fetch_checkpoint, load_checkpoint, source_name
 from lit_adamerging.lightning.checks import (
@@ -49,10 +50,19 @@ from lit_adamerging.lightning.checks import (
     class_path,
     quoted_zoo,
 )
-from lit_adamerging.merging import BufferPolicy, MergedEncoder, stack_task_vectors, ties_task_vectors
+from lit_adamerging.merging import (
+    BufferPolicy,
+    Granularity,
+    MergedEncoder,
+    ShardedMergedEncoder,
+    sharded_rows,
+    stack_task_vectors,
+    take_rows,
+    ties_task_vectors,
+)
 from lit_adamerging.models.encoders import feature_dim
 from lit_adamerging.models.preprocess import Preprocess
-from lit_adamerging.models.zoo import LazyStateDicts, LoadedZoo, ModelZoo
+from lit_adamerging.models.zoo import LazyStateDicts, LoadedZoo, ModelZoo, finetuned_rows
 
 StorageDtype = Literal["float32", "bfloat16", "float16"]
 
@@ -76,6 +86,33 @@ def check_ties(ties_k: float | None, ties_normalize: bool) -> None:
         raise ValueError(f"ties_k must be in (0, 1] (a fraction, 0.2 for the paper's 20%), got {ties_k}.")
     if ties_normalize and ties_k is None:
         raise ValueError("ties_normalize needs ties_k: set ties_k (e.g. 0.2) to use TIES.")
+
+
+def check_strategy(module: MergingModule, strategy: Any) -> None:
+    """Refuse a strategy the module cannot run under: :class:`~lit_adamerging.ShardedMergingStrategy` with a method
+    that does not shard, and Lightning's own sharding strategies (they would shard the module's buffers and write
+    checkpoints this library does not read)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from lit_adamerging.lightning.sharded import ShardedMergingStrategy
+
+    name = type(module).__name__
+    if isinstance(strategy, ShardedMergingStrategy):
+        if not module.SHARDS:
+            raise ValueError(
+                f"{name} cannot run under ShardedMergingStrategy: its merge needs every task vector whole on each "
+                "process. The methods that shard are task arithmetic / TIES-merging (TaskArithmeticModule), "
+                "AdaMerging and AdaMerging++ (AdaMergingModule), TSV-M (TSVMergingModule) and Iso-C / Iso-CTS "
+                "(IsotropicMergingModule); run this one with trainer/ddp or on one device."
+            )
+        return
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        raise ValueError(
+            f"{type(strategy).__name__} does not shard a merge: {name} keeps its task vectors in buffers it builds "
+            "itself and writes coefficient-only checkpoints. To split the pretrained weights and task vectors "
+            "across processes use lit_adamerging.ShardedMergingStrategy (--config trainer/sharded); to replicate "
+            "them use DDP (--config trainer/ddp)."
+        )
 
 
 # Lightning's warnings about what the merging modules do on purpose: the frozen encoder and heads
@@ -132,6 +169,8 @@ class MergingModule(pl.LightningModule):
     LEARNED_STATE: ClassVar[tuple[str, ...]] = ()
     # What the fit's loaders yield (the data module reads it, see lit_adamerging.data.contract).
     fit_inputs: ClassVar[FitInputs] = "images"
+    # Whether the method runs under ShardedMergingStrategy (its merge built from each process's rows).
+    SHARDS: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -200,6 +239,7 @@ class MergingModule(pl.LightningModule):
                 "evaluation starts. Run `lit-adamerging test` (trainer.test(model, datamodule=data)) instead."
             )
         strategy = self.trainer.strategy
+        check_strategy(self, strategy)
         if not isinstance(strategy.checkpoint_io, SafeCheckpointIO):
             strategy.checkpoint_io = SafeCheckpointIO(strategy.checkpoint_io)
         datamodule = self.trainer.datamodule
@@ -270,23 +310,60 @@ class MergingModule(pl.LightningModule):
         ties_normalize: bool = False,
     ) -> dict[str, Tensor]:
         """The seen tasks' task vectors, stacked in task order (:func:`~lit_adamerging.merging.stack_task_vectors`),
-        each fine-tuned model read once; TIES-trimmed first when ``ties_k`` is given."""
+        each fine-tuned model read once; TIES-trimmed first when ``ties_k`` is given.
+
+        Under :class:`~lit_adamerging.ShardedMergingStrategy`, this process's rows of them
+        (:func:`~lit_adamerging.merging.sharded_rows`), each fine-tuned file read for those rows only.
+        """
         buffers = {name for name, _ in encoder.named_buffers()}
+        pretrained = encoder.state_dict()
+        mesh = self.sharding_mesh()
+        rows = {} if mesh is None else sharded_rows(encoder, pretrained, mesh.size(), mesh.get_local_rank())
         finetuned = LazyStateDicts(
-            {task: functools.partial(loaded.finetuned.__getitem__, task) for task in self.seen_tasks}
+            {task: functools.partial(finetuned_rows, loaded.finetuned, task, rows) for task in self.seen_tasks}
         )
         stacked = stack_task_vectors(
-            encoder.state_dict(), finetuned, buffers=buffers, buffer_policy=buffer_policy, dtype=getattr(torch, dtype)
+            take_rows(pretrained, rows), finetuned, buffers=buffers, buffer_policy=buffer_policy,
+            dtype=getattr(torch, dtype),
         )
         if ties_k is not None:
-            stacked = ties_task_vectors(stacked, ties_k, normalize=ties_normalize)
+            group = None if mesh is None else mesh.get_group()
+            stacked = ties_task_vectors(stacked, ties_k, normalize=ties_normalize, group=group)
         return stacked
 
-    @staticmethod
-    def fixed_merger(encoder: nn.Module, task_vectors: Mapping[str, Tensor], scale: float) -> MergedEncoder:
+    def sharding_mesh(self) -> Any:
+        """The device mesh the weights are split on under :class:`~lit_adamerging.ShardedMergingStrategy`, else
+        ``None``."""
+        from lit_adamerging.lightning.sharded import ShardedMergingStrategy
+
+        trainer = self._attached_trainer()
+        if trainer is None or not isinstance(trainer.strategy, ShardedMergingStrategy):
+            return None
+        return self.device_mesh["data_parallel"]
+
+    def merged_encoder(
+        self,
+        encoder: nn.Module,
+        task_vectors: Mapping[str, Tensor],
+        granularity: Granularity = "layer",
+        init: float = 0.3,
+        clamp: bool = True,
+        cuda_graphs: bool = True,
+    ) -> MergedEncoder | ShardedMergedEncoder:
+        """The merged encoder with learnable coefficients over ``task_vectors``: a
+        :class:`~lit_adamerging.merging.MergedEncoder`, or under :class:`~lit_adamerging.ShardedMergingStrategy` a
+        :class:`~lit_adamerging.merging.ShardedMergedEncoder` over this process's rows."""
+        mesh = self.sharding_mesh()
+        if mesh is not None:
+            return ShardedMergedEncoder(encoder, task_vectors, mesh, granularity, init, clamp)
+        return MergedEncoder(encoder, task_vectors, granularity, init, clamp, cuda_graphs=cuda_graphs)
+
+    def fixed_merger(
+        self, encoder: nn.Module, task_vectors: Mapping[str, Tensor], scale: float
+    ) -> MergedEncoder | ShardedMergedEncoder:
         """``encoder`` with ``task_vectors`` at one frozen coefficient ``scale`` per task (nothing learns them): what
         a method builds when its merge is not learned coefficients."""
-        merger = MergedEncoder(encoder, task_vectors, "task", scale, clamp=False, cuda_graphs=False)
+        merger = self.merged_encoder(encoder, task_vectors, "task", scale, clamp=False, cuda_graphs=False)
         merger.coefficients.requires_grad_(False)
         return merger
 
@@ -374,12 +451,32 @@ class MergingModule(pl.LightningModule):
         return self.heads[task](features)
 
     def merged_state_dict(self) -> dict[str, Tensor]:
-        """The merged encoder as a plain state dict with the encoder's keys (what :meth:`export` writes)."""
+        """The merged encoder as a plain state dict with the encoder's keys (what :meth:`export` writes).
+
+        Sharded (:class:`~lit_adamerging.ShardedMergingStrategy`), every process must call it: each tensor is
+        gathered from all, and each gets the whole encoder (:meth:`export` streams it instead).
+        """
+        if isinstance(self._built_merger(), ShardedMergedEncoder):
+            return {name: tensor.clone() for name, tensor in self._merged_full_tensors()}
         merged = self.evaluation_tensors()
         return {
             name: (merged[name] if name in merged else tensor).detach().clone().contiguous()
             for name, tensor in self._built_merger().encoder.state_dict().items()
         }
+
+    def _merged_full_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """Sharded: the evaluation merge written into the encoder, then its tensors whole, one at a time (every
+        process iterates, each tensor gathered from all)."""
+        merger = self._built_merger()
+        assert isinstance(merger, ShardedMergedEncoder)
+        merger.write(self.evaluation_tensors())
+        return merger.full_tensors()
+
+    def on_after_backward(self) -> None:
+        """Sharded: the coefficients' gradient from the encoder's (see
+        :meth:`~lit_adamerging.merging.ShardedMergedEncoder.reduce_coefficient_gradients`)."""
+        if isinstance(self.merger, ShardedMergedEncoder) and self.merger.coefficients.raw.requires_grad:
+            self.merger.reduce_coefficient_gradients()
 
     # ----------------------------------------------------------------- export
     # The file kinds export() writes (ExportMergedEncoder refuses another path before the run starts).
@@ -396,8 +493,27 @@ class MergingModule(pl.LightningModule):
     def export(self, path: str) -> None:
         """Write the merged model to ``path`` (:class:`~lit_adamerging.ExportMergedEncoder` calls it on the first
         process): here the merged encoder as a plain state dict, atomically, refused if it holds NaN or infinite
-        values."""
-        save_finite_state_dicts({path: ("the merged encoder", self.merged_state_dict())})
+        values.
+
+        Sharded, every process calls it: the encoder's tensors are gathered one at a time and the first process
+        writes each as it comes (a ``.safetensors`` file, never whole in one process's memory).
+        """
+        merger = self._built_merger()
+        if not isinstance(merger, ShardedMergedEncoder):
+            save_finite_state_dicts({path: ("the merged encoder", self.merged_state_dict())})
+            return
+        if not path.endswith(".safetensors"):
+            raise ValueError(f"export path {path!r}: a sharded run writes the merged encoder as .safetensors only.")
+        merged = self.evaluation_tensors()
+        bad = sorted(name for name, tensor in merged.items() if not bool(tensor.isfinite().all()))
+        anywhere = torch.tensor([float(bool(bad))], device=next(iter(merged.values())).device)
+        torch.distributed.all_reduce(anywhere, group=merger.group)
+        if anywhere.item():
+            raise FloatingPointError(
+                f"the merged encoder holds NaN or infinite values (on process {merger.rank}: {bad[:5]}); it was not "
+                f"exported to {path}. Check the coefficients, the fine-tuned weights and the training loss."
+            )
+        save_safetensors_stream(path if self.global_rank == 0 else None, merger.layout(), self._merged_full_tensors())
 
     def _evaluation_step(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> dict[str, Any]:
         images, labels = batch

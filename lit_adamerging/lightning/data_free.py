@@ -8,7 +8,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from lit_adamerging.lightning.base import MergingModule, StorageDtype, check_storage_dtype, check_ties
-from lit_adamerging.merging import BufferPolicy, MergedEncoder
+from lit_adamerging.merging import BufferPolicy, MergedEncoder, ShardedMergedEncoder
 from lit_adamerging.models.zoo import LoadedZoo, ModelZoo
 
 
@@ -39,6 +39,7 @@ class TaskArithmeticModule(MergingModule):
     CHECKPOINT_SETTINGS: ClassVar[tuple[str, ...]] = (
         *MergingModule.CHECKPOINT_SETTINGS, "scale", "ties_k", "ties_normalize", "buffer_policy", "task_vector_dtype",
     )
+    SHARDS: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -55,7 +56,7 @@ class TaskArithmeticModule(MergingModule):
         check_ties(ties_k, ties_normalize)
         super().__init__(zoo, num_classes, unseen_tasks)
 
-    def build_merger(self, encoder: nn.Module, loaded: LoadedZoo) -> MergedEncoder:
+    def build_merger(self, encoder: nn.Module, loaded: LoadedZoo) -> MergedEncoder | ShardedMergedEncoder:
         hp = self.hparams
         task_vectors = self.task_vectors(
             encoder, loaded, buffer_policy=hp.buffer_policy, dtype=hp.task_vector_dtype, ties_k=hp.ties_k,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_adamerging.lightning.base import MergingModule, StorageDtype, check_storage_dtype
-from lit_adamerging.merging import BufferPolicy, MergedEncoder
+from lit_adamerging.merging import BufferPolicy, MergedEncoder, ShardedMergedEncoder
 from lit_adamerging.merging.spectral import (
     ISO_ALPHA,
     ISO_COMMON_FRACTION,
@@ -45,6 +45,7 @@ class SpectralMergingModule(MergingModule):
     CHECKPOINT_SETTINGS: ClassVar[tuple[str, ...]] = (
         *MergingModule.CHECKPOINT_SETTINGS, "buffer_policy", "task_vector_dtype",
     )
+    SHARDS: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -59,7 +60,7 @@ class SpectralMergingModule(MergingModule):
         self._merged: dict[str, Tensor] | None = None
         self.matrices: list[str] = []
 
-    def build_merger(self, encoder: nn.Module, loaded: LoadedZoo) -> MergedEncoder:
+    def build_merger(self, encoder: nn.Module, loaded: LoadedZoo) -> MergedEncoder | ShardedMergedEncoder:
         """The encoder with the seen tasks' task vectors (their coefficients unused: the merge is spectral)."""
         task_vectors = self.task_vectors(
             encoder, loaded, buffer_policy=self.hparams.buffer_policy, dtype=self.hparams.task_vector_dtype
@@ -67,8 +68,9 @@ class SpectralMergingModule(MergingModule):
         self.matrices = [name for name in spectral_matrices(encoder) if name in task_vectors]
         return self.fixed_merger(encoder, task_vectors, 1.0)
 
-    def merged_task_vector(self, task_vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The method's merged task vector ``{name: Tensor[*shape]}`` from the stacked ``{name: Tensor[T, *shape]}``."""
+    def merged_task_vector(self, task_vectors: Mapping[str, Tensor], matrices: list[str]) -> dict[str, Tensor]:
+        """The method's merged task vector ``{name: Tensor[*shape]}`` from the stacked ``{name: Tensor[T, *shape]}``,
+        the tensors named in ``matrices`` merged as matrices."""
         raise NotImplementedError
 
     def evaluation_tensors(self) -> dict[str, Tensor]:
@@ -76,8 +78,8 @@ class SpectralMergingModule(MergingModule):
         merger = self._built_merger()
         if self._merged is None:
             with torch.inference_mode(False), torch.no_grad():
-                theta0 = merger.encoder.state_dict()
-                merged = self.merged_task_vector(merger.stacked_task_vectors())
+                theta0 = merger.pretrained_tensors()
+                merged = merger.apply_merge(self.merged_task_vector, self.matrices)
                 self._merged = {
                     name: (theta0[name].float() + update).to(theta0[name].dtype) for name, update in merged.items()
                 }
@@ -128,10 +130,8 @@ class TSVMergingModule(SpectralMergingModule):
         check_rank_fraction(rank_fraction)
         super().__init__(zoo, num_classes, unseen_tasks, buffer_policy, task_vector_dtype)
 
-    def merged_task_vector(self, task_vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return tsv_task_vector(
-            task_vectors, self.hparams.alpha, self.hparams.rank_fraction, matrices=self.matrices
-        )
+    def merged_task_vector(self, task_vectors: Mapping[str, Tensor], matrices: list[str]) -> dict[str, Tensor]:
+        return tsv_task_vector(task_vectors, self.hparams.alpha, self.hparams.rank_fraction, matrices=matrices)
 
 
 class IsotropicMergingModule(SpectralMergingModule):
@@ -179,7 +179,5 @@ class IsotropicMergingModule(SpectralMergingModule):
         check_common_fraction(common_fraction)
         super().__init__(zoo, num_classes, unseen_tasks, buffer_policy, task_vector_dtype)
 
-    def merged_task_vector(self, task_vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return iso_task_vector(
-            task_vectors, self.hparams.alpha, self.hparams.common_fraction, matrices=self.matrices
-        )
+    def merged_task_vector(self, task_vectors: Mapping[str, Tensor], matrices: list[str]) -> dict[str, Tensor]:
+        return iso_task_vector(task_vectors, self.hparams.alpha, self.hparams.common_fraction, matrices=matrices)

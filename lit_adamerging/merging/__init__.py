@@ -17,6 +17,8 @@
     components, one gate per component (what rank-wise AdaMerging learns).
 11. :mod:`~lit_adamerging.merging.wemoe` - WEMoE: MLPs as weight-ensembling mixtures routed per sample, the
     per-sample product, its export file and loader.
+12. :mod:`~lit_adamerging.merging.sharded` - the merge with its weights split across processes (FSDP2's layout):
+    each process holds its rows of every task vector.
 """
 
 from lit_adamerging.merging.baselines import task_arithmetic, ties_merging, weight_averaging
@@ -56,6 +58,7 @@ from lit_adamerging.merging.spectral import (
     tsv_merging,
     tsv_task_vector,
 )
+from lit_adamerging.merging.sharded import ShardedMergedEncoder, shard_rows, sharded_rows, take_rows
 from lit_adamerging.merging.surgery import SURGERY_RANK, FeatureSurgery, SurgeryModules
 from lit_adamerging.merging.task_vectors import (
     BUFFER_POLICIES,
@@ -91,6 +94,7 @@ __all__ = [
     "Granularity",
     "GramRecorder",
     "MergedEncoder",
+    "ShardedMergedEncoder",
     "MergingCoefficients",
     "RESCALER_SUMS",
     "RankComponents",
@@ -134,8 +138,11 @@ __all__ = [
     "regmean_merge",
     "save_emr",
     "save_wemoe",
+    "shard_rows",
+    "sharded_rows",
     "spectral_matrices",
     "stack_task_vectors",
+    "take_rows",
     "task_arithmetic",
     "ties_merging",
     "ties_task_vectors",

@@ -19,7 +19,7 @@ as CUDA graphs and replayed every step (``_graphs``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -230,6 +230,19 @@ class MergedEncoder(nn.Module):
         """``{tensor name: Tensor[T, *shape]}`` (rows of the stored groups, which it keeps) in coefficient-column
         order."""
         return StackedTaskVectors(zip(self.group_names, self._blocks(self.task_vectors)), self.tensor_names)
+
+    def pretrained_tensors(self) -> dict[str, Tensor]:
+        """``{name: theta_0}`` of the merged tensors, in coefficient-column order (views of the stored blocks)."""
+        state = self.encoder.state_dict()
+        return {name: state[name] for name in self.tensor_names}
+
+    def apply_merge(
+        self, merge: Callable[[Mapping[str, Tensor], list[str]], Mapping[str, Tensor]], matrices: Collection[str]
+    ) -> dict[str, Tensor]:
+        """``merge(task_vectors, matrices)``: a merge of the stacked task vectors that reads the tensors named in
+        ``matrices`` as matrices (a spectral merge); :class:`~lit_adamerging.merging.ShardedMergedEncoder` gives
+        the same result from task vectors split across processes."""
+        return dict(merge(self.stacked_task_vectors(), [name for name in self.tensor_names if name in set(matrices)]))
 
     def _merge(self, coefficients: Tensor) -> dict[str, Tensor]:
         """The merged tensors for ``coefficients [T, P]``, by name, in group order."""

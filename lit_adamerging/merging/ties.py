@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lit_adamerging.merging.task_vectors import empty_stacked
@@ -36,7 +37,43 @@ def _magnitude_thresholds(stacked: Mapping[str, Tensor], k: float) -> Tensor:
     return thresholds
 
 
-def ties_task_vectors(stacked: Mapping[str, Tensor], k: float = 0.2, normalize: bool = False) -> dict[str, Tensor]:
+def _split_magnitude_thresholds(stacked: Mapping[str, Tensor], k: float, group: dist.ProcessGroup) -> Tensor:
+    """:func:`_magnitude_thresholds` of task vectors whose entries are split across the processes of ``group``.
+
+    The threshold is the ``keep``-th largest magnitude over all processes' entries, found exactly without
+    gathering them: the bit patterns of non-negative floats sort as the floats do, so a bisection over
+    float32 bit patterns, counting on each process the entries at or above the candidate and summing the
+    counts across processes, ends on that very value (31 steps, one all-reduce of ``T`` counts each).
+    """
+    first = next(iter(stacked.values()))
+    num_tasks, device = first.shape[0], first.device
+    sizes = torch.tensor([sum(tv[0].numel() for tv in stacked.values())], dtype=torch.int64, device=device)
+    dist.all_reduce(sizes, group=group)
+    total = int(sizes.item())
+    keep = int(total * k)
+    if keep >= total:
+        return torch.zeros(num_tasks, device=device)
+    if keep == 0:
+        return torch.full((num_tasks,), float("inf"), device=device)
+    low = torch.zeros(num_tasks, dtype=torch.int64, device=device)  # count(>= low) >= keep holds throughout
+    high = torch.full((num_tasks,), 0x7F800000 + 1, dtype=torch.int64, device=device)  # count(>= high) < keep
+    while bool((high - low > 1).any()):
+        middle = (low + high) // 2
+        candidates = middle.to(torch.int32).view(torch.float32)
+        counts = torch.zeros(num_tasks, dtype=torch.int64, device=device)
+        for tv in stacked.values():
+            magnitudes = tv.reshape(num_tasks, -1).abs().float()
+            counts += (magnitudes >= candidates.unsqueeze(1)).sum(1)
+        dist.all_reduce(counts, group=group)
+        enough = counts >= keep
+        low = torch.where(enough, middle, low)
+        high = torch.where(enough, high, middle)
+    return low.to(torch.int32).view(torch.float32)
+
+
+def ties_task_vectors(
+    stacked: Mapping[str, Tensor], k: float = 0.2, normalize: bool = False, *, group: dist.ProcessGroup | None = None
+) -> dict[str, Tensor]:
     """Trim, elect and disjoint the stacked task vectors; returns tensors of the same shapes.
 
     Args:
@@ -44,6 +81,10 @@ def ties_task_vectors(stacked: Mapping[str, Tensor], k: float = 0.2, normalize: 
         k: fraction of each task vector's entries to keep (TIES' top-k%, default 20%).
         normalize: divide every entry by the number of tasks that keep it, so the sum over tasks of
             the result is TIES-merging's disjoint mean.
+        group: when the task vectors' entries are split across the processes of this group (each process
+            holding some rows of every tensor, :mod:`~lit_adamerging.merging.sharded`), the trim threshold and
+            the sign that wins over the whole vector are computed over all processes' entries (the result
+            is each process's rows of the undivided result).
 
     Example:
         >>> tv = {"w": torch.tensor([[3.0, -1.0, 0.5, 2.0], [-2.0, 4.0, 0.1, 1.0]])}
@@ -55,14 +96,18 @@ def ties_task_vectors(stacked: Mapping[str, Tensor], k: float = 0.2, normalize: 
         raise ValueError(f"the TIES keep fraction k must be in (0, 1], got {k}.")
     if not stacked:
         raise ValueError("no task vectors to merge.")
-    thresholds = _magnitude_thresholds(stacked, k)
+    thresholds = _magnitude_thresholds(stacked, k) if group is None else _split_magnitude_thresholds(stacked, k, group)
 
     def trimmed(tv: Tensor) -> Tensor:  # recomputed per tensor: no full fp32 copy of the vectors is kept
         keep = tv.abs().float() >= thresholds.view((-1,) + (1,) * (tv.dim() - 1))
         return torch.where(keep, tv.float(), torch.zeros((), device=tv.device))
 
     elected = {name: torch.sign(trimmed(tv).sum(0)) for name, tv in stacked.items()}
-    majority = torch.sign(sum(signs.sum() for signs in elected.values()))
+    # Counted in float64: exact for any encoder (float32 counts stop being exact past 2^24 entries).
+    total = torch.stack([signs.sum(dtype=torch.float64) for signs in elected.values()]).sum()
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    majority = torch.sign(total).to(torch.float32)
     num_tasks = next(iter(stacked.values())).shape[0]
     result = empty_stacked({name: tv[0] for name, tv in stacked.items()}, num_tasks)  # in each tensor's dtype
     for name, tv in stacked.items():

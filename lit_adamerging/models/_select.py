@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -11,6 +12,26 @@ from lit_adamerging.models._errors import SHOWN, CheckpointError, few
 from lit_adamerging.models._hf_clip import hf_vision_prefix
 
 __all__ = ["select_encoder_weights"]
+
+
+class LazyTensor:
+    """A tensor of an open ``.safetensors`` file, read when indexed: ``tensor[start:stop]`` reads those rows only,
+    ``tensor[...]`` all of it; ``shape`` and ``dtype`` come from the file's header (``dtype`` ``None``: one this
+    reader does not know). :func:`~lit_adamerging.models.checkpoints.read_checkpoint_rows` makes them."""
+
+    def __init__(self, entry: Any) -> None:
+        self._entry = entry
+        self.shape = torch.Size(entry.get_shape())
+        self.dtype = SAFETENSORS_DTYPES.get(entry.get_dtype())
+
+    def __getitem__(self, index: Any) -> Tensor:
+        return self._entry[index]
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 def _candidate_prefixes(state: Mapping[str, Tensor], expected: Collection[str]) -> set[str]:
@@ -43,11 +64,12 @@ def _extra_layers(under_prefix: Collection[str], expected: Collection[str]) -> l
 
 
 def select_encoder_weights(
-    state: Mapping[str, Tensor],
+    state: Mapping[str, Any],
     expected: Mapping[str, Tensor],
     *,
     source: str,
     missing_ok: Collection[str] = (),
+    rows: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, Tensor]:
     """Pick the encoder's entries out of a checkpoint and check them against ``expected``.
 
@@ -61,6 +83,9 @@ def select_encoder_weights(
         source: where ``state`` came from (a file name), for error messages.
         missing_ok: keys that may be absent; they are taken from ``expected`` (e.g. ``{"proj"}``
             for a Hugging Face ``CLIPVisionModel`` folder). ``*num_batches_tracked`` always may.
+        rows: ``{key: (start, stop)}``: return only those rows of these keys (checked against the whole
+            tensor's shape first); ``state``'s entries may be tensors read when indexed
+            (:class:`~lit_adamerging.models.checkpoints.LazyTensor`), so only those rows are read.
 
     Returns:
         Exactly the keys of ``expected``, in its order. Floating-point tensors are cast to the
@@ -119,18 +144,23 @@ def select_encoder_weights(
         )
     selected: dict[str, Tensor] = {}
     mismatched: list[str] = []
+    rows = rows or {}
     for key in expected_keys:
         reference = expected[key]
+        part = slice(*rows[key]) if key in rows else slice(None)
         if prefix + key not in state:
-            selected[key] = reference.detach().clone()
+            selected[key] = reference.detach()[part].clone()
             continue
         name = prefix + key
         value = state[name]
-        if not isinstance(value, Tensor):
+        if not isinstance(value, (Tensor, LazyTensor)):
             raise CheckpointError(f"{source}: {name!r} is a {type(value).__name__}, not a tensor.")
         if value.shape != reference.shape:
             mismatched.append(f"{name!r}: checkpoint {list(value.shape)} vs encoder {list(reference.shape)}")
             continue
+        if mismatched:  # nothing more is read once the checkpoint is known not to fit
+            continue
+        value = value[part] if key in rows else value[...]
         selected[key] = _convert(value, reference, name=name, source=source)
     if mismatched:
         more = f" (and {len(mismatched) - SHOWN} more)" if len(mismatched) > SHOWN else ""

@@ -35,7 +35,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,12 +56,14 @@ from lit_adamerging.models._safe_unpickler import (
     module_weights,
     pickle_module_for,
 )
-from lit_adamerging.models._select import select_encoder_weights
+from lit_adamerging.models._select import LazyTensor, select_encoder_weights
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
     "CheckpointError",
+    "LazyTensor",
     "read_checkpoint",
+    "read_checkpoint_rows",
     "select_encoder_weights",
     "unusable_tensor_kind",
 ]
@@ -144,6 +146,42 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str
             f"{path}: nested too deeply to read (Python's recursion limit was reached); the file is corrupt or "
             "crafted. Re-save the weights as a plain state dict (.safetensors) where they were made."
         ) from None
+
+
+def read_checkpoint_rows(
+    path: str | Path,
+    select: Callable[[Mapping[str, Tensor | LazyTensor]], dict[str, Tensor]],
+    *,
+    allow_pickle: bool = False,
+) -> dict[str, Tensor]:
+    """``select(state)`` of the checkpoint at ``path``, where ``select`` reads what it needs of each entry.
+
+    A ``.safetensors`` file is not read whole: its entries are :class:`LazyTensor` s, so only the rows that
+    ``select`` indexes are read (a process of a sharded merge reads its rows of each tensor). Any other
+    format is read whole by :func:`read_checkpoint` first (``torch.save`` files cannot be read in part), then
+    given to ``select`` as tensors.
+    """
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return select(read_checkpoint(path, allow_pickle=allow_pickle))
+    from safetensors import SafetensorError, safe_open
+
+    with open_regular_file(path, "checkpoint") as file:
+        try:
+            with safe_open(_same_file_path(file, path), framework="pt", device="cpu") as handle:
+                state = {key: LazyTensor(handle.get_slice(key)) for key in handle.keys()}  # noqa: SIM118
+                if not state:
+                    raise CheckpointError(
+                        f"{path}: the safetensors file holds no tensors; it is not a model checkpoint."
+                    )
+                unknown = [key for key, value in state.items() if value.dtype is None]
+                if unknown:
+                    raise CheckpointError(f"{path}: tensor {unknown[0]!r} has a dtype this reader does not know.")
+                return select(state)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({error}); the file may be truncated."
+            ) from error
 
 
 def _read_folder(folder: Path, *, allow_pickle: bool) -> dict[str, Tensor]:

@@ -19,11 +19,13 @@ import open_clip
 import torch
 from torch import Tensor, nn
 
+from lit_adamerging.merging.sharded import take_rows
 from lit_adamerging.models import efficientnet_lite0, prompts
 from lit_adamerging.models.checkpoints import (
     CHECKPOINT_SUFFIXES,
     CheckpointError,
     read_checkpoint,
+    read_checkpoint_rows,
     select_encoder_weights,
 )
 from lit_adamerging.models.encoders import (
@@ -39,23 +41,36 @@ from lit_adamerging.models.prompts import read_class_names
 from lit_adamerging.models.zeroshot import cached_zero_shot_head, text_tower_digest
 
 
+Rows = Mapping[str, tuple[int, int]]  # {key: (start, stop)}: the rows of each tensor a process holds
+
+
 class LazyStateDicts(Mapping[str, dict[str, Tensor]]):
     """``{task: state dict}`` whose state dicts are loaded on each access and not kept.
 
     :func:`~lit_adamerging.merging.stack_task_vectors` reads them one at a time, so building the
-    task vectors holds one fine-tuned model in memory beside them, not all T.
+    task vectors holds one fine-tuned model in memory beside them, not all T. A loader may take
+    ``rows=`` (``{key: (start, stop)}``) and read only those rows of those tensors (:meth:`rows`).
 
     Example:
-        >>> lazy = LazyStateDicts({"a": lambda: {"w": torch.ones(2)}})
-        >>> list(lazy), lazy["a"]["w"]
-        (['a'], tensor([1., 1.]))
+        >>> lazy = LazyStateDicts({"a": lambda rows=None: {"w": torch.arange(4.0)[slice(*rows["w"]) if rows else ...]}})
+        >>> list(lazy), lazy["a"]["w"], lazy.rows("a", {"w": (1, 3)})["w"]
+        (['a'], tensor([0., 1., 2., 3.]), tensor([1., 2.]))
     """
 
-    def __init__(self, loaders: Mapping[str, Callable[[], dict[str, Tensor]]]) -> None:
+    def __init__(self, loaders: Mapping[str, Callable[..., dict[str, Tensor]]]) -> None:
         self._loaders = dict(loaders)
 
     def __getitem__(self, task: str) -> dict[str, Tensor]:
         return self._loaders[task]()
+
+    def rows(self, task: str, rows: Rows) -> dict[str, Tensor]:
+        """``task``'s state dict with the tensors named in ``rows`` cut to those rows; read for those rows only
+        when its loader takes ``rows=``, else loaded whole and cut."""
+        loader = self._loaders[task]
+        parameters = inspect.signature(loader).parameters
+        if "rows" in parameters:
+            return loader(rows=rows)
+        return take_rows(loader(), rows)
 
     def __contains__(self, task: object) -> bool:  # Mapping's default would load the state dict
         return task in self._loaders
@@ -178,11 +193,35 @@ def head_from_file(
 
 
 def encoder_weights(
-    path: str | Path, encoder: nn.Module, *, allow_pickle: bool = False, missing_ok: Iterable[str] = ()
+    path: str | Path,
+    encoder: nn.Module,
+    *,
+    allow_pickle: bool = False,
+    missing_ok: Iterable[str] = (),
+    rows: Rows | None = None,
 ) -> dict[str, Tensor]:
-    """The weights of ``encoder`` read from the checkpoint at ``path`` (any format, any key prefix)."""
-    state = read_checkpoint(path, allow_pickle=allow_pickle)
-    return select_encoder_weights(state, encoder.state_dict(), source=str(path), missing_ok=tuple(missing_ok))
+    """The weights of ``encoder`` read from the checkpoint at ``path`` (any format, any key prefix).
+
+    With ``rows`` (``{key: (start, stop)}``), those tensors cut to those rows; a ``.safetensors`` file is then
+    read for those rows only (:func:`~lit_adamerging.models.checkpoints.read_checkpoint_rows`).
+    """
+    expected = encoder.state_dict()
+    select = functools.partial(
+        select_encoder_weights, expected=expected, source=str(path), missing_ok=tuple(missing_ok), rows=rows
+    )
+    if rows:
+        return read_checkpoint_rows(path, select, allow_pickle=allow_pickle)
+    return select(read_checkpoint(path, allow_pickle=allow_pickle))
+
+
+def finetuned_rows(finetuned: Mapping[str, dict[str, Tensor]], task: str, rows: Rows) -> dict[str, Tensor]:
+    """``task``'s fine-tuned state dict of a :class:`LoadedZoo`, the tensors named in ``rows`` cut to those rows:
+    read for those rows only where the zoo can (:meth:`LazyStateDicts.rows`), else loaded and cut."""
+    if not rows:
+        return finetuned[task]
+    if isinstance(finetuned, LazyStateDicts):
+        return finetuned.rows(task, rows)
+    return take_rows(finetuned[task], rows)
 
 
 def _task_seed(seed: int, task: str) -> int:
