@@ -227,10 +227,10 @@ def save_finite_state_dicts(files: dict[str, tuple[str, dict[str, Tensor]]]) -> 
     save_state_dicts({path: state for path, (_, state) in files.items()})
 
 
-def _sharded(trainer: pl.Trainer) -> bool:
+def _sharded(trainer: pl.Trainer | None) -> bool:
     from lit_adamerging.lightning.sharded import ShardedMergingStrategy
 
-    return isinstance(trainer.strategy, ShardedMergingStrategy)
+    return trainer is not None and isinstance(trainer.strategy, ShardedMergingStrategy)
 
 
 def _learns_coefficients(pl_module: Any) -> bool:

@@ -147,9 +147,9 @@ def select_encoder_weights(
     rows = rows or {}
     for key in expected_keys:
         reference = expected[key]
-        part = slice(*rows[key]) if key in rows else slice(None)
         if prefix + key not in state:
-            selected[key] = reference.detach()[part].clone()
+            kept = reference.detach()
+            selected[key] = (kept[slice(*rows[key])] if key in rows else kept).clone()
             continue
         name = prefix + key
         value = state[name]
@@ -160,7 +160,7 @@ def select_encoder_weights(
             continue
         if mismatched:  # nothing more is read once the checkpoint is known not to fit
             continue
-        value = value[part] if key in rows else value[...]
+        value = value[slice(*rows[key])] if key in rows else value[...]
         selected[key] = _convert(value, reference, name=name, source=source)
     if mismatched:
         more = f" (and {len(mismatched) - SHOWN} more)" if len(mismatched) > SHOWN else ""
