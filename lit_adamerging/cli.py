@@ -429,9 +429,16 @@ def main(args: ArgsType = None) -> None:
         return
     install_strict_yaml_loader()
     retain_freed_memory()
+    # A finished multi-process run's first process was seen to abort at exit ("terminate called without an active
+    # exception", gloo, 2 processes, 1 run in 5 to 8) when the processes tore their group down unsynchronised, or
+    # when they met through torch's default (libuv) TCP store; a barrier before the teardown and the older store
+    # server gave none in 14 runs each. The launched processes inherit USE_LIBUV; a user's own is kept.
+    os.environ.setdefault("USE_LIBUV", "0")
     try:
         with intended_warnings_ignored(), dependency_noise_hidden():
             AdaMergingCLI(args=args, save_config_kwargs={"overwrite": True})
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process done before any tears the group down
     except USER_ERRORS as error:
         if os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0"):
             raise
@@ -439,8 +446,7 @@ def main(args: ArgsType = None) -> None:
         print(f"lit-adamerging: error: {message}\n(the traceback: set {DEBUG_VARIABLE}=1)", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
-        # A multi-process run leaves its process group to the interpreter's exit otherwise, where gloo's threads
-        # were seen to abort a process after the fit had finished ("terminate called without an active exception").
+        # A multi-process run would leave its process group to the interpreter's exit otherwise.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

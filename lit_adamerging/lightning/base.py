@@ -328,7 +328,8 @@ class MergingModule(pl.LightningModule):
         )
         if ties_k is not None:
             group = None if mesh is None else mesh.get_group()
-            stacked = ties_task_vectors(stacked, ties_k, normalize=ties_normalize, group=group)
+            whole = [name for name in stacked if name not in rows]
+            stacked = ties_task_vectors(stacked, ties_k, normalize=ties_normalize, group=group, whole=whole)
         return stacked
 
     def sharding_mesh(self) -> Any:

@@ -85,8 +85,8 @@ class ShardedMergedEncoder(nn.Module):
         encoder: the pretrained encoder, whole (every process builds it from the zoo); it is sharded here
             with ``fully_shard`` over ``mesh``, each of its repeated blocks and then the whole.
         task_vectors: ``{name: Tensor[T, *local shape]}`` in coefficient-column order: for the parameters
-            of :func:`sharded_rows`, this process's rows (``take_rows`` of the stacked task vectors); for
-            0-dim parameters and merged buffers, the whole tensor.
+            of :func:`sharded_rows`, this process's rows (stacked from the pretrained and fine-tuned state
+            dicts cut by :func:`take_rows`); for 0-dim parameters and merged buffers, the whole tensor.
         mesh: a one-dimensional device mesh over the processes that share the weights.
         granularity, init, clamp: as :class:`~lit_adamerging.merging.MergingCoefficients`.
 

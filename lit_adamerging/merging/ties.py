@@ -12,7 +12,7 @@ them divided by the number of tasks that keep each entry (``normalize=True``) an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.distributed as dist
@@ -62,7 +62,7 @@ def _split_magnitude_thresholds(stacked: Mapping[str, Tensor], k: float, group: 
         candidates = middle.to(torch.int32).view(torch.float32)
         counts = torch.zeros(num_tasks, dtype=torch.int64, device=device)
         for tv in stacked.values():
-            magnitudes = tv.reshape(num_tasks, -1).abs().float()
+            magnitudes = tv.reshape(num_tasks, tv[0].numel()).abs().float()
             counts += (magnitudes >= candidates.unsqueeze(1)).sum(1)
         dist.all_reduce(counts, group=group)
         enough = counts >= keep
@@ -72,7 +72,12 @@ def _split_magnitude_thresholds(stacked: Mapping[str, Tensor], k: float, group: 
 
 
 def ties_task_vectors(
-    stacked: Mapping[str, Tensor], k: float = 0.2, normalize: bool = False, *, group: dist.ProcessGroup | None = None
+    stacked: Mapping[str, Tensor],
+    k: float = 0.2,
+    normalize: bool = False,
+    *,
+    group: dist.ProcessGroup | None = None,
+    whole: Collection[str] = (),
 ) -> dict[str, Tensor]:
     """Trim, elect and disjoint the stacked task vectors; returns tensors of the same shapes.
 
@@ -85,6 +90,7 @@ def ties_task_vectors(
             holding some rows of every tensor, :mod:`~lit_adamerging.merging.sharded`), the trim threshold and
             the sign that wins over the whole vector are computed over all processes' entries (the result
             is each process's rows of the undivided result).
+        whole: with ``group``, the tensors every process holds whole rather than some rows of (counted once).
 
     Example:
         >>> tv = {"w": torch.tensor([[3.0, -1.0, 0.5, 2.0], [-2.0, 4.0, 0.1, 1.0]])}
@@ -96,7 +102,11 @@ def ties_task_vectors(
         raise ValueError(f"the TIES keep fraction k must be in (0, 1], got {k}.")
     if not stacked:
         raise ValueError("no task vectors to merge.")
-    thresholds = _magnitude_thresholds(stacked, k) if group is None else _split_magnitude_thresholds(stacked, k, group)
+    # Split across processes, each entry is counted by the one process holding it (a whole tensor by the first).
+    counted = stacked if group is None or dist.get_rank(group) == 0 else {
+        name: tv for name, tv in stacked.items() if name not in set(whole)
+    }
+    thresholds = _magnitude_thresholds(stacked, k) if group is None else _split_magnitude_thresholds(counted, k, group)
 
     def trimmed(tv: Tensor) -> Tensor:  # recomputed per tensor: no full fp32 copy of the vectors is kept
         keep = tv.abs().float() >= thresholds.view((-1,) + (1,) * (tv.dim() - 1))
@@ -104,7 +114,9 @@ def ties_task_vectors(
 
     elected = {name: torch.sign(trimmed(tv).sum(0)) for name, tv in stacked.items()}
     # Counted in float64: exact for any encoder (float32 counts stop being exact past 2^24 entries).
-    total = torch.stack([signs.sum(dtype=torch.float64) for signs in elected.values()]).sum()
+    total = torch.zeros((), dtype=torch.float64, device=next(iter(stacked.values())).device)
+    for name in counted:
+        total += elected[name].sum(dtype=torch.float64)
     if group is not None:
         dist.all_reduce(total, group=group)
     majority = torch.sign(total).to(torch.float32)

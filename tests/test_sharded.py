@@ -1,0 +1,200 @@
+"""The merge split across processes (ShardedMergedEncoder, ShardedMergingStrategy) against the merge on one process.
+
+Core tests run 1, 2 and 4 gloo processes (torch.multiprocessing) on a small encoder that has what the
+split must cope with: a tensor with fewer rows than processes (some hold none of it), a 0-dim parameter
+(held whole), batch-norm buffers merged with the coefficients (held whole). Each process writes what it
+computed to a file; the test compares them with the plain one-process merge. The command tests run
+``lit-adamerging`` with ``--config trainer/sharded`` on 2 and 4 CPU processes against a run on one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from helpers import TINY_CONFIG, run_cli
+from lit_adamerging.merging import (
+    MergedEncoder,
+    ShardedMergedEncoder,
+    shard_rows,
+    sharded_rows,
+    stack_task_vectors,
+    ties_task_vectors,
+    tsv_task_vector,
+)
+
+TASKS = 3
+
+
+class Small(nn.Module):
+    """Linear(5, 6) - BatchNorm1d(6) - Linear(6, 2) times a 0-dim gain: the last layer's 2 rows split on 4
+    processes leave two with none, the gain cannot be split at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 6))
+        self.norm = nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 2)
+        self.gain = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.norm(self.blocks(x)))) * self.gain
+
+
+def small_zoo() -> tuple[nn.Module, dict[str, dict[str, Tensor]]]:
+    """A seeded Small (eval mode, random batch-norm statistics) and TASKS perturbed copies, buffers too."""
+    generator = torch.Generator().manual_seed(0)
+    encoder = Small()
+    with torch.no_grad():
+        for value in encoder.state_dict().values():
+            if value.is_floating_point():
+                value.copy_(torch.rand(value.shape, generator=generator) + 0.5)
+    finetuned = {
+        f"t{k}": {name: value + 0.2 * torch.randn(value.shape, generator=generator) if value.is_floating_point()
+                  else value.clone() for name, value in encoder.state_dict().items()}
+        for k in range(TASKS)
+    }
+    return encoder.eval(), finetuned
+
+
+def images() -> Tensor:
+    return torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+
+
+def _worker(rank: int, world_size: int, out: str) -> None:
+    # A file store: the TCP store's libuv server thread was seen to abort process 0 at exit (see lit_adamerging.cli).
+    dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world_size)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world_size,))
+        encoder, finetuned = small_zoo()
+        buffers = {name for name, _ in encoder.named_buffers()}
+        stacked = stack_task_vectors(encoder.state_dict(), finetuned, buffers=buffers, buffer_policy="merge")
+        rows = sharded_rows(encoder, stacked, world_size, rank)
+        local = {name: value[:, slice(*rows[name])] if name in rows else value for name, value in stacked.items()}
+        whole = [name for name in stacked if name not in rows]
+        results: dict[str, Tensor] = {}
+        results["ties"] = torch.cat([
+            value.flatten() for value in ties_task_vectors(local, 0.3, normalize=True, group=mesh.get_group(), whole=whole).values()
+        ])
+        merger = ShardedMergedEncoder(encoder, local, mesh, "layer", init=0.3)
+        with torch.no_grad():
+            merger.coefficients.raw.add_(torch.linspace(-0.1, 0.2, merger.coefficients.raw.numel()).view_as(
+                merger.coefficients.raw))
+        results["bytes"] = torch.tensor(merger.task_vector_bytes())
+        x = images()[rank::world_size]  # every process its share of one global batch
+        features = merger(x)
+        (features.pow(2).mean() * 2).backward()  # mean over this share; FSDP2 averages over the processes
+        merger.reduce_coefficient_gradients()
+        results["grad"] = merger.coefficients.raw.grad.clone()
+        results["encoder_grads_cleared"] = torch.tensor(all(p.grad is None for p in encoder.parameters()))
+        results["merged"] = torch.cat([tensor.flatten().float() for _, tensor in merger.full_tensors()])
+        with torch.no_grad():  # evaluation: merged rows given, written once
+            results["features"] = merger(x, merger.merged_tensors())
+        matrices = [name for name in merger.tensor_names if local[name].dim() >= 3]
+        spectral = merger.apply_merge(lambda tv, m: tsv_task_vector(tv, 1.0, None, matrices=m), matrices)
+        results["tsv"] = torch.cat([spectral[name].flatten() for name in merger.tensor_names])
+        torch.save(results, f"{out}.rank{rank}.pt")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_sharded(tmp_path: Path, world_size: int) -> list[dict[str, Tensor]]:
+    prefix = str(tmp_path / f"w{world_size}")
+    torch.multiprocessing.spawn(_worker, args=(world_size, prefix), nprocs=world_size)
+    return [torch.load(f"{prefix}.rank{rank}.pt", weights_only=True) for rank in range(world_size)]
+
+
+def plain_reference() -> dict[str, Tensor]:
+    """The same computations on one process, without sharding, written plainly."""
+    encoder, finetuned = small_zoo()
+    buffers = {name for name, _ in encoder.named_buffers()}
+    stacked = stack_task_vectors(encoder.state_dict(), finetuned, buffers=buffers, buffer_policy="merge")
+    reference: dict[str, Tensor] = {"ties": ties_task_vectors(stacked, 0.3, normalize=True)}
+    theta0 = {name: value.clone() for name, value in encoder.state_dict().items()}
+    raw = torch.full((TASKS, len(stacked)), 0.3) + torch.linspace(-0.1, 0.2, TASKS * len(stacked)).view(TASKS, -1)
+    raw.requires_grad_(True)
+    coefficients = raw.clamp(0, 1)
+    merged = {name: theta0[name] + sum(coefficients[k, i] * stacked[name][k] for k in range(TASKS))
+              for i, name in enumerate(stacked)}
+    merged = {name: value.detach() if name in buffers else value for name, value in merged.items()}  # no gradient
+    x = images()
+    plain = Small().eval()
+    output = torch.func.functional_call(plain, {**theta0, **merged}, (x,))
+    (output.pow(2).mean() * 2).backward()
+    reference["grad"] = raw.grad
+    reference["merged"] = {name: (merged[name] if name in merged else value).detach()
+                           for name, value in theta0.items()}
+    reference["features"] = output.detach()
+    matrices = [name for name in stacked if stacked[name].dim() >= 3]
+    reference["tsv"] = tsv_task_vector(stacked, 1.0, None, matrices=matrices)
+    reference["bytes"] = sum(value.numel() * value.element_size() for value in stacked.values())
+    reference["stacked"] = stacked
+    return reference
+
+
+def test_shard_rows_is_fsdp2s_split_along_the_first_dimension() -> None:
+    for rows in (0, 1, 2, 5, 8, 13):
+        for world_size in (1, 2, 3, 4, 8):
+            pieces = list(torch.arange(rows).chunk(world_size)) if rows else []
+            for rank in range(world_size):
+                start, stop = shard_rows(rows, world_size, rank)
+                expected = pieces[rank].tolist() if rank < len(pieces) else []
+                assert list(range(start, stop)) == expected, (rows, world_size, rank)
+    with pytest.raises(ValueError, match="rank 4 is not one of the 4 processes' ranks"):
+        shard_rows(10, 4, 4)
+
+
+@pytest.mark.slow  # starts 1 + 2 + 4 processes
+def test_the_sharded_merge_equals_the_plain_merge_on_one_two_and_four_processes(tmp_path) -> None:
+    reference = plain_reference()
+    encoder, _ = small_zoo()
+    names = list(reference["stacked"])
+    for world_size in (1, 2, 4):
+        results = run_sharded(tmp_path, world_size)
+        # Each process stores its rows of every task vector: together exactly the whole, each about 1/N.
+        per_process = [int(result["bytes"]) for result in results]
+        split = {name for name, parameter in encoder.named_parameters() if parameter.dim() > 0}
+        whole = sum(v.numel() * v.element_size() for n, v in reference["stacked"].items() if n not in split)
+        expected = [
+            whole + sum(value[:, slice(*shard_rows(value.shape[1], world_size, rank))].numel() * value.element_size()
+                        for name, value in reference["stacked"].items() if name in split)
+            for rank in range(world_size)
+        ]
+        assert per_process == expected  # rows of the split tensors, all of the 0-dim gain and the buffers
+        assert sum(per_process) - (world_size - 1) * whole == reference["bytes"]
+        for rank, result in enumerate(results):
+            torch.testing.assert_close(result["grad"], reference["grad"], rtol=1e-5, atol=1e-6)
+            assert bool(result["encoder_grads_cleared"])
+            everything = torch.cat([reference["merged"][name].flatten().float() for name in encoder.state_dict()])
+            torch.testing.assert_close(result["merged"], everything, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(result["features"], reference["features"][rank::world_size], rtol=1e-5,
+                                       atol=1e-6)
+            rows = sharded_rows(encoder, names, world_size, rank)
+            for key, merged in (("ties", reference["ties"]), ("tsv", reference["tsv"])):
+                local = torch.cat([(merged[name][:, slice(*rows[name])] if key == "ties" else
+                                    merged[name][slice(*rows[name])]) .flatten() if name in rows
+                                   else merged[name].flatten() for name in names])
+                torch.testing.assert_close(result[key], local.float(), rtol=1e-5, atol=1e-6, msg=f"{key} {world_size} {rank}")
+
+
+def test_a_strategy_that_does_not_shard_is_refused_before_anything_loads() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from lit_adamerging import AdaMergingModule, ShardedMergingStrategy, SyntheticZoo, WEMoEModule
+    from lit_adamerging.lightning.base import check_strategy
+
+    module = AdaMergingModule(SyntheticZoo(), {"a": 2, "b": 3})
+    for strategy in (ModelParallelStrategy(), FSDPStrategy()):
+        with pytest.raises(ValueError, match=f"{type(strategy).__name__} does not shard a merge.*ShardedMergingStrategy"):
+            check_strategy(module, strategy)
+    check_strategy(module, ShardedMergingStrategy())  # this one is accepted
+    with pytest.raises(ValueError, match="WEMoEModule cannot run under ShardedMergingStrategy.*AdaMergingModule"):
+        check_strategy(WEMoEModule(SyntheticZoo(), {"a": 2, "b": 3}), ShardedMergingStrategy())
