@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -198,3 +199,151 @@ def test_a_strategy_that_does_not_shard_is_refused_before_anything_loads() -> No
     check_strategy(module, ShardedMergingStrategy())  # this one is accepted
     with pytest.raises(ValueError, match="WEMoEModule cannot run under ShardedMergingStrategy.*AdaMergingModule"):
         check_strategy(WEMoEModule(SyntheticZoo(), {"a": 2, "b": 3}), ShardedMergingStrategy())
+
+
+# ----------------------------------------------------------------------------- the command
+PROBES = '''
+import json
+import os
+import signal
+
+import lightning.pytorch as pl
+import torch
+
+
+class Record(pl.Callback):
+    """Save, per process, the learned coefficients and the bytes of task vectors it stores when the fit ends,
+    and the test metrics when the test ends."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        learned = [value.detach().cpu().flatten() for key, value in pl_module.state_dict().items()
+                   if key.startswith(pl_module.LEARNED_STATE)]
+        merger = pl_module.merger
+        stored = merger.task_vector_bytes() if hasattr(merger, "task_vector_bytes") else sum(
+            block.numel() * block.element_size() for block in merger.stacked_task_vectors().values())
+        torch.save({"learned": torch.cat(learned), "bytes": stored}, f"{self.prefix}.rank{trainer.global_rank}.pt")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        with open(f"{self.prefix}.rank{trainer.global_rank}.json", "w") as file:
+            json.dump(metrics, file)
+
+
+class KillAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+QUIET = ["--trainer.logger=false", "--trainer.check_val_every_n_epoch=100", "--trainer.enable_model_summary=false"]
+CHECKPOINTS = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+               "init_args": {"dirpath": "ckpt", "every_n_train_steps": 5, "save_last": True}}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "probes.py").write_text(PROBES)  # importable: `python -m` puts the cwd on sys.path
+    return tmp_path
+
+
+def callbacks(workdir: Path, name: str, *extra: dict) -> list[str]:
+    """``--config`` of a file adding Record(prefix=name) and ``extra`` callbacks to the Trainer."""
+    path = workdir / f"{name}.yaml"
+    record = {"class_path": "probes.Record", "init_args": {"prefix": name}}
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [record, *extra]}}))
+    return ["--config", str(path)]
+
+
+def sharded(processes: int) -> list[str]:
+    return ["--config", "trainer/sharded", "--trainer.accelerator=cpu", f"--trainer.devices={processes}"]
+
+
+def recorded(workdir: Path, name: str, processes: int) -> list[dict]:
+    return [torch.load(workdir / f"{name}.rank{rank}.pt", weights_only=True) for rank in range(processes)]
+
+
+def succeeded(result) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow  # runs the command on 1, 2 and 4 processes
+@pytest.mark.parametrize("method", ["layer_wise_adamerging", "task_wise_adamerging_pp"])
+def test_a_sharded_fit_on_two_and_four_processes_learns_what_one_process_learns(workdir, method) -> None:
+    fit = ["fit", "--config", str(TINY_CONFIG), "--method", method, *QUIET]
+    succeeded(run_cli(workdir, *fit, *callbacks(workdir, "one"), "--data.batch_size=8"))
+    (one,) = recorded(workdir, "one", 1)
+    for processes in (2, 4):
+        name = f"split{processes}"
+        succeeded(run_cli(workdir, *fit, *sharded(processes), *callbacks(workdir, name),
+                          f"--data.batch_size={8 // processes}"))
+        results = recorded(workdir, name, processes)
+        for result in results:  # the same global batch each step: equal up to float rounding
+            torch.testing.assert_close(result["learned"], one["learned"], rtol=0, atol=1e-5)
+        # Each process stores its rows of every task vector: together the whole, each about 1/N of it.
+        stored = [result["bytes"] for result in results]
+        assert sum(stored) == one["bytes"]
+        assert max(stored) <= one["bytes"] / processes * 1.1, stored
+
+
+@pytest.mark.slow  # runs the command five times
+def test_checkpoints_resume_and_evaluate_on_another_number_of_processes(workdir) -> None:
+    fit = ["fit", "--config", str(TINY_CONFIG), *QUIET]
+    succeeded(run_cli(workdir, *fit, *callbacks(workdir, "whole", CHECKPOINTS), "--data.batch_size=8"))
+    (workdir / "ckpt").rename(workdir / "whole_ckpt")
+    # A sharded fit on 2 processes killed at step 13 resumes from its step-10 checkpoint on 4 processes.
+    kill = {"class_path": "probes.KillAt", "init_args": {"step": 13}}
+    crash = run_cli(workdir, *fit, *sharded(2), *callbacks(workdir, "killed", CHECKPOINTS, kill),
+                    "--data.batch_size=4")
+    assert crash.returncode == -9, crash.stderr[-3000:]
+    assert torch.load(workdir / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 10
+    succeeded(run_cli(workdir, *fit, *sharded(4), *callbacks(workdir, "resumed"), "--data.batch_size=2",
+                      "--ckpt_path", "ckpt/last.ckpt"))
+    (whole,) = recorded(workdir, "whole", 1)
+    for result in recorded(workdir, "resumed", 4):
+        torch.testing.assert_close(result["learned"], whole["learned"], rtol=0, atol=1e-5)
+    # The one-process fit's checkpoint evaluated and exported on one process and sharded on two.
+    test = ["test", "--config", str(TINY_CONFIG), *QUIET, "--ckpt_path", "whole_ckpt/last.ckpt"]
+    succeeded(run_cli(workdir, *test, *callbacks(workdir, "test1"), *export("one.safetensors")))
+    succeeded(run_cli(workdir, *test, *sharded(2), *callbacks(workdir, "test2"), *export("two.safetensors")))
+    assert_same_evaluation(workdir, "test1", "test2", processes=2)
+
+
+def export(path: str) -> list[str]:
+    """Add an ExportMergedEncoder writing ``path`` (after any ``--config`` that sets the callbacks)."""
+    return ["--trainer.callbacks+=lit_adamerging.ExportMergedEncoder", f"--trainer.callbacks.path={path}"]
+
+
+def assert_same_evaluation(workdir: Path, one: str, split: str, processes: int) -> None:
+    """The accuracies of ``one`` (one process) and ``split`` (sharded) and their exported encoders agree."""
+    import json
+
+    reference = json.loads((workdir / f"{one}.rank0.json").read_text())
+    assert any(key.startswith("test/acc/") for key in reference)
+    for rank in range(processes):
+        assert json.loads((workdir / f"{split}.rank{rank}.json").read_text()) == pytest.approx(reference, abs=1e-6)
+    first, second = load_file(workdir / "one.safetensors"), load_file(workdir / "two.safetensors")
+    assert sorted(first) == sorted(second)
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # runs the command twice
+def test_a_spectral_merge_sharded_gives_the_weights_and_accuracies_of_one_process(workdir) -> None:
+    test = ["test", "--config", str(TINY_CONFIG), "--method", "iso_cts_merging", *QUIET]
+    succeeded(run_cli(workdir, *test, *callbacks(workdir, "test1"), *export("one.safetensors")))
+    succeeded(run_cli(workdir, *test, *sharded(2), *callbacks(workdir, "test2"), *export("two.safetensors")))
+    assert_same_evaluation(workdir, "test1", "test2", processes=2)
+
+
+@pytest.mark.slow  # runs the command
+def test_the_command_refuses_a_method_that_does_not_shard_in_one_line(workdir) -> None:
+    result = run_cli(workdir, "fit", "--config", str(TINY_CONFIG), "--method", "wemoe", *QUIET, *sharded(1))
+    assert result.returncode == 2
+    assert "error: WEMoEModule cannot run under ShardedMergingStrategy" in result.stderr
+    assert "Traceback" not in result.stderr
