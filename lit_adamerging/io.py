@@ -272,7 +272,9 @@ def save_safetensors_stream(
         if dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}, which a safetensors file cannot hold.")
         size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        entries[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [position, position + size]}
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [position, position + size]
+        }
         position += size
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the tensors' bytes start 8-byte aligned
@@ -290,7 +292,7 @@ def save_safetensors_stream(
                 file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         left = list(expected)
         if left:
-            raise ValueError(f"save_safetensors_stream: {len(left)} tensor(s) of the layout were not given ({left[:3]}).")
+            raise ValueError(f"save_safetensors_stream: {len(left)} tensor(s) of the layout not given: {left[:3]}.")
 
     if path is None:
         write_all(None)

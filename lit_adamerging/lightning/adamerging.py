@@ -183,7 +183,9 @@ class AdaMergingModule(EntropyObjective, MergingModule):
         return self.coefficient_merge()
 
 
-def set_coefficients(merger: MergedEncoder | ShardedMergedEncoder, raw: Tensor, merged_tasks: int, granularity: str) -> None:
+def set_coefficients(
+    merger: MergedEncoder | ShardedMergedEncoder, raw: Tensor, merged_tasks: int, granularity: str
+) -> None:
     """Copy learned raw coefficients into ``merger``, after checking their shape and values."""
     target = merger.coefficients.raw
     if raw.shape != target.shape:

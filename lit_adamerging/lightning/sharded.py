@@ -43,7 +43,9 @@ class ShardedMergingStrategy(ModelParallelStrategy):
         timeout: how long a collective may wait for the other processes.
     """
 
-    def __init__(self, process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout) -> None:
+    def __init__(
+        self, process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout
+    ) -> None:
         super().__init__(
             data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False,
             process_group_backend=process_group_backend, timeout=timeout,

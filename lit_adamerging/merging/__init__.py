@@ -46,6 +46,7 @@ from lit_adamerging.merging.rank_wise import (
     rank_wise_task_vector,
 )
 from lit_adamerging.merging.regmean import GramRecorder, RegMeanAverage, regmean_layers, regmean_merge
+from lit_adamerging.merging.sharded import ShardedMergedEncoder, shard_rows, sharded_rows, take_rows
 from lit_adamerging.merging.spectral import (
     SpectralFactors,
     iso_c_merging,
@@ -58,7 +59,6 @@ from lit_adamerging.merging.spectral import (
     tsv_merging,
     tsv_task_vector,
 )
-from lit_adamerging.merging.sharded import ShardedMergedEncoder, shard_rows, sharded_rows, take_rows
 from lit_adamerging.merging.surgery import SURGERY_RANK, FeatureSurgery, SurgeryModules
 from lit_adamerging.merging.task_vectors import (
     BUFFER_POLICIES,

@@ -112,7 +112,7 @@ class ShardedMergedEncoder(nn.Module):
         if not task_vectors:
             raise ValueError("no task vectors: the encoder has no floating-point tensors to merge.")
         if mesh.ndim != 1:
-            raise ValueError(f"the device mesh must have one dimension (the processes sharing the weights), got {mesh}.")
+            raise ValueError(f"the device mesh must have one dimension (the processes sharing weights), got {mesh}.")
         self.mesh = mesh
         self.world_size, self.rank = mesh.size(), mesh.get_local_rank()
         state = encoder.state_dict(keep_vars=True)
@@ -155,7 +155,8 @@ class ShardedMergedEncoder(nn.Module):
         columns = column_indices(self.group_names, self.tensor_names, torch.device("cpu"))
         for index, (names, group) in enumerate(zip(self.group_names, groups)):
             self.task_vectors.register_buffer(str(index), group, persistent=False)
-            self.pretrained.register_buffer(str(index), torch.stack([pretrained[name] for name in names]), persistent=False)
+            rows = torch.stack([pretrained[name] for name in names])
+            self.pretrained.register_buffer(str(index), rows, persistent=False)
             self.columns.register_buffer(str(index), columns[index].to(group.device), persistent=False)
         self._merged_order = [name for names in self.group_names for name in names]
         # The share of a whole tensor's coefficient gradient each process adds: sharded gradients are already
@@ -192,7 +193,8 @@ class ShardedMergedEncoder(nn.Module):
 
     def pretrained_tensors(self) -> dict[str, Tensor]:
         """``{name: this process's rows of theta_0}`` for the merged tensors, in coefficient-column order."""
-        rows = dict(zip(self._merged_order, (row for block in self._blocks(self.pretrained) for row in block.unbind(0))))
+        flat = (row for block in self._blocks(self.pretrained) for row in block.unbind(0))
+        rows = dict(zip(self._merged_order, flat))
         return {name: rows[name] for name in self.tensor_names}
 
     def task_vector_bytes(self) -> int:

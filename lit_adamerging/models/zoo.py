@@ -40,7 +40,6 @@ from lit_adamerging.models.preprocess import Preprocess
 from lit_adamerging.models.prompts import read_class_names
 from lit_adamerging.models.zeroshot import cached_zero_shot_head, text_tower_digest
 
-
 Rows = Mapping[str, tuple[int, int]]  # {key: (start, stop)}: the rows of each tensor a process holds
 
 
