@@ -109,3 +109,20 @@ def test_bench_times_wemoe_beside_adamerging(tmp_path) -> None:
 def test_bench_rejects_empty_runs(argument: str, value, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         step.run(model=TINY_CLIP, **{argument: value})
+
+
+@pytest.mark.slow  # launches a DDP and a sharded fit on two processes
+def test_sharded_bench_reports_each_process_holding_its_share_of_the_task_vectors(tmp_path) -> None:
+    from lit_adamerging.benchmarks import sharded
+
+    out = tmp_path / "sharded.json"
+    rows = sharded.main(["--model", TINY_CLIP, "--tasks", "3", "--processes", "2", "--steps", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    by_strategy = {row["strategy"]: row for row in rows}
+    encoder = create_encoder(TINY_CLIP)
+    whole = 3 * sum(parameter.numel() * 4 for parameter in encoder.parameters())  # 3 tasks, fp32, no float buffers
+    assert by_strategy["ddp"]["task_vector_bytes"] == whole  # every DDP process holds all of them
+    assert by_strategy["sharded"]["task_vector_bytes_all"] == whole  # the sharded processes' shares sum to it
+    assert whole / 2 <= by_strategy["sharded"]["task_vector_bytes"] <= whole / 2 * 1.05
+    for row in rows:
+        assert row["processes"] == 2 and row["step_s"] > 0 and row["peak_rss_bytes"] >= row["tensor_bytes"] > 0

@@ -101,10 +101,7 @@ class _Recorder(pl.Callback):
             self.times.append(time.perf_counter() - self._start)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        merger = pl_module.merger
-        stored = merger.task_vector_bytes() if hasattr(merger, "task_vector_bytes") else sum(
-            block.numel() * block.element_size() for block in merger.stacked_task_vectors().values()
-        )
+        stored = pl_module.merger.task_vector_bytes()
         step_peak = _rss_peak_kib() if _CLEAR_REFS.exists() else None
         record = {
             "task_vector_bytes": stored,

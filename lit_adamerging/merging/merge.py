@@ -231,6 +231,10 @@ class MergedEncoder(nn.Module):
         order."""
         return StackedTaskVectors(zip(self.group_names, self._blocks(self.task_vectors)), self.tensor_names)
 
+    def task_vector_bytes(self) -> int:
+        """Bytes of task vectors stored (the groups)."""
+        return sum(block.numel() * block.element_size() for block in self._blocks(self.task_vectors))
+
     def pretrained_tensors(self) -> dict[str, Tensor]:
         """``{name: theta_0}`` of the merged tensors, in coefficient-column order (views of the stored blocks)."""
         state = self.encoder.state_dict()
