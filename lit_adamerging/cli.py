@@ -397,10 +397,12 @@ class AdaMergingCLI(LightningCLI):
 
 
     def after_validate(self) -> None:
-        print_accuracies(self.trainer.callback_metrics, "val")
+        if self.trainer.is_global_zero:  # the same gathered accuracies on every process: printed once
+            print_accuracies(self.trainer.callback_metrics, "val")
 
     def after_test(self) -> None:
-        print_accuracies(self.trainer.callback_metrics, "test")
+        if self.trainer.is_global_zero:
+            print_accuracies(self.trainer.callback_metrics, "test")
 
 
 def print_accuracies(metrics: Mapping[str, Any], stage: str) -> None:

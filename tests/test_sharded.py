@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from helpers import TINY_CONFIG, run_cli
+from helpers import TINY_CLIP, TINY_CONFIG, run_cli
 from lit_adamerging.merging import (
     ShardedMergedEncoder,
     shard_rows,
@@ -357,3 +357,67 @@ def test_the_command_refuses_a_method_that_does_not_shard_in_one_line(workdir) -
     assert result.returncode == 2
     assert "error: WEMoEModule cannot run under ShardedMergingStrategy" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- reading rows of fine-tuned files
+def test_each_process_reads_only_its_rows_of_a_safetensors_file(tmp_path, monkeypatch) -> None:
+    from safetensors.torch import save_file
+
+    from lit_adamerging.models import checkpoints, zoo
+    from lit_adamerging.models._select import LazyTensor
+    from lit_adamerging.models.encoders import create_encoder
+
+    encoder = create_encoder(TINY_CLIP)
+    generator = torch.Generator().manual_seed(3)
+    state = encoder.state_dict()
+    tuned = {name: value + torch.randn(value.shape, generator=generator) for name, value in state.items()}
+    path = tmp_path / "tuned.safetensors"
+    save_file({f"model.visual.{name}": value.contiguous() for name, value in tuned.items()}, path)  # a prefix too
+    torch.save({f"model.visual.{name}": value for name, value in tuned.items()}, tmp_path / "tuned.pt")
+
+    def whole_read(*args, **kwargs):
+        raise AssertionError("the whole file was read")
+
+    indexed: list[tuple[int, int] | None] = []
+    original = LazyTensor.__getitem__
+
+    def recording(self, index):
+        indexed.append((index.start, index.stop) if isinstance(index, slice) else None)
+        return original(self, index)
+
+    for world_size, rank in ((4, 1), (4, 3), (3, 2)):
+        rows = sharded_rows(encoder, list(tuned), world_size, rank)
+        indexed.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(checkpoints, "read_checkpoint", whole_read)
+            patch.setattr(zoo, "read_checkpoint", whole_read)
+            patch.setattr(LazyTensor, "__getitem__", recording)
+            read = zoo.encoder_weights(path, encoder, rows=rows)
+        assert list(read) == list(tuned)
+        for name, value in tuned.items():
+            expected = value[slice(*rows[name])] if name in rows else value
+            assert torch.equal(read[name], expected), name
+        assert sorted(index for index in indexed if index is not None) == sorted(rows.values())
+        # A torch.save file cannot be read in part: it is read whole, then cut to the same rows.
+        assert all(torch.equal(a, b) for a, b in zip(zoo.encoder_weights(tmp_path / "tuned.pt", encoder, rows=rows)
+                                                      .values(), read.values()))
+
+
+def test_reading_rows_of_a_file_that_does_not_fit_names_the_file_and_the_tensor(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from lit_adamerging.models import zoo
+    from lit_adamerging.models.checkpoints import CheckpointError
+    from lit_adamerging.models.encoders import create_encoder
+
+    encoder = create_encoder(TINY_CLIP)
+    state = {name: value.clone() for name, value in encoder.state_dict().items()}
+    name = next(name for name, value in state.items() if value.dim() == 2)
+    state[name] = torch.zeros(state[name].shape[0] + 1, state[name].shape[1])
+    save_file(state, tmp_path / "other.safetensors")
+    rows = sharded_rows(encoder, list(state), 2, 0)
+    with pytest.raises(CheckpointError, match=f"other.safetensors: shape mismatch for '{name}'"):
+        zoo.encoder_weights(tmp_path / "other.safetensors", encoder, rows=rows)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "other.safetensors").read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cut.safetensors: not a readable safetensors file"):
+        zoo.encoder_weights(tmp_path / "cut.safetensors", encoder, rows=rows)

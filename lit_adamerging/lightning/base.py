@@ -458,19 +458,19 @@ class MergingModule(pl.LightningModule):
         gathered from all, and each gets the whole encoder (:meth:`export` streams it instead).
         """
         if isinstance(self._built_merger(), ShardedMergedEncoder):
-            return {name: tensor.clone() for name, tensor in self._merged_full_tensors()}
+            return {name: tensor.clone() for name, tensor in self._merged_full_tensors(self.evaluation_tensors())}
         merged = self.evaluation_tensors()
         return {
             name: (merged[name] if name in merged else tensor).detach().clone().contiguous()
             for name, tensor in self._built_merger().encoder.state_dict().items()
         }
 
-    def _merged_full_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """Sharded: the evaluation merge written into the encoder, then its tensors whole, one at a time (every
-        process iterates, each tensor gathered from all)."""
+    def _merged_full_tensors(self, merged: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+        """Sharded: ``merged`` (this process's rows) written into the encoder, then its tensors whole, one at a
+        time (every process iterates, each tensor gathered from all)."""
         merger = self._built_merger()
         assert isinstance(merger, ShardedMergedEncoder)
-        merger.write(self.evaluation_tensors())
+        merger.write(merged)
         return merger.full_tensors()
 
     def on_after_backward(self) -> None:
@@ -514,7 +514,9 @@ class MergingModule(pl.LightningModule):
                 f"the merged encoder holds NaN or infinite values (on process {merger.rank}: {bad[:5]}); it was not "
                 f"exported to {path}. Check the coefficients, the fine-tuned weights and the training loss."
             )
-        save_safetensors_stream(path if self.global_rank == 0 else None, merger.layout(), self._merged_full_tensors())
+        save_safetensors_stream(
+            path if self.global_rank == 0 else None, merger.layout(), self._merged_full_tensors(merged)
+        )
 
     def _evaluation_step(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> dict[str, Any]:
         images, labels = batch
