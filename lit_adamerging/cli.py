@@ -29,6 +29,7 @@ checked.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import inspect
 import logging
 import os
@@ -413,6 +414,16 @@ def print_accuracies(metrics: Mapping[str, Any], stage: str) -> None:
         print("\n".join(f"{name:<{width}}  {value:.4f}" for name, value in rows.items()))
 
 
+def _wait_for_the_other_processes(timeout_s: float = 60.0) -> None:
+    """Let every process finish before any tears the process group down (gloo only: see main). A process that
+    failed on its own (an export error on the first) never arrives: after ``timeout_s`` the others go on to exit,
+    as they would without the wait, instead of blocking on it."""
+    if torch.distributed.get_backend() != "gloo":
+        return
+    with contextlib.suppress(RuntimeError):
+        torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+
+
 # Errors the library raises for what a user gave (a config, a file, data, settings): a message, no traceback.
 USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
 DEBUG_VARIABLE = "LIT_ADAMERGING_DEBUG"
@@ -440,7 +451,7 @@ def main(args: ArgsType = None) -> None:
         with intended_warnings_ignored(), dependency_noise_hidden():
             AdaMergingCLI(args=args, save_config_kwargs={"overwrite": True})
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every process done before any tears the group down
+            _wait_for_the_other_processes()
     except USER_ERRORS as error:
         if os.environ.get(DEBUG_VARIABLE, "").strip() not in ("", "0"):
             raise

@@ -204,8 +204,7 @@ def test_every_process_evaluates_and_reads_its_own_images() -> None:
     for rank in range(3):
         data.trainer = SimpleNamespace(world_size=3, global_rank=rank, lightning_module=None)  # type: ignore[assignment]
         (loader,) = data.test_dataloader()
-        assert [index for batch in loader.sampler for index in batch] == list(range(rank, 11, 3))
-        assert len(loader) == 2  # every process runs as many batches (4, 4 and 3 images in batches of at most 2)
+        assert list(loader.sampler) == list(range(rank, 11, 3))
         assert torch.equal(torch.cat([batch for batch, _ in loader]), images[rank::3])
         positions = torch.cat([p for p, _ in data.unlabeled_batches("a")])
         assert positions.tolist() == list(range(rank, 11, 3))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from helpers import TINY_CLIP, TINY_CONFIG, run_cli
 from lit_adamerging.merging import (
     ShardedMergedEncoder,
+    agreed,
     shard_rows,
     sharded_rows,
     stack_task_vectors,
@@ -99,6 +100,15 @@ def _worker(rank: int, world_size: int, out: str) -> None:
         matrices = [name for name in merger.tensor_names if local[name].dim() >= 3]
         spectral = merger.apply_merge(lambda tv, m: tsv_task_vector(tv, 1.0, None, matrices=m), matrices)
         results["tsv"] = torch.cat([spectral[name].flatten() for name in merger.tensor_names])
+        def fails_on_the_last() -> int:
+            if rank == world_size - 1:
+                raise ValueError("bad rows")
+            return rank
+
+        try:
+            agreed(mesh.get_group(), fails_on_the_last)
+        except ValueError as error:
+            results["agreed"] = str(error)
         torch.save(results, f"{out}.rank{rank}.pt")
     finally:
         dist.barrier()
@@ -170,6 +180,9 @@ def test_the_sharded_merge_equals_the_plain_merge_on_one_two_and_four_processes(
         assert per_process == expected  # rows of the split tensors, all of the 0-dim gain and the buffers
         assert sum(per_process) - (world_size - 1) * whole == reference["bytes"]
         for rank, result in enumerate(results):
+            # A process that fails alone while loading stops every process, none is left waiting.
+            expected_error = "bad rows" if rank == world_size - 1 else f"process(es) [{world_size - 1}] of the sharded"
+            assert result["agreed"].startswith(expected_error)
             torch.testing.assert_close(result["grad"], reference["grad"], rtol=1e-5, atol=1e-6)
             assert bool(result["encoder_grads_cleared"])
             everything = torch.cat([reference["merged"][name].flatten().float() for name in encoder.state_dict()])
@@ -182,6 +195,34 @@ def test_the_sharded_merge_equals_the_plain_merge_on_one_two_and_four_processes(
                                     merged[name][slice(*rows[name])]) .flatten() if name in rows
                                    else merged[name].flatten() for name in names])
                 torch.testing.assert_close(result[key], local.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_evaluation_runs_as_many_batches_on_every_process_and_reads_each_image_once() -> None:
+    from types import SimpleNamespace
+
+    from lit_adamerging import MultiTaskDataModule, SyntheticTask
+
+    task = SyntheticTask(num_images=11)
+    images = task.test_set().tensors[0]
+    sharded_model = SimpleNamespace(evaluates_in_step=True, fit_inputs="images")
+    for batch_size, counts in ((2, 2), (3, 2), (4, 1)):
+        data = MultiTaskDataModule({"a": task}, eval_batch_size=batch_size)
+        data.setup("test")
+        seen = []
+        for rank in range(3):  # 4, 4 and 3 images
+            data.trainer = SimpleNamespace(world_size=3, global_rank=rank, lightning_module=sharded_model)
+            (loader,) = data.test_dataloader()
+            batches = [batch for batch, _ in loader]
+            assert len(batches) == counts and all(0 < len(batch) <= batch_size for batch in batches)
+            assert torch.equal(torch.cat(batches), images[rank::3])
+            seen += list(range(rank, 11, 3))
+        assert sorted(seen) == list(range(11))
+    data = MultiTaskDataModule({"a": task}, eval_batch_size=1)
+    data.setup("test")
+    for rank in range(3):  # every process refuses, the one with the most images too
+        data.trainer = SimpleNamespace(world_size=3, global_rank=rank, lightning_module=sharded_model)
+        with pytest.raises(ValueError, match="a process with 3 images cannot run the 4 batches.*2 or more"):
+            data.test_dataloader()
 
 
 def test_a_strategy_that_does_not_shard_is_refused_before_anything_loads() -> None:

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import os
+import resource
 import sys
 import time
 import warnings
@@ -16,6 +17,7 @@ from types import TracebackType
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from tqdm import tqdm
 
 from lit_adamerging.cli import DEBUG_VARIABLE, USER_ERRORS
@@ -203,3 +205,28 @@ def quiet_lightning() -> Iterator[None]:
         finally:
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
+
+
+_PROC_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak memory figure again from now: CUDA's max allocated, or (Linux) the process's peak RSS."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif _PROC_STATUS.exists():
+        with contextlib.suppress(OSError):  # a sandbox may refuse it: the figure is then the whole run's
+            _CLEAR_REFS.write_text("5")  # Linux: the peak RSS starts again from the current RSS
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Max allocated on CUDA; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if _PROC_STATUS.exists():
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, other systems KiB

@@ -11,12 +11,12 @@ configuration, run by this one). Per process it records:
   data): what grows with the model, beside the interpreter and its libraries (about 0.9 GB resident here);
 * ``peak_rss_bytes``: its peak resident memory over the whole run (loading included: every process builds the
   pretrained encoder whole and reads one fine-tuned model, or its rows of it, at a time);
-* ``step_peak_rss_bytes``: its peak resident memory over the timed steps only (Linux, glibc: the heap freed
-  while loading is given back first, so this is the training's working set);
-* ``step_s``: the median time of the timed steps (after ``--warmup`` steps).
+* ``step_peak_rss_bytes``: its peak resident memory over the timed steps only (Linux; with glibc the heap freed
+  while loading is given back first, so this is the training's working set; elsewhere the whole run's);
+* ``step_s``: the median time of the timed steps (after ``--warmup`` steps), the first process's.
 
 Every process gets ``--threads`` threads (default: the CPUs divided by the processes), the same for both
-strategies. The table printed gives the largest value over the processes.
+strategies. The table printed gives the largest value over the processes (the step time: the first process's).
 
 Example::
 
@@ -30,7 +30,7 @@ import ctypes
 import gc
 import json
 import os
-import resource
+import platform
 import statistics
 import subprocess
 import sys
@@ -42,11 +42,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lit_adamerging.benchmarks.common import errors_reported, log, quiet_lightning
+from lit_adamerging.benchmarks.common import errors_reported, log, peak_memory_bytes, quiet_lightning, reset_peak_memory
 
 STRATEGIES = ("ddp", "sharded")
-_PROC_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def _live_tensor_bytes() -> int:
@@ -68,15 +66,6 @@ def _live_tensor_bytes() -> int:
     return total
 
 
-def _rss_peak_kib() -> int | None:
-    if not _PROC_STATUS.exists():
-        return None
-    for line in _PROC_STATUS.read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return None
-
-
 class _Recorder(pl.Callback):
     """Times the steps after the warm-up and records each process's memory to ``<out>.rank<r>.json``."""
 
@@ -84,16 +73,17 @@ class _Recorder(pl.Callback):
         self.out, self.warmup = out, warmup
         self.times: list[float] = []
         self._start = 0.0
+        self.whole_run_peak = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self.tensor_bytes = _live_tensor_bytes()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self.warmup and _CLEAR_REFS.exists():
-            # Return the heap that loading freed (glibc keeps it otherwise), then reset VmHWM to the resident
-            # size: the peak from here on is the steps' working set.
-            ctypes.CDLL(None).malloc_trim(0)
-            _CLEAR_REFS.write_text("5")
+        if trainer.global_step == self.warmup:
+            if platform.libc_ver()[0] == "glibc":  # give back the heap that loading freed, kept by glibc otherwise
+                ctypes.CDLL(None).malloc_trim(0)
+            self.whole_run_peak = peak_memory_bytes(torch.device("cpu"))
+            reset_peak_memory(torch.device("cpu"))  # the peak from here on is the steps' working set
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -102,12 +92,12 @@ class _Recorder(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         stored = pl_module.merger.task_vector_bytes()
-        step_peak = _rss_peak_kib() if _CLEAR_REFS.exists() else None
+        step_peak = peak_memory_bytes(torch.device("cpu"))
         record = {
             "task_vector_bytes": stored,
             "tensor_bytes": self.tensor_bytes,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "step_peak_rss_bytes": None if step_peak is None else step_peak * 1024,
+            "peak_rss_bytes": max(self.whole_run_peak, step_peak),
+            "step_peak_rss_bytes": step_peak,
             "step_s": statistics.median(self.times) if self.times else None,
         }
         Path(f"{self.out}.rank{trainer.global_rank}.json").write_text(json.dumps(record))
@@ -172,8 +162,7 @@ def run(model: str, tasks: int, processes: list[int], images_per_task: int, step
                     "task_vector_bytes_all": sum(r["task_vector_bytes"] for r in records),
                     "tensor_bytes": max(r["tensor_bytes"] for r in records),
                     "peak_rss_bytes": max(r["peak_rss_bytes"] for r in records),
-                    "step_peak_rss_bytes": None if records[0]["step_peak_rss_bytes"] is None
-                    else max(r["step_peak_rss_bytes"] for r in records),
+                    "step_peak_rss_bytes": max(r["step_peak_rss_bytes"] for r in records),
                     "step_s": records[0]["step_s"],
                     "run_s": time.perf_counter() - started,
                 })
@@ -181,8 +170,8 @@ def run(model: str, tasks: int, processes: list[int], images_per_task: int, step
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    def gb(value: int | None) -> str:
-        return "-" if value is None else f"{value / 1e9:.2f}"
+    def gb(value: int) -> str:
+        return f"{value / 1e9:.2f}"
 
     lines = ["| strategy | processes | task vectors / process (GB) | tensors / process (GB) | peak RSS / process "
              "(GB) | peak RSS in the steps (GB) | step (s) |", "|---|---|---|---|---|---|---|"]

@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import functools
 import json
-import resource
 import statistics
 import sys
 import time
@@ -51,6 +50,7 @@ import torch
 from torch import nn
 
 from lit_adamerging.allocator import retain_freed_memory
+from lit_adamerging.benchmarks.common import peak_memory_bytes, reset_peak_memory
 from lit_adamerging.lightning.adamerging import AdaMergingModule
 from lit_adamerging.lightning.base import MergingModule
 from lit_adamerging.lightning.rank_wise import RankWiseAdaMergingModule
@@ -61,8 +61,6 @@ from lit_adamerging.models.zoo import SyntheticZoo
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 METHODS = ("adamerging", "rank_wise", "wemoe")
 """The merging steps ``--methods`` can time: AdaMerging (layer- or task-wise), rank-wise AdaMerging and WEMoE."""
-_PROC_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def input_size(encoder: nn.Module) -> int:
@@ -84,26 +82,6 @@ def _timed(function: Callable[[], Any], device: torch.device) -> float:
     function()
     _synchronize(device)
     return time.perf_counter() - start
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif _PROC_STATUS.exists():
-        with contextlib.suppress(OSError):  # a sandbox may refuse it: the figure is then the whole run's
-            _CLEAR_REFS.write_text("5")  # Linux: the peak RSS starts again from the current RSS
-
-
-def _peak_memory_bytes(device: torch.device) -> int:
-    """Max allocated on CUDA; peak resident set size of the process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    if _PROC_STATUS.exists():
-        for line in _PROC_STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, other systems KiB
 
 
 def _alternate(
@@ -163,9 +141,9 @@ class _Setting:
         for _ in range(self.warmup):
             step()
             self.plain_step()
-        _reset_peak_memory(self.device)
+        reset_peak_memory(self.device)
         times, plain_times = _alternate(step, self.plain_step, self.steps, self.device)
-        return first_step_s, times, plain_times, _peak_memory_bytes(self.device)
+        return first_step_s, times, plain_times, peak_memory_bytes(self.device)
 
 
 def _time_adamerging(setting: _Setting, granularity: str, cuda_graphs: bool) -> tuple[dict[str, Any], list[float]]:
@@ -341,10 +319,10 @@ def run(
         loss.backward()
         plain.zero_grad(set_to_none=True)
 
-    _reset_peak_memory(torch_device)
+    reset_peak_memory(torch_device)
     for _ in range(max(1, warmup)):
         plain_step()
-    plain_peak_bytes = _peak_memory_bytes(torch_device)
+    plain_peak_bytes = peak_memory_bytes(torch_device)
 
     setting = _Setting(zoo, num_classes, batch, plain_step, autocast, torch_device, steps, warmup, task_vector_dtype)
     figures: dict[str, Any] = dict.fromkeys((

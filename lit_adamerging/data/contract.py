@@ -5,6 +5,8 @@ The model's side, read by :class:`~lit_adamerging.MultiTaskDataModule` through `
 * :class:`ReportsPreprocess`: ``eval_preprocess()``, the preprocessing of the tasks given none of their own;
 * :class:`DeclaresFitInputs`: ``fit_inputs``, what its fit batches hold (``"images"`` or ``"indices"``);
 * :class:`ReadsImagesAs`: both. A model that offers neither gets each task's own preprocessing and images.
+* :class:`EvaluatesInStep`: ``evaluates_in_step``, whether every process must run as many evaluation batches
+  (a model sharded across the processes gathers its weights from all of them in each forward).
 
 The data module's side, read by the models through ``trainer.datamodule``:
 
@@ -25,7 +27,10 @@ from torch import Tensor
 
 from lit_adamerging.models.preprocess import Preprocess
 
-__all__ = ["DeclaresFitInputs", "DescribesTasks", "FitInputs", "ReadsImagesAs", "ReportsPreprocess", "UnlabeledImages"]
+__all__ = [
+    "DeclaresFitInputs", "DescribesTasks", "EvaluatesInStep", "FitInputs", "ReadsImagesAs", "ReportsPreprocess",
+    "UnlabeledImages",
+]
 
 FitInputs = Literal["images", "indices"]
 """What a model's fit batches hold per task: its images, or their positions in the task's split (a model that reads
@@ -46,6 +51,16 @@ class DeclaresFitInputs(Protocol):
     """A model that says what its fit batches hold."""
 
     fit_inputs: FitInputs
+
+
+@runtime_checkable
+class EvaluatesInStep(Protocol):
+    """A model that says whether its processes must run evaluation in step (as many batches on each)."""
+
+    @property
+    def evaluates_in_step(self) -> bool:
+        """``True`` when every forward needs every process (weights sharded across them)."""
+        ...
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from lit_adamerging.data.cache import DecodedImages, collate_batch, decoded_test_set
-from lit_adamerging.data.contract import DeclaresFitInputs, FitInputs, ReportsPreprocess
+from lit_adamerging.data.contract import DeclaresFitInputs, EvaluatesInStep, FitInputs, ReportsPreprocess
 from lit_adamerging.data.image_file_task import ImageFileTask
 from lit_adamerging.data.images import ImageReadError
 from lit_adamerging.data.sampling import EvalShardBatches, EvalShardSampler, FitStreamSampler, steps_per_pass
@@ -369,6 +369,11 @@ class MultiTaskDataModule(pl.LightningDataModule):
             _check_finite_images(task, positions, batch)
             yield positions.to(device), batch
 
+    def _evaluates_in_step(self) -> bool:
+        """Whether the model needs every process to run as many evaluation batches (:class:`EvaluatesInStep`)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return isinstance(module, EvaluatesInStep) and bool(module.evaluates_in_step)
+
     def _fit_inputs(self) -> FitInputs:
         """What the model's fit batches hold: its ``fit_inputs`` (``"images"`` for a model that declares none)."""
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -405,12 +410,15 @@ class MultiTaskDataModule(pl.LightningDataModule):
         for dataset in self._test_sets.values():
             if world_size == 1:
                 loaders.append(self._loader(dataset, self.eval_batch_size, shuffle=False))
-                continue
-            # Each image on one process, none repeated (Lightning's DistributedSampler would repeat some to even
-            # out the processes), and as many batches on every process (a sharded model needs every process in
-            # each forward).
-            batches = EvalShardBatches(len(dataset), world_size, self.trainer.global_rank, self.eval_batch_size)  # type: ignore[arg-type,union-attr]
-            loaders.append(self._loader(_Batches(dataset), None, sampler=batches, collate_fn=collate_batch))  # type: ignore[arg-type]
+            elif self._evaluates_in_step():
+                # Every process in each forward of a sharded model: as many batches on each (EvalShardBatches).
+                rank = self.trainer.global_rank  # type: ignore[union-attr]
+                batches = EvalShardBatches(len(dataset), world_size, rank, self.eval_batch_size)  # type: ignore[arg-type]
+                loaders.append(self._loader(_Batches(dataset), None, sampler=batches, collate_fn=collate_batch))
+            else:
+                # No padding (Lightning's default DistributedSampler repeats samples to even out ranks).
+                sampler = EvalShardSampler(len(dataset), world_size, self.trainer.global_rank)  # type: ignore[arg-type,union-attr]
+                loaders.append(self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler))
         return loaders
 
     def val_dataloader(self) -> list[DataLoader]:

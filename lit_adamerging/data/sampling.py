@@ -143,7 +143,8 @@ class EvalShardBatches(DistributedSampler):
     A sharded model (:class:`~lit_adamerging.ShardedMergingStrategy`) gathers weights from every process in
     each forward, so every process must run the same number of them. The count is the one the process with
     the most images needs; each process splits its images into that many batches of nearly equal size.
-    It yields lists of indices (a DataLoader with ``batch_size=None`` reads each as one batch).
+    It yields lists of indices (a DataLoader with ``batch_size=None`` reads each as one batch). A
+    :class:`~torch.utils.data.DistributedSampler` (without its dataset), so that Lightning leaves it in place.
 
     Example:
         >>> [list(EvalShardBatches(9, world_size=2, rank=r, batch_size=4)) for r in (0, 1)]
@@ -153,16 +154,15 @@ class EvalShardBatches(DistributedSampler):
     def __init__(self, num_images: int, world_size: int, rank: int, batch_size: int) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-        shard = EvalShardSampler(num_images, world_size, rank)
-        own = torch.tensor(list(shard), dtype=torch.long)
-        most = len(range(0, num_images, world_size))
+        own = torch.tensor(list(EvalShardSampler(num_images, world_size, rank)), dtype=torch.long)
+        most, fewest = -(-num_images // world_size), num_images // world_size
         count = -(-most // batch_size)
-        if len(own) < count:
+        if fewest < count:  # decided from the counts alone, so every process raises it, none waits for the others
             raise ValueError(
-                f"{num_images} images on {world_size} processes with batches of {batch_size}: process {rank} has "
-                f"{len(own)} images for the {count} batches every process must run. Use a batch size of 2 or more."
+                f"{num_images} images on {world_size} processes with batches of at most {batch_size}: a process with "
+                f"{fewest} images cannot run the {count} batches every process must run. Use a batch size of 2 or more."
             )
-        self.batches = [batch.tolist() for batch in own.tensor_split(count)] if count else []
+        self.batches = [batch.tolist() for batch in own.tensor_split(count)]
         self.num_replicas = world_size
         self.rank = rank
         self.shuffle = False

@@ -36,6 +36,7 @@ from typing import IO, Any, ClassVar, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 
 from lit_adamerging.data.contract import DescribesTasks, FitInputs
@@ -50,11 +51,13 @@ from lit_adamerging.lightning.checks import (
     class_path,
     quoted_zoo,
 )
+from lit_adamerging.lightning.sharded import ShardedMergingStrategy, is_sharded
 from lit_adamerging.merging import (
     BufferPolicy,
     Granularity,
     MergedEncoder,
     ShardedMergedEncoder,
+    agreed,
     sharded_rows,
     stack_task_vectors,
     take_rows,
@@ -90,12 +93,8 @@ def check_ties(ties_k: float | None, ties_normalize: bool) -> None:
 
 def check_strategy(module: MergingModule, strategy: Any) -> None:
     """Refuse a strategy the module cannot run under: :class:`~lit_adamerging.ShardedMergingStrategy` with a method
-    that does not shard, and Lightning's own sharding strategies (they would shard the module's buffers and write
-    checkpoints this library does not read)."""
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-    from lit_adamerging.lightning.sharded import ShardedMergingStrategy
-
+    that does not shard, and Lightning's own sharding strategies (they know nothing of the task vectors, which the
+    module keeps in buffers, and write checkpoints this library does not read)."""
     name = type(module).__name__
     if isinstance(strategy, ShardedMergingStrategy):
         if not module.SHARDS:
@@ -108,10 +107,10 @@ def check_strategy(module: MergingModule, strategy: Any) -> None:
         return
     if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
         raise ValueError(
-            f"{type(strategy).__name__} does not shard a merge: {name} keeps its task vectors in buffers it builds "
-            "itself and writes coefficient-only checkpoints. To split the pretrained weights and task vectors "
-            "across processes use lit_adamerging.ShardedMergingStrategy (--config trainer/sharded); to replicate "
-            "them use DDP (--config trainer/ddp)."
+            f"{type(strategy).__name__} does not shard a merge: it splits parameters, and {name}'s task vectors are "
+            "buffers it builds itself; its checkpoints are in a distributed format this library does not read. To "
+            "split the pretrained weights and task vectors across processes use lit_adamerging.ShardedMergingStrategy "
+            "(--config trainer/sharded); to replicate them use DDP (--config trainer/ddp)."
         )
 
 
@@ -273,6 +272,13 @@ class MergingModule(pl.LightningModule):
             )
         self._loader_tasks = list(data_classes)
 
+    @property
+    def evaluates_in_step(self) -> bool:
+        """Sharded (:class:`~lit_adamerging.ShardedMergingStrategy`), every process must run as many evaluation
+        batches: each forward gathers weights from all (the data module reads it, see
+        :class:`~lit_adamerging.data.contract.EvaluatesInStep`)."""
+        return is_sharded(self._attached_trainer())
+
     def eval_preprocess(self) -> Preprocess | None:
         """The encoder's eval preprocessing (from the zoo, no weights loaded); the data module reads images with it."""
         return self.zoo.preprocess()
@@ -322,10 +328,14 @@ class MergingModule(pl.LightningModule):
         finetuned = LazyStateDicts(
             {task: functools.partial(finetuned_rows, loaded.finetuned, task, rows) for task in self.seen_tasks}
         )
-        stacked = stack_task_vectors(
-            take_rows(pretrained, rows), finetuned, buffers=buffers, buffer_policy=buffer_policy,
-            dtype=getattr(torch, dtype),
-        )
+        def stack() -> dict[str, Tensor]:
+            return stack_task_vectors(
+                take_rows(pretrained, rows), finetuned, buffers=buffers, buffer_policy=buffer_policy,
+                dtype=getattr(torch, dtype),
+            )
+
+        # Sharded, a process may fail alone (a bad value in its rows): all stop then, none waits for it.
+        stacked = stack() if mesh is None else agreed(mesh.get_group(), stack)
         if ties_k is not None:
             group = None if mesh is None else mesh.get_group()
             whole = [name for name in stacked if name not in rows]
@@ -335,12 +345,7 @@ class MergingModule(pl.LightningModule):
     def sharding_mesh(self) -> Any:
         """The device mesh the weights are split on under :class:`~lit_adamerging.ShardedMergingStrategy`, else
         ``None``."""
-        from lit_adamerging.lightning.sharded import ShardedMergingStrategy
-
-        trainer = self._attached_trainer()
-        if trainer is None or not isinstance(trainer.strategy, ShardedMergingStrategy):
-            return None
-        return self.device_mesh["data_parallel"]
+        return self.device_mesh["data_parallel"] if is_sharded(self._attached_trainer()) else None
 
     def merged_encoder(
         self,

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lit_adamerging.data.tasks import AVERAGE_NAMES
 from lit_adamerging.io import save_state_dicts
+from lit_adamerging.lightning.sharded import is_sharded
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -187,7 +188,7 @@ class ExportMergedEncoder(pl.Callback):
         """Fail now, before any step, if a file to write cannot be: the method does not write that kind of file,
         or it is a folder, or lies under a file or a read-only folder."""
         suffixes = pl_module.EXPORT_SUFFIXES
-        if _sharded(trainer):
+        if is_sharded(trainer):
             suffixes = (".safetensors",)  # written one tensor at a time, as each is gathered
         if not self.path.endswith(suffixes):
             raise ValueError(
@@ -198,7 +199,7 @@ class ExportMergedEncoder(pl.Callback):
             _check_writable(path, what, "give another file name")
 
     def _export(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        if trainer.is_global_zero or _sharded(trainer):  # sharded, every process helps gather the tensors
+        if trainer.is_global_zero or is_sharded(trainer):  # sharded, every process helps gather the tensors
             pl_module.export(self.path)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
@@ -225,12 +226,6 @@ def save_finite_state_dicts(files: dict[str, tuple[str, dict[str, Tensor]]]) -> 
                 f"{path}, nor anything else. Check the coefficients, the fine-tuned weights and the training loss."
             )
     save_state_dicts({path: state for path, (_, state) in files.items()})
-
-
-def _sharded(trainer: pl.Trainer | None) -> bool:
-    from lit_adamerging.lightning.sharded import ShardedMergingStrategy
-
-    return trainer is not None and isinstance(trainer.strategy, ShardedMergingStrategy)
 
 
 def _learns_coefficients(pl_module: Any) -> bool:

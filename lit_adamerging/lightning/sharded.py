@@ -8,8 +8,8 @@ the Trainer's checkpoint reader/writer, and every process reads it back the same
 written by a sharded run loads in a run on any number of processes, sharded or not, and the other way round.
 
 The merging module does the sharding itself (:meth:`~lit_adamerging.MergingModule.configure_model` builds a
-:class:`~lit_adamerging.merging.ShardedMergedEncoder` on the strategy's mesh): each process reads and keeps
-its rows of the pretrained weights and of every task vector.
+:class:`~lit_adamerging.merging.ShardedMergedEncoder` on the strategy's mesh): each process builds the
+pretrained encoder, keeps its rows of it, and reads only its rows of each fine-tuned model.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import Tensor
 from torch.optim import Optimizer
+
+
+def is_sharded(trainer: Any) -> bool:
+    """Whether ``trainer`` (a Trainer, or ``None`` outside one) runs under :class:`ShardedMergingStrategy`."""
+    return isinstance(getattr(trainer, "strategy", None), ShardedMergingStrategy)
 
 
 class ShardedMergingStrategy(ModelParallelStrategy):

@@ -46,7 +46,7 @@ from lit_adamerging.merging.rank_wise import (
     rank_wise_task_vector,
 )
 from lit_adamerging.merging.regmean import GramRecorder, RegMeanAverage, regmean_layers, regmean_merge
-from lit_adamerging.merging.sharded import ShardedMergedEncoder, shard_rows, sharded_rows, take_rows
+from lit_adamerging.merging.sharded import ShardedMergedEncoder, agreed, shard_rows, sharded_rows, take_rows
 from lit_adamerging.merging.spectral import (
     SpectralFactors,
     iso_c_merging,
@@ -109,6 +109,7 @@ __all__ = [
     "WEMoEEncoder",
     "WEMoEFileError",
     "WeightEnsemblingMixture",
+    "agreed",
     "check_compatible",
     "emr_elect",
     "emr_merging",

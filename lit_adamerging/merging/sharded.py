@@ -21,7 +21,7 @@ floating-point buffers (``buffer_policy="merge"``: FSDP2 does not shard buffers)
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,42 @@ from lit_adamerging.merging._autograd import Merge, column_indices
 from lit_adamerging.merging._kernels import group_grad
 from lit_adamerging.merging.merge import Granularity, MergingCoefficients, _split_by
 from lit_adamerging.merging.task_vectors import StackedTaskVectors, group_names, group_task_vectors
+
+T = TypeVar("T")
+
+
+def summed_across(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """``tensor`` summed over the processes of ``group``, sent from the device its backend talks through (NCCL:
+    this process's GPU, for tensors built on the CPU before the model is moved)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else tensor.device
+    moved = tensor.to(device)
+    dist.all_reduce(moved, group=group)
+    return moved.to(tensor.device)
+
+
+def agreed(group: dist.ProcessGroup, build: Callable[[], T]) -> T:
+    """``build()`` on every process of ``group``, raising on every process if it raised on any.
+
+    A process that fails alone (its rows of a fine-tuned file hold NaN, or do not fit) would otherwise leave
+    the others waiting in the next collective; call it where no collective runs inside ``build``.
+    """
+    error: Exception | None = None
+    try:
+        result = build()
+    except Exception as caught:  # re-raised below, after every process knows
+        error = caught
+    failed = torch.zeros(dist.get_world_size(group), dtype=torch.int64)
+    failed[dist.get_rank(group)] = error is not None
+    failed = summed_across(failed, group)
+    if error is not None:
+        raise error
+    if bool(failed.any()):
+        ranks = failed.nonzero().flatten().tolist()
+        raise ValueError(
+            f"process(es) {ranks} of the sharded run failed while loading their rows of the weights; their own "
+            "error (printed by them) says why. Nothing was merged."
+        )
+    return result
 
 
 def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:

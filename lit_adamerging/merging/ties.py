@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lit_adamerging.merging.sharded import summed_across
 from lit_adamerging.merging.task_vectors import empty_stacked
 
 
@@ -48,8 +49,7 @@ def _split_magnitude_thresholds(stacked: Mapping[str, Tensor], k: float, group: 
     first = next(iter(stacked.values()))
     num_tasks, device = first.shape[0], first.device
     sizes = torch.tensor([sum(tv[0].numel() for tv in stacked.values())], dtype=torch.int64, device=device)
-    dist.all_reduce(sizes, group=group)
-    total = int(sizes.item())
+    total = int(summed_across(sizes, group).item())
     keep = int(total * k)
     if keep >= total:
         return torch.zeros(num_tasks, device=device)
@@ -64,8 +64,7 @@ def _split_magnitude_thresholds(stacked: Mapping[str, Tensor], k: float, group: 
         for tv in stacked.values():
             magnitudes = tv.reshape(num_tasks, tv[0].numel()).abs().float()
             counts += (magnitudes >= candidates.unsqueeze(1)).sum(1)
-        dist.all_reduce(counts, group=group)
-        enough = counts >= keep
+        enough = summed_across(counts, group) >= keep
         low = torch.where(enough, middle, low)
         high = torch.where(enough, high, middle)
     return low.to(torch.int32).view(torch.float32)
@@ -118,7 +117,7 @@ def ties_task_vectors(
     for name in counted:
         total += elected[name].sum(dtype=torch.float64)
     if group is not None:
-        dist.all_reduce(total, group=group)
+        total = summed_across(total, group)
     majority = torch.sign(total).to(torch.float32)
     num_tasks = next(iter(stacked.values())).shape[0]
     result = empty_stacked({name: tv[0] for name, tv in stacked.items()}, num_tasks)  # in each tensor's dtype
