@@ -240,8 +240,8 @@ def _state_dict_writer(state: Mapping[str, Tensor], path: Path) -> Callable[[str
     return lambda temporary: torch.save(tensors, temporary)
 
 
-# The safetensors format's names of the dtypes a streamed file may hold.
-_SAFETENSORS_DTYPES = {
+# The safetensors format's names of the dtypes (what a streamed file may hold, what a row reader understands).
+SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
@@ -269,11 +269,11 @@ def save_safetensors_stream(
     entries: dict[str, Any] = {}
     position = 0
     for name, (dtype, shape) in layout.items():
-        if dtype not in _SAFETENSORS_DTYPES:
+        if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}, which a safetensors file cannot hold.")
         size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         entries[name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [position, position + size]
+            "dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [position, position + size]
         }
         position += size
     header = json.dumps(entries, separators=(",", ":")).encode()

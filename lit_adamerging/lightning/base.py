@@ -358,7 +358,8 @@ class MergingModule(pl.LightningModule):
     ) -> MergedEncoder | ShardedMergedEncoder:
         """The merged encoder with learnable coefficients over ``task_vectors``: a
         :class:`~lit_adamerging.merging.MergedEncoder`, or under :class:`~lit_adamerging.ShardedMergingStrategy` a
-        :class:`~lit_adamerging.merging.ShardedMergedEncoder` over this process's rows."""
+        :class:`~lit_adamerging.merging.ShardedMergedEncoder` over this process's rows (without CUDA graphs: FSDP2's
+        collectives run in each forward)."""
         mesh = self.sharding_mesh()
         if mesh is not None:
             return ShardedMergedEncoder(encoder, task_vectors, mesh, granularity, init, clamp)
@@ -438,7 +439,8 @@ class MergingModule(pl.LightningModule):
     # ----------------------------------------------------------------- evaluation
     @abstractmethod
     def evaluation_tensors(self) -> dict[str, Tensor]:
-        """The merged tensors evaluation runs with, by the encoder's names (computed once per evaluation)."""
+        """The merged tensors evaluation runs with, by the encoder's names (computed once per evaluation); sharded,
+        this process's rows of them."""
 
     def coefficient_merge(self) -> dict[str, Tensor]:
         """The merger's tensors merged with its current coefficients, detached (what a coefficient method evaluates)."""

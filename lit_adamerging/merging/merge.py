@@ -118,7 +118,58 @@ class MergingCoefficients(nn.Module):
         return values.expand(-1, self.num_tensors)
 
 
-class MergedEncoder(nn.Module):
+class GroupedTaskVectors(nn.Module):
+    """What :class:`MergedEncoder` and :class:`~lit_adamerging.merging.ShardedMergedEncoder` store alike: the task
+    vectors and pretrained values of the merged tensors, same-shape (and same-dtype) tensors together, one
+    ``[G, T, *shape]`` group and one ``[G, *shape]`` block each (a few batched products per step instead of
+    kernels per tensor), with each group's coefficient columns; and the :class:`MergingCoefficients`."""
+
+    coefficients: MergingCoefficients
+
+    def _store_groups(self, task_vectors: Mapping[str, Tensor], pretrained: Mapping[str, Tensor]) -> None:
+        """Group ``task_vectors`` (``{name: [T, *shape]}`` in coefficient-column order) with their ``pretrained``
+        values as non-persistent buffers; sets ``tensor_names``, ``group_names`` and the merged order."""
+        self.tensor_names: list[str] = list(task_vectors)
+        self._stored_tasks = next(iter(task_vectors.values())).shape[0]
+        dtypes = {name: pretrained[name].dtype for name in self.tensor_names}
+        split = [members for group in group_names(task_vectors) for members in _split_by(group, dtypes.__getitem__)]
+        self.group_names, groups = group_task_vectors(task_vectors, split)
+        self.task_vectors = nn.Module()
+        self.pretrained = nn.Module()
+        self.columns = nn.Module()
+        columns = column_indices(self.group_names, self.tensor_names, torch.device("cpu"))
+        for index, (names, group) in enumerate(zip(self.group_names, groups)):
+            self.task_vectors.register_buffer(str(index), group, persistent=False)
+            self.pretrained.register_buffer(str(index), torch.stack([pretrained[name] for name in names]),
+                                            persistent=False)
+            self.columns.register_buffer(str(index), columns[index].to(group.device), persistent=False)
+        self._merged_order = [name for names in self.group_names for name in names]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.coefficients.raw.shape[0]
+
+    def _blocks(self, holder: nn.Module) -> list[Tensor]:
+        return [getattr(holder, str(index)) for index in range(len(self.group_names))]
+
+    def stacked_task_vectors(self) -> StackedTaskVectors:
+        """``{tensor name: Tensor[T, *shape]}`` (rows of the stored groups, which it keeps) in coefficient-column
+        order."""
+        return StackedTaskVectors(zip(self.group_names, self._blocks(self.task_vectors)), self.tensor_names)
+
+    def task_vector_bytes(self) -> int:
+        """Bytes of task vectors stored (the groups)."""
+        return sum(block.numel() * block.element_size() for block in self._blocks(self.task_vectors))
+
+    def _merge_stored(self, coefficients: Tensor) -> dict[str, Tensor]:
+        """The stored tensors merged with ``coefficients [T, P]``, by name, in group order."""
+        merged = Merge.apply(
+            self._blocks(self.columns), coefficients, *self._blocks(self.pretrained), *self._blocks(self.task_vectors)
+        )
+        return dict(zip(self._merged_order, merged))
+
+
+class MergedEncoder(GroupedTaskVectors):
     """A frozen pretrained encoder whose forward runs with the merged weights.
 
     Holds the encoder (its parameters frozen; they are ``theta_0``), the stacked task vectors as
@@ -167,39 +218,15 @@ class MergedEncoder(nn.Module):
                     f"task vectors of {name!r} have shape {tuple(stacked.shape)}, expected "
                     f"[T, {', '.join(map(str, state[name].shape))}] for the encoder's tensor."
                 )
-        num_tasks = next(iter(task_vectors.values())).shape[0]
         self.encoder = encoder.requires_grad_(False)
-        self.tensor_names: list[str] = list(task_vectors)
         buffers = {name for name, _ in encoder.named_buffers()}
-        self.merged_buffer_names: frozenset[str] = frozenset(n for n in self.tensor_names if n in buffers)
-        # Same-shape tensors stored together, [G, T, *shape] per group (and their pretrained values
-        # [G, *shape], hence also one dtype of those): a few batched products per step instead of
-        # kernels per tensor.
-        dtypes = {name: state[name].dtype for name in self.tensor_names}
-        split = [members for group in group_names(task_vectors) for members in _split_by(group, dtypes.__getitem__)]
-        self.group_names, groups = group_task_vectors(task_vectors, split)
-        self.task_vectors = nn.Module()
-        self.pretrained = nn.Module()
-        self.columns = nn.Module()
-        columns = column_indices(self.group_names, self.tensor_names, torch.device("cpu"))
-        for index, (names, group) in enumerate(zip(self.group_names, groups)):
-            self.task_vectors.register_buffer(str(index), group, persistent=False)
-            pretrained = torch.stack([state[name].detach() for name in names])
-            self.pretrained.register_buffer(str(index), pretrained, persistent=False)
-            self.columns.register_buffer(str(index), columns[index].to(group.device), persistent=False)
-        self._merged_order = [name for names in self.group_names for name in names]
+        self.merged_buffer_names: frozenset[str] = frozenset(n for n in task_vectors if n in buffers)
+        self._store_groups(task_vectors, {name: state[name].detach() for name in task_vectors})
         self._slots = [_slot(encoder, name) for name in self._merged_order]
         self._tie_pretrained()
-        self.coefficients = MergingCoefficients(num_tasks, len(self.tensor_names), granularity, init, clamp)
+        self.coefficients = MergingCoefficients(self._stored_tasks, len(self.tensor_names), granularity, init, clamp)
         self.cuda_graphs = cuda_graphs
         self._graphs = StepGraphs()
-
-    @property
-    def num_tasks(self) -> int:
-        return self.coefficients.raw.shape[0]
-
-    def _blocks(self, holder: nn.Module) -> list[Tensor]:
-        return [getattr(holder, str(index)) for index in range(len(self.group_names))]
 
     def _tie_pretrained(self) -> None:
         """Make the encoder's merged tensors views of the pretrained blocks (one copy of ``theta_0``)."""
@@ -226,15 +253,6 @@ class MergedEncoder(nn.Module):
         super().__setstate__(state)
         self._tie_pretrained()  # a copy (deepcopy, pickle) gets its own blocks: the encoder views them again
 
-    def stacked_task_vectors(self) -> StackedTaskVectors:
-        """``{tensor name: Tensor[T, *shape]}`` (rows of the stored groups, which it keeps) in coefficient-column
-        order."""
-        return StackedTaskVectors(zip(self.group_names, self._blocks(self.task_vectors)), self.tensor_names)
-
-    def task_vector_bytes(self) -> int:
-        """Bytes of task vectors stored (the groups)."""
-        return sum(block.numel() * block.element_size() for block in self._blocks(self.task_vectors))
-
     def pretrained_tensors(self) -> dict[str, Tensor]:
         """``{name: theta_0}`` of the merged tensors, in coefficient-column order (views of the stored blocks)."""
         state = self.encoder.state_dict()
@@ -248,16 +266,10 @@ class MergedEncoder(nn.Module):
         the same result from task vectors split across processes."""
         return dict(merge(self.stacked_task_vectors(), [name for name in self.tensor_names if name in set(matrices)]))
 
-    def _merge(self, coefficients: Tensor) -> dict[str, Tensor]:
-        """The merged tensors for ``coefficients [T, P]``, by name, in group order."""
-        merged = Merge.apply(
-            self._blocks(self.columns), coefficients, *self._blocks(self.pretrained), *self._blocks(self.task_vectors)
-        )
-        return dict(zip(self._merged_order, merged))
 
     def merged_tensors(self) -> dict[str, Tensor]:
         """The merged tensors by name (coefficient-column order), differentiable in the coefficients."""
-        merged = self._merge(self.coefficients())
+        merged = self._merge_stored(self.coefficients())
         return {name: merged[name] for name in self.tensor_names}
 
     @contextlib.contextmanager
@@ -295,7 +307,7 @@ class MergedEncoder(nn.Module):
         return self._step(coefficients, images)
 
     def _step(self, coefficients: Tensor, images: Tensor) -> Tensor:
-        return self._encode(images, self._merge(coefficients))
+        return self._encode(images, self._merge_stored(coefficients))
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, Tensor]:

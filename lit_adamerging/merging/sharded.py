@@ -27,10 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lit_adamerging.merging._autograd import Merge, column_indices
 from lit_adamerging.merging._kernels import group_grad
-from lit_adamerging.merging.merge import Granularity, MergingCoefficients, _split_by
-from lit_adamerging.merging.task_vectors import StackedTaskVectors, group_names, group_task_vectors
+from lit_adamerging.merging.merge import Granularity, GroupedTaskVectors, MergingCoefficients
 
 T = TypeVar("T")
 
@@ -114,7 +112,7 @@ def repeated_blocks(encoder: nn.Module) -> list[nn.Module]:
     return sorted(blocks, key=lambda module: -depth[id(module)])
 
 
-class ShardedMergedEncoder(nn.Module):
+class ShardedMergedEncoder(GroupedTaskVectors):
     """A frozen pretrained encoder split across processes, run with the merge of the task vectors' local rows.
 
     Args:
@@ -126,7 +124,9 @@ class ShardedMergedEncoder(nn.Module):
         mesh: a one-dimensional device mesh over the processes that share the weights.
         granularity, init, clamp: as :class:`~lit_adamerging.merging.MergingCoefficients`.
 
-    The coefficients are replicated (every process holds and updates the same ones). A training forward
+    :meth:`stacked_task_vectors`, :meth:`pretrained_tensors` and :meth:`merged_tensors` are this process's rows
+    (on :class:`~lit_adamerging.merging.MergedEncoder`, the whole tensors). The coefficients are replicated
+    (every process holds and updates the same ones). A training forward
     writes the merge of the current coefficients into the encoder's rows; after the backward,
     :meth:`reduce_coefficient_gradients` sets the coefficients' gradient. An evaluation forward is given
     the merged rows (:meth:`merged_tensors`, computed once) and writes them only when they change.
@@ -166,13 +166,15 @@ class ShardedMergedEncoder(nn.Module):
                     f"[T, {', '.join(map(str, local.shape))}] ({held} the encoder's {tuple(state[name].shape)} on "
                     f"process {self.rank} of {self.world_size})."
                 )
-        self.tensor_names: list[str] = list(task_vectors)
-        self._parameter_names = frozenset(name for name in self.tensor_names if name in parameters)
+        self._parameter_names = frozenset(name for name in task_vectors if name in parameters)
         # Parameters without task vectors stay frozen; merged ones take a gradient (the coefficients' source).
         for name, parameter in parameters.items():
             parameter.requires_grad_(name in task_vectors)
-        pretrained = {name: state[name].detach()[slice(*self.rows[name])].clone() if name in self.rows
-                      else state[name].detach().clone() for name in self.tensor_names}
+        # This process's rows of theta_0, kept apart: the parameters' rows are overwritten with the merge.
+        self._store_groups(task_vectors, {
+            name: state[name].detach()[slice(*self.rows[name])] if name in self.rows else state[name].detach()
+            for name in task_vectors
+        })
         replicated = {parameter for parameter in parameters.values() if parameter.dim() == 0}
         for block in repeated_blocks(encoder):
             fully_shard(block, mesh=mesh, ignored_params=replicated)
@@ -182,38 +184,17 @@ class ShardedMergedEncoder(nn.Module):
         # forward and the reshard that follows (for the root, until the next backward), so they are looked up here.
         self._sharded = {name: encoder.get_parameter(name) for name in self.rows}
         self._fsdp_modules = [module for module in encoder.modules() if isinstance(module, FSDPModule)]
-        dtypes = {name: state[name].dtype for name in self.tensor_names}
-        split = [members for group in group_names(task_vectors) for members in _split_by(group, dtypes.__getitem__)]
-        self.group_names, groups = group_task_vectors(task_vectors, split)
-        self.task_vectors = nn.Module()
-        self.pretrained = nn.Module()
-        self.columns = nn.Module()
-        columns = column_indices(self.group_names, self.tensor_names, torch.device("cpu"))
-        for index, (names, group) in enumerate(zip(self.group_names, groups)):
-            self.task_vectors.register_buffer(str(index), group, persistent=False)
-            rows = torch.stack([pretrained[name] for name in names])
-            self.pretrained.register_buffer(str(index), rows, persistent=False)
-            self.columns.register_buffer(str(index), columns[index].to(group.device), persistent=False)
-        self._merged_order = [name for names in self.group_names for name in names]
         # The share of a whole tensor's coefficient gradient each process adds: sharded gradients are already
         # averaged over the processes by FSDP2, a whole tensor's is this process's own.
         share = torch.tensor([1.0 if name in self.rows else 1.0 / self.world_size for name in self.tensor_names])
         self.register_buffer("_gradient_share", share, persistent=False)
-        self.coefficients = MergingCoefficients(len(next(iter(task_vectors.values()))), len(self.tensor_names),
-                                                granularity, init, clamp)
+        self.coefficients = MergingCoefficients(self._stored_tasks, len(self.tensor_names), granularity, init, clamp)
         self._written: Mapping[str, Tensor] | None = None
-
-    @property
-    def num_tasks(self) -> int:
-        return self.coefficients.raw.shape[0]
 
     @property
     def group(self) -> dist.ProcessGroup:
         """The process group of the mesh (the processes sharing the weights)."""
         return self.mesh.get_group()
-
-    def _blocks(self, holder: nn.Module) -> list[Tensor]:
-        return [getattr(holder, str(index)) for index in range(len(self.group_names))]
 
     def _local(self, name: str) -> Tensor:
         """This process's rows of the encoder's tensor ``name`` (for a whole tensor: all of it), as stored."""
@@ -223,29 +204,17 @@ class ShardedMergedEncoder(nn.Module):
             return self.encoder.get_parameter(name)
         return self.encoder.get_buffer(name)
 
-    def stacked_task_vectors(self) -> StackedTaskVectors:
-        """``{name: Tensor[T, *local shape]}``: this process's rows of the task vectors (the stored groups)."""
-        return StackedTaskVectors(zip(self.group_names, self._blocks(self.task_vectors)), self.tensor_names)
-
     def pretrained_tensors(self) -> dict[str, Tensor]:
         """``{name: this process's rows of theta_0}`` for the merged tensors, in coefficient-column order."""
         flat = (row for block in self._blocks(self.pretrained) for row in block.unbind(0))
         rows = dict(zip(self._merged_order, flat))
         return {name: rows[name] for name in self.tensor_names}
 
-    def task_vector_bytes(self) -> int:
-        """Bytes of task vectors this process stores."""
-        return sum(block.numel() * block.element_size() for block in self._blocks(self.task_vectors))
-
     @torch.no_grad()
     def merged_tensors(self) -> dict[str, Tensor]:
         """This process's rows of the merged tensors for the current coefficients, by name (column order)."""
-        merged = Merge.apply(
-            self._blocks(self.columns), self.coefficients().detach(), *self._blocks(self.pretrained),
-            *self._blocks(self.task_vectors),
-        )
-        by_name = dict(zip(self._merged_order, merged))
-        return {name: by_name[name] for name in self.tensor_names}
+        merged = self._merge_stored(self.coefficients().detach())
+        return {name: merged[name] for name in self.tensor_names}
 
     @torch.no_grad()
     def write(self, merged: Mapping[str, Tensor]) -> None:

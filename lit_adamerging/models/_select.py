@@ -8,10 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit_adamerging.io import SAFETENSORS_DTYPES
 from lit_adamerging.models._errors import SHOWN, CheckpointError, few
 from lit_adamerging.models._hf_clip import hf_vision_prefix
 
 __all__ = ["select_encoder_weights"]
+
+
+_DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 class LazyTensor:
@@ -22,16 +26,11 @@ class LazyTensor:
     def __init__(self, entry: Any) -> None:
         self._entry = entry
         self.shape = torch.Size(entry.get_shape())
-        self.dtype = SAFETENSORS_DTYPES.get(entry.get_dtype())
+        self.dtype = _DTYPES_BY_NAME.get(entry.get_dtype())
 
     def __getitem__(self, index: Any) -> Tensor:
         return self._entry[index]
 
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
 
 
 def _candidate_prefixes(state: Mapping[str, Tensor], expected: Collection[str]) -> set[str]:
