@@ -38,6 +38,20 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 CONFIGS = REPOSITORY / "configs"
 TINY_CONFIG = CONFIGS / "tiny.yaml"
 
+# A Lightning callback, as source for the probes.py that command tests write beside their runs (the command imports
+# it from there; that file must import os, signal and lightning.pytorch as pl).
+KILL_AT_PROBE = '''
+class KillAt(pl.Callback):
+    """SIGKILL this process after optimizer step ``step`` (no clean-up, no final checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
 # The file name a Payload is pointed at: it must never appear (the payload never ran).
 MARKER = "pwned.txt"
 

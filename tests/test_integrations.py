@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import TINY_CLIP, TINY_CONFIG, run_cli
+from helpers import KILL_AT_PROBE, TINY_CLIP, TINY_CONFIG, run_cli
 from lit_adamerging import AdaMergingModule, MultiTaskDataModule, SyntheticTask, SyntheticZoo
 
 TRAINER_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "trainer"
@@ -46,17 +46,7 @@ class SaveLearned(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module, "")
 
-
-class KillAt(pl.Callback):
-    """SIGKILL this process after optimizer step ``step`` (no clean-up, no final checkpoint)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-'''
+''' + KILL_AT_PROBE
 
 
 def callbacks_config(path: Path, *callbacks: dict) -> Path:

@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from helpers import TINY_CLIP, TINY_CONFIG, run_cli
+from helpers import KILL_AT_PROBE, TINY_CLIP, TINY_CONFIG, run_cli
 from lit_adamerging.merging import (
     ShardedMergedEncoder,
     agreed,
@@ -280,15 +280,7 @@ class Record(pl.Callback):
         with open(f"{self.prefix}.rank{trainer.global_rank}.json", "w") as file:
             json.dump(metrics, file)
 
-
-class KillAt(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-'''
+''' + KILL_AT_PROBE
 
 QUIET = ["--trainer.logger=false", "--trainer.check_val_every_n_epoch=100", "--trainer.enable_model_summary=false"]
 CHECKPOINTS = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
